@@ -1,0 +1,311 @@
+"""Prompt dataset in, validated rows out: a streaming shard plan, then one read task per shard.
+
+The plan pass streams each file once, keeping only shard boundaries (byte offsets for line
+formats, row offsets for Parquet), so the input is never held in memory and every row gets a
+stable global index however Ray later splits the work. Each row is validated as it is read:
+a bad prompt or seed becomes an error row, never an exception.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Iterator
+
+import numpy as np
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from jobs.manifest import InputConfig
+from jobs.storage import StorageError, is_s3, resolve
+from workers.common import derive_seed
+
+EXTENSIONS = {".parquet": "parquet", ".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl",
+              ".csv": "csv", ".txt": "text", ".text": "text"}
+COLUMNS = ("prompt", "negative_prompt", "seed", "id")
+MAX_SEED = 2**63
+
+
+class InputError(ValueError):
+    """An input that cannot be read at all; bad rows are error rows instead."""
+
+
+@dataclass(frozen=True)
+class Shard:
+    index: int
+    uri: str  # file, as a local path or s3:// URI
+    format: str
+    first_row: int  # global index of the shard's first row
+    num_rows: int
+    start: int  # byte offset (text, jsonl, csv) or row offset in the file (parquet)
+    end: int  # byte offset one past the shard (text, jsonl, csv); unused for parquet
+    first_line: int  # 1-based line number of the first row (line formats), else row offset
+    header: str = ""  # CSV header record
+
+
+def _format_of(uri: str, fmt: str) -> str:
+    if fmt != "auto":
+        return fmt
+    name = uri.rsplit("/", 1)[-1].lower()
+    for ext, found in EXTENSIONS.items():
+        if name.endswith(ext):
+            return found
+    raise InputError(f"input.path {uri}: cannot tell the format from the extension. "
+                     f"Expected one of {sorted(EXTENSIONS)}, or set input.format.")
+
+
+def list_files(cfg: InputConfig) -> list[tuple[str, str]]:
+    """[(uri, format)] of the input: the file itself, or a directory's files in name order."""
+    fs, path = resolve(cfg.path)
+    try:
+        info = fs.get_file_info(path)
+        if info.type == pafs.FileType.Directory or (is_s3(cfg.path) and info.type == pafs.FileType.NotFound):
+            infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+            files = sorted(i.path for i in infos if i.type == pafs.FileType.File
+                           and not i.base_name.startswith((".", "_")))
+        elif info.type == pafs.FileType.File:
+            files = [path]
+        else:
+            files = []
+    except OSError as err:
+        raise StorageError(f"input.path {cfg.path}: cannot be read ({err})") from err
+    if not files:
+        raise InputError(f"input.path {cfg.path}: no such file, or a directory with no files. "
+                         f"Expected a prompt file (.parquet, .jsonl, .csv, .txt) or a directory of them.")
+    prefix = "s3://" if is_s3(cfg.path) else ""
+    if cfg.format == "auto":
+        files = [f for f in files if any(f.lower().endswith(e) for e in EXTENSIONS)] or files
+    return [(prefix + f, _format_of(prefix + f, cfg.format)) for f in files]
+
+
+# ---- the plan pass ------------------------------------------------------------------------
+
+
+def _lines(stream: Any, chunk: int = 1 << 20) -> Iterator[bytes]:
+    """Lines of a binary stream, each with its line ending, read in chunks."""
+    rest = b""
+    while True:
+        data = stream.read(chunk)
+        if not data:
+            break
+        rest += data
+        *lines, rest = rest.split(b"\n")
+        for line in lines:
+            yield line + b"\n"
+    if rest:
+        yield rest
+
+
+def _records(stream: Any, fmt: str) -> Iterator[tuple[int, int, int, bytes]]:
+    """(start byte, end byte, line number, raw record) for each non-blank record of a line format.
+    A CSV record ends where its double quotes balance, so quoted newlines stay inside."""
+    offset, line_no = 0, 0
+    pending, pending_start, pending_line, quotes = b"", 0, 0, 0
+    for line in _lines(stream):
+        start = offset
+        offset += len(line)
+        line_no += 1
+        if fmt == "csv":
+            if not pending:
+                pending_start, pending_line = start, line_no
+            pending += line
+            quotes += line.count(b'"')
+            if quotes % 2:
+                continue
+            record, pending, quotes = pending, b"", 0
+            if record.strip():
+                yield pending_start, offset, pending_line, record
+        elif line.strip():
+            yield start, offset, line_no, line
+    if pending.strip():
+        yield pending_start, offset, pending_line, pending
+
+
+def _check_columns(uri: str, found: list[str]) -> None:
+    if "prompt" not in found:
+        raise InputError(f"{uri}: no 'prompt' column. Expected a column named prompt "
+                         f"(optional: id, negative_prompt, seed); found {found[:20]}.")
+
+
+def plan_shards(cfg: InputConfig) -> list[Shard]:
+    shards: list[Shard] = []
+    total = 0
+    for uri, fmt in list_files(cfg):
+        fs, path = resolve(uri)
+        if fmt == "parquet":
+            meta = pq.ParquetFile(fs.open_input_file(path)).metadata
+            _check_columns(uri, meta.schema.to_arrow_schema().names)
+            for start in range(0, meta.num_rows, cfg.shard_size):
+                n = min(cfg.shard_size, meta.num_rows - start)
+                shards.append(Shard(len(shards), uri, fmt, total + start, n, start, 0, start))
+            total += meta.num_rows
+            continue
+        header, seen_prompt, sample = "", False, []
+        boundary: tuple[int, int] | None = None  # (byte, line) where the open shard starts
+        count = 0
+        with fs.open_input_stream(path) as stream:
+            for start, end, line_no, raw in _records(stream, fmt):
+                if fmt == "csv" and not header:
+                    header = raw.decode("utf-8", errors="replace")
+                    _check_columns(uri, next(csv.reader([header])))
+                    continue
+                if fmt == "jsonl" and not seen_prompt and len(sample) < 100:
+                    sample.append(raw)
+                    seen_prompt = _has_prompt_key(raw)
+                if boundary is None:
+                    boundary = (start, line_no)
+                count += 1
+                if count % cfg.shard_size == 0:
+                    shards.append(Shard(len(shards), uri, fmt, total + count - cfg.shard_size, cfg.shard_size,
+                                        boundary[0], end, boundary[1], header))
+                    boundary = None
+            if boundary is not None:
+                n = count % cfg.shard_size
+                shards.append(Shard(len(shards), uri, fmt, total + count - n, n, boundary[0], end, boundary[1], header))
+        if fmt == "jsonl" and sample and not seen_prompt:
+            keys = sorted({k for raw in sample for k in _json_keys(raw)})
+            _check_columns(uri, keys)
+        total += count
+    if total == 0:
+        raise InputError(f"input.path {cfg.path}: the dataset has no rows. Expected at least one prompt.")
+    return shards
+
+
+def _json_keys(raw: bytes) -> list[str]:
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        return []
+    return list(value) if isinstance(value, dict) else []
+
+
+def _has_prompt_key(raw: bytes) -> bool:
+    return "prompt" in _json_keys(raw)
+
+
+# ---- the read tasks -----------------------------------------------------------------------
+
+
+def _raw_records(shard: Shard) -> Iterator[tuple[int, dict[str, Any] | str]]:
+    """(source row, record dict or an error message) for each row of a shard."""
+    fs, path = resolve(shard.uri)
+    if shard.format == "parquet":
+        pf = pq.ParquetFile(fs.open_input_file(path))
+        columns = [c for c in COLUMNS if c in pf.schema_arrow.names]
+        stop, offset = shard.start + shard.num_rows, 0
+        for rg in range(pf.num_row_groups):
+            n = pf.metadata.row_group(rg).num_rows
+            if offset + n > shard.start and offset < stop:
+                table = pf.read_row_group(rg, columns=columns)
+                lo, hi = max(shard.start - offset, 0), min(stop - offset, n)
+                for i, rec in enumerate(table.slice(lo, hi - lo).to_pylist()):
+                    yield offset + lo + i, rec
+            offset += n
+        return
+    with fs.open_input_file(path) as f:
+        f.seek(shard.start)
+        data = f.read(shard.end - shard.start)
+    header = next(csv.reader([shard.header])) if shard.format == "csv" else []
+    for _, _, line_no, raw in _records(io.BytesIO(data), shard.format):
+        line = shard.first_line + line_no - 1
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            yield line, f"line {line} of {shard.uri} is not valid UTF-8 ({err}); expected UTF-8 text"
+            continue
+        if shard.format == "text":
+            yield line, {"prompt": text.rstrip("\r\n")}
+        elif shard.format == "jsonl":
+            try:
+                value = json.loads(text)
+            except ValueError as err:
+                yield line, f"line {line} of {shard.uri} is not valid JSON ({err})"
+                continue
+            yield line, value if isinstance(value, dict) else f"line {line} of {shard.uri}: expected a JSON object, found {type(value).__name__}"
+        else:
+            values = next(csv.reader([text]), [])
+            yield line, {k: (v if v != "" else None) for k, v in zip(header, values)}
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def parse_seed(value: Any) -> int:
+    """An integer seed in [0, 2**63); integral floats and integer strings (CSV) are accepted."""
+    if isinstance(value, bool):
+        raise ValueError
+    if isinstance(value, str):
+        value = int(value.strip())
+    elif isinstance(value, float):
+        if not math.isfinite(value) or not value.is_integer():
+            raise ValueError
+        value = int(value)
+    elif not isinstance(value, (int, np.integer)):
+        raise ValueError
+    value = int(value)
+    if not 0 <= value < MAX_SEED:
+        raise ValueError
+    return value
+
+
+def validate_row(record: dict[str, Any] | str, global_row: int, job_seed: int) -> dict[str, Any]:
+    """One output row from one input record; problems go into `error`, never raised."""
+    errors: list[str] = []
+    if isinstance(record, str):
+        errors.append(record)
+        record = {}
+    raw_id = record.get("id")
+    row_id = str(raw_id) if raw_id is not None and str(raw_id) != "" else f"{global_row:09d}"
+
+    prompt = record.get("prompt")
+    if not isinstance(prompt, str) or not prompt.strip():
+        if not errors:
+            errors.append(f"prompt: expected non-empty text, found {_short(prompt)}")
+    negative = record.get("negative_prompt")
+    if negative is not None and not isinstance(negative, str):
+        errors.append(f"negative_prompt: expected text or null, found {_short(negative)}")
+
+    seed = record.get("seed")
+    if seed is None:
+        seed_value = derive_seed(job_seed, row_id)
+    else:
+        try:
+            seed_value = parse_seed(seed)
+        except (ValueError, TypeError, OverflowError):
+            errors.append(f"seed: expected an integer in [0, 2**63), found {_short(seed)}")
+            seed_value = 0
+    return {
+        "id": row_id,
+        "prompt": prompt if isinstance(prompt, str) else ("" if prompt is None else str(prompt)),
+        "negative_prompt": negative if isinstance(negative, str) else "",
+        "seed": seed_value,
+        "status": "error" if errors else "ok",
+        "error": "; ".join(errors),
+    }
+
+
+def read_shards(batch: dict[str, np.ndarray], job_seed: int) -> dict[str, np.ndarray]:
+    """Ray map_batches UDF: a batch of shard descriptions in, their validated rows out."""
+    rows = []
+    for i in range(len(batch["index"])):
+        shard = Shard(**{k: _plain(batch[k][i]) for k in Shard.__dataclass_fields__})
+        for n, (source_row, record) in enumerate(_raw_records(shard)):
+            row = validate_row(record, shard.first_row + n, job_seed)
+            row.update(shard=shard.index, source_file=shard.uri, source_row=source_row)
+            rows.append(row)
+    columns = list(rows[0]) if rows else []
+    return {c: np.array([r[c] for r in rows], dtype=np.int64 if c in ("seed", "shard", "source_row") else object)
+            for c in columns}
+
+
+def _plain(value: Any) -> Any:
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def shard_items(shards: list[Shard]) -> list[dict[str, Any]]:
+    return [asdict(s) for s in shards]

@@ -1,0 +1,184 @@
+"""The job manifest: YAML file (plus --set overrides) in, validated `Manifest` out."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+MANIFESTS_DIR = Path(__file__).resolve().parent.parent / "manifests"
+DEFAULT_MANIFEST = MANIFESTS_DIR / "local-tiny.yaml"
+
+# The cascade in order; one name per stage everywhere (manifest key, module, worker, columns).
+MODEL_STAGES = ("encode", "stage1", "stage2", "upscale")
+IMAGE_STAGES = ("stage1", "stage2", "upscale")
+
+TIMESTEP_PRESETS = ("fast27", "smart27", "smart50", "smart100", "smart185", "super27", "super40", "super100")
+
+
+class ManifestError(ValueError):
+    """A manifest that cannot run; the message names the file and the field."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class InputConfig(Strict):
+    path: str = Field(
+        description="Prompt dataset: a file, a directory of files, or an s3:// URI. "
+        "A relative local path is relative to the manifest's directory."
+    )
+    format: Literal["auto", "parquet", "jsonl", "csv", "text"] = Field(
+        "auto", description="File format; auto picks it from the file extension."
+    )
+    shard_size: int = Field(
+        256, ge=1, description="Rows per read shard: the unit in which the input is read and streamed."
+    )
+
+
+class OutputConfig(Strict):
+    path: str = Field(
+        description="Output directory or s3://bucket/prefix. A relative local path is relative "
+        "to the working directory."
+    )
+    image_format: Literal["png", "jpeg", "webp"] = Field("png", description="Image file format.")
+    quality: int = Field(95, ge=1, le=100, description="JPEG/WebP quality (ignored for PNG).")
+    metadata_rows_per_file: int = Field(
+        10_000, ge=1, description="Rows per Parquet metadata file written by the driver."
+    )
+
+
+class PoolConfig(Strict):
+    pool_size: int = Field(1, ge=1, description="Number of actors in this stage's fixed-size pool.")
+    batch_size: int = Field(4, ge=1, description="Rows per call of this stage's worker.")
+    num_gpus: float = Field(0, ge=0, description="GPUs reserved per actor (fractions share a GPU).")
+    num_cpus: float = Field(1, gt=0, description="Logical CPUs reserved per actor.")
+
+
+class ModelStageConfig(PoolConfig):
+    model: str = Field(
+        description="Hub id (already staged in the Hugging Face cache) or local directory in "
+        "the hub layout; 'tiny:' builds tiny random-weight models into the cache on first use."
+    )
+    dtype: Literal["fp32", "fp16", "bf16"] = Field("fp32", description="Weights and compute dtype.")
+    variant: str | None = Field(None, description="Weights file variant, e.g. fp16 (from_pretrained's variant).")
+    device: Literal["auto", "cuda", "cpu"] = Field(
+        "auto", description="auto: CUDA when num_gpus > 0, else CPU. cuda without a GPU is an error."
+    )
+
+
+class EncodeConfig(ModelStageConfig):
+    load_in_8bit: bool = Field(False, description="Load T5 in 8 bit through bitsandbytes.")
+    clean_caption: bool = Field(True, description="Clean captions as IF does (needs bs4 and ftfy).")
+
+
+class DiffusionStageConfig(ModelStageConfig):
+    num_inference_steps: int = Field(description="Denoising steps (ignored when timesteps is set).", ge=1)
+    timesteps: Literal[TIMESTEP_PRESETS] | None = Field(  # type: ignore[valid-type]
+        None, description=f"IF timestep preset, one of {', '.join(TIMESTEP_PRESETS)}."
+    )
+    guidance_scale: float = Field(description="Classifier-free guidance scale (<= 1 disables it).", ge=0)
+
+
+class Stage1Config(DiffusionStageConfig):
+    num_inference_steps: int = Field(100, ge=1, description="Denoising steps (ignored when timesteps is set).")
+    guidance_scale: float = Field(7.0, ge=0, description="Classifier-free guidance scale.")
+
+
+class Stage2Config(DiffusionStageConfig):
+    num_inference_steps: int = Field(50, ge=1, description="Denoising steps (ignored when timesteps is set).")
+    guidance_scale: float = Field(4.0, ge=0, description="Classifier-free guidance scale.")
+    noise_level: int = Field(250, ge=0, le=1000, description="Noise added to the stage I image.")
+
+
+class UpscaleConfig(ModelStageConfig):
+    num_inference_steps: int = Field(75, ge=1, description="Denoising steps.")
+    guidance_scale: float = Field(9.0, ge=0, description="Classifier-free guidance scale.")
+    noise_level: int = Field(100, ge=0, le=350, description="Noise added to the stage II image (max 350).")
+
+
+class WriteConfig(PoolConfig):
+    batch_size: int = Field(8, ge=1, description="Images encoded and stored per call.")
+    num_cpus: float = Field(0.5, gt=0, description="Logical CPUs reserved per writer actor.")
+
+
+class RayConfig(Strict):
+    address: str | None = Field(
+        None, description="Ray cluster to join (or set RAY_ADDRESS); none starts a local Ray."
+    )
+    num_cpus: int | None = Field(
+        None, ge=1, description="Logical CPUs of a local Ray; default: enough for every pool."
+    )
+    block_rows: int | None = Field(
+        None, ge=1, description="Rows per block between stages; default: the smallest batch size."
+    )
+
+
+class Manifest(Strict):
+    name: str = Field(description="Job name, used in logs and the output's job.json.")
+    seed: int = Field(0, ge=0, lt=2**63, description="Job seed; rows without a seed derive theirs from it and the row id.")
+    last_stage: Literal["stage1", "stage2", "upscale"] = Field(
+        "upscale", description="Stop the cascade after this stage and write its images."
+    )
+    input: InputConfig = Field(description="Where prompts come from.")
+    output: OutputConfig = Field(description="Where images and metadata go.")
+    encode: EncodeConfig = Field(description="T5-XXL text encoder (from the IF-I repo).")
+    stage1: Stage1Config = Field(description="IF stage I: text to 64 px.")
+    stage2: Stage2Config = Field(description="IF stage II: 64 px to 256 px.")
+    upscale: UpscaleConfig = Field(description="Stable Diffusion x4 upscaler: 256 px to 1024 px.")
+    write: WriteConfig = Field(default_factory=WriteConfig, description="Image encoding and storage.")
+    ray: RayConfig = Field(default_factory=RayConfig, description="Ray cluster settings.")
+
+    def stages(self) -> tuple[str, ...]:
+        """The model stages this job runs, in order."""
+        return MODEL_STAGES[: MODEL_STAGES.index(self.last_stage) + 1]
+
+
+def _apply_override(data: dict[str, Any], assignment: str) -> None:
+    key, sep, raw = assignment.partition("=")
+    if not sep or not key:
+        raise ManifestError(f"--set {assignment!r}: expected KEY=VALUE, e.g. --set stage1.batch_size=8")
+    node = data
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ManifestError(f"--set {assignment!r}: '{part}' is a value, not a section")
+        node = child
+    node[parts[-1]] = yaml.safe_load(raw) if raw else ""
+
+
+def _format_errors(source: str, err: ValidationError) -> str:
+    lines = [f"{source}: invalid manifest ({err.error_count()} problem(s)):"]
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {where}: unknown field (check its spelling; see the fields in jobs/manifest.py)")
+        else:
+            lines.append(f"  {where}: {e['msg']} (found {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def load_manifest(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Manifest:
+    """Read, override and validate a manifest; local input paths become absolute."""
+    path = Path(path) if path else DEFAULT_MANIFEST
+    if not path.is_file():
+        raise ManifestError(f"{path}: manifest not found. Fix: pass an existing YAML file, e.g. {DEFAULT_MANIFEST}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ManifestError(f"{path}: not valid YAML: {err}") from err
+    if not isinstance(data, dict):
+        raise ManifestError(f"{path}: expected a mapping of fields at the top level, found {type(data).__name__}")
+    for assignment in overrides:
+        _apply_override(data, assignment)
+    source_path = data.get("input", {}).get("path") if isinstance(data.get("input"), dict) else None
+    if isinstance(source_path, str) and "://" not in source_path and not Path(source_path).expanduser().is_absolute():
+        data["input"]["path"] = str((path.parent / source_path).resolve())
+    try:
+        return Manifest.model_validate(data)
+    except ValidationError as err:
+        raise ManifestError(_format_errors(str(path), err)) from None

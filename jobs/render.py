@@ -1,0 +1,305 @@
+"""ifrender's job, top to bottom: manifest in -> one Ray Data streaming chain -> images + Parquet out.
+
+    read shards -> encode (T5) -> stage1 (IF-I) -> stage2 (IF-II) -> upscale (x4) -> write
+
+Each model stage is a callable class in its own fixed-size actor pool; embeddings and images
+travel between them as columns through Ray's object store. The driver only streams the small
+metadata rows back, writes them as Parquet, shows progress and prints a summary.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from jobs.inputs import plan_shards, read_shards, shard_items
+from jobs.manifest import IMAGE_STAGES, MODEL_STAGES, Manifest
+from jobs.storage import check_output_writable, join, resolve, write_bytes
+from workers.models import check_model_available
+
+log = logging.getLogger("ifrender")
+
+METADATA_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()), ("status", pa.string()), ("error", pa.string()),
+        ("prompt", pa.string()), ("negative_prompt", pa.string()), ("seed", pa.int64()),
+        ("image_key", pa.string()), ("sha256", pa.string()), ("width", pa.int32()), ("height", pa.int32()),
+        ("last_stage", pa.string()), ("shard", pa.int64()), ("source_file", pa.string()), ("source_row", pa.int64()),
+    ]
+    + [(f"{s}_{k}", t) for s in MODEL_STAGES for k, t in (("model", pa.string()), ("params", pa.string()), ("seconds", pa.float64()))]
+    + [("write_seconds", pa.float64())]
+)
+
+
+class OutputExistsError(RuntimeError):
+    pass
+
+
+# ---- 1. checks that fail before any model work ---------------------------------------------
+
+
+def tiny_models_dir() -> Path:
+    return Path(os.environ.get("IFRENDER_CACHE", Path.home() / ".cache" / "ifrender")) / "tiny-models"
+
+
+def resolve_models(manifest: Manifest) -> Manifest:
+    """Turn `tiny:NAME` references into built local directories; check every model is on disk."""
+    from workers.tiny import TINY_REPOS, build_tiny_models
+
+    updates = {}
+    for stage in manifest.stages():
+        cfg = getattr(manifest, stage)
+        model = cfg.model
+        if model.startswith("tiny:"):
+            name = model[len("tiny:"):]
+            if name not in TINY_REPOS.values():
+                raise ValueError(f"{stage}.model: unknown tiny model '{name}'; expected one of {sorted(TINY_REPOS.values())}")
+            model = str(build_tiny_models(tiny_models_dir())[next(k for k, v in TINY_REPOS.items() if v == name)])
+            updates[stage] = cfg.model_copy(update={"model": model})
+        if not cluster_address(manifest):  # on a cluster the workers, not the driver, hold weights
+            check_model_available(stage, model)
+    return manifest.model_copy(update=updates)
+
+
+def prepare_output(manifest: Manifest, overwrite: bool) -> None:
+    out = manifest.output.path
+    check_output_writable(out)
+    fs, path = resolve(out)
+    existing = fs.get_file_info(f"{path}/metadata")
+    if existing.type != 0:  # 0 = NotFound
+        if not overwrite:
+            raise OutputExistsError(
+                f"output.path {out} already holds a job's output (metadata/). "
+                f"Fix: choose another output.path, or pass --overwrite to replace it."
+            )
+        for sub in ("metadata", "images"):
+            if fs.get_file_info(f"{path}/{sub}").type != 0:
+                fs.delete_dir(f"{path}/{sub}")
+
+
+# ---- 2. Ray --------------------------------------------------------------------------------
+
+
+def cluster_address(manifest: Manifest) -> str | None:
+    return manifest.ray.address or os.environ.get("RAY_ADDRESS")
+
+
+def pools(manifest: Manifest) -> dict:
+    return {s: getattr(manifest, s) for s in manifest.stages()} | {"write": manifest.write}
+
+
+def init_ray(manifest: Manifest) -> None:
+    import ray
+
+    # Workers inherit the environment of a local Ray; a cluster gets it through the runtime env.
+    os.environ["HF_HUB_OFFLINE"] = "1"  # nothing reaches a hub at run time
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if ray.is_initialized():
+        return
+    address = cluster_address(manifest)
+    if address:
+        ray.init(address=address, runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}}, log_to_driver=True)
+        return
+    import torch
+
+    # Logical CPUs: enough for every pool plus read tasks, else the read task can starve behind
+    # the actors and Ray waits 30 minutes before failing.
+    needed = sum(c.pool_size * c.num_cpus for c in pools(manifest).values()) + 1
+    num_cpus = manifest.ray.num_cpus or max(os.cpu_count() or 1, math.ceil(needed))
+    ray.init(num_cpus=num_cpus, num_gpus=torch.cuda.device_count(), include_dashboard=False, log_to_driver=True)
+
+
+def check_resources(manifest: Manifest) -> None:
+    """Pools asking for more GPUs than Ray has would wait forever: fail now instead."""
+    import ray
+
+    gpus = ray.cluster_resources().get("GPU", 0)
+    for stage, cfg in pools(manifest).items():
+        if cfg.num_gpus > 0 and cfg.num_gpus > gpus and not cluster_address(manifest):
+            raise RuntimeError(
+                f"{stage}: asks for {cfg.num_gpus} GPU(s) per actor but this local Ray has {gpus:g}. "
+                f"Fix: --set {stage}.num_gpus=0 for a CPU run, or set ray.address to a GPU cluster."
+            )
+    wanted = sum(cfg.pool_size * cfg.num_gpus for cfg in pools(manifest).values())
+    if wanted > gpus and not cluster_address(manifest):
+        raise RuntimeError(f"the stage pools ask for {wanted:g} GPUs in all but this local Ray has {gpus:g}. "
+                           f"Fix: lower pool_size or num_gpus per stage.")
+
+
+# ---- 3. the chain --------------------------------------------------------------------------
+
+
+def build_dataset(manifest: Manifest, shards: list):
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    from workers.encode import EncodeWorker
+    from workers.stage1 import Stage1Worker
+    from workers.stage2 import Stage2Worker
+    from workers.upscale import UpscaleWorker
+    from workers.write import WriteWorker
+
+    embeds = ("prompt_embeds", "negative_prompt_embeds")
+    last = manifest.last_stage
+    # Each stage drops the tensors no later stage reads, so they leave the object store early.
+    plan = {
+        "encode": (EncodeWorker, ()),
+        "stage1": (Stage1Worker, embeds if last == "stage1" else ()),
+        "stage2": (Stage2Worker, embeds + ("stage1_image",)),
+        "upscale": (UpscaleWorker, ("stage2_image",)),
+    }
+    stages = manifest.stages()
+    block_rows = manifest.ray.block_rows or min(getattr(manifest, s).batch_size for s in stages)
+
+    def pool(ds, worker, resources, **kwargs):
+        return ds.map_batches(
+            worker,
+            compute=ActorPoolStrategy(size=resources.pool_size),
+            batch_size=resources.batch_size,
+            num_gpus=resources.num_gpus,
+            num_cpus=resources.num_cpus,
+            fn_constructor_kwargs=kwargs,
+        )
+
+    ds = ray.data.from_items(shard_items(shards), override_num_blocks=len(shards))
+    ds = ds.map_batches(read_shards, batch_size=1, num_cpus=0.25, fn_kwargs={"job_seed": manifest.seed})
+    # Small blocks give each stage several tasks, so the stages overlap instead of taking turns.
+    ds = ds.repartition(target_num_rows_per_block=block_rows)
+    for stage in stages:
+        worker, drop = plan[stage]
+        ds = pool(ds, worker, getattr(manifest, stage), cfg=getattr(manifest, stage), drop=drop)
+    out = manifest.output
+    return pool(ds, WriteWorker, manifest.write, output=out.path, image_column=f"{last}_image",
+                image_format=out.image_format, quality=out.quality)
+
+
+# ---- 4. results ----------------------------------------------------------------------------
+
+
+@dataclass
+class Summary:
+    name: str
+    output: str
+    rows: int = 0
+    ok: int = 0
+    error: int = 0
+    seconds: float = 0.0
+    images_per_second: float = 0.0
+    stage_seconds: dict[str, float] = field(default_factory=dict)  # busy seconds, all actors
+    stage_seconds_per_image: dict[str, float] = field(default_factory=dict)
+    errors: dict[str, int] = field(default_factory=dict)  # most frequent error messages
+
+    def add(self, table: pa.Table) -> None:
+        status = table.column("status").to_pylist()
+        self.rows += len(status)
+        self.ok += status.count("ok")
+        self.error += len(status) - status.count("ok")
+        for col in table.column_names:
+            if col.endswith("_seconds"):
+                stage = col[: -len("_seconds")]
+                self.stage_seconds[stage] = self.stage_seconds.get(stage, 0.0) + sum(v or 0 for v in table.column(col).to_pylist())
+        for e in table.column("error").to_pylist():
+            if e:
+                key = e[:160]
+                self.errors[key] = self.errors.get(key, 0) + 1
+
+    def finish(self, elapsed: float) -> None:
+        self.seconds = round(elapsed, 3)
+        self.images_per_second = round(self.ok / elapsed, 4) if elapsed else 0.0
+        self.stage_seconds = {k: round(v, 3) for k, v in self.stage_seconds.items()}
+        self.stage_seconds_per_image = {k: round(v / self.ok, 4) for k, v in self.stage_seconds.items() if self.ok}
+        self.errors = dict(sorted(self.errors.items(), key=lambda kv: -kv[1])[:10])
+
+    def text(self) -> str:
+        lines = [
+            f"ifrender: {self.name} done in {self.seconds:.1f} s -> {self.output}",
+            f"  rows {self.rows}: ok {self.ok}, error {self.error}; {self.images_per_second:.3f} images/s",
+            "  busy seconds per image by stage: "
+            + ", ".join(f"{k} {v:.3f}" for k, v in self.stage_seconds_per_image.items()),
+        ]
+        for message, count in self.errors.items():
+            lines.append(f"  error x{count}: {message}")
+        return "\n".join(lines)
+
+
+def to_metadata(table: pa.Table, last_stage: str) -> pa.Table:
+    """A result block as the metadata schema: missing columns null, failed rows without image fields."""
+    n = table.num_rows
+    ok = pa.array([s == "ok" for s in table.column("status").to_pylist()])
+    columns = []
+    for f in METADATA_SCHEMA:
+        if f.name == "last_stage":
+            col = pa.array([last_stage] * n, pa.string())
+        elif f.name in table.column_names:
+            col = table.column(f.name).combine_chunks()
+            if f.name == "error":
+                col = pa.array([e or None for e in col.to_pylist()], pa.string())
+            col = col.cast(f.type)
+            if f.name in ("image_key", "sha256", "width", "height"):
+                col = pa.compute.if_else(ok, col, pa.nulls(n, f.type))
+        else:
+            col = pa.nulls(n, f.type)
+        columns.append(col)
+    return pa.Table.from_arrays(columns, schema=METADATA_SCHEMA)
+
+
+def run(manifest: Manifest, overwrite: bool = False, progress: bool = True) -> Summary:
+    import pyarrow.compute  # noqa: F401 - used through pa.compute
+
+    started = time.perf_counter()
+    # 1. Everything that can fail without a model: output, input, weights.
+    prepare_output(manifest, overwrite)
+    shards = plan_shards(manifest.input)
+    total = sum(s.num_rows for s in shards)
+    log.info("%s: %d rows in %d shards from %s", manifest.name, total, len(shards), manifest.input.path)
+    manifest = resolve_models(manifest)
+
+    # 2. Ray, local or joined.
+    init_ray(manifest)
+    check_resources(manifest)
+    from ray.data import DataContext
+
+    DataContext.get_current().enable_progress_bars = progress
+
+    # 3. The chain, then 4. stream its metadata rows back.
+    ds = build_dataset(manifest, shards)
+    summary = Summary(manifest.name, manifest.output.path)
+    fs, out_path = resolve(manifest.output.path)
+    pending: list[pa.Table] = []
+    part = 0
+    last_report = time.perf_counter()
+    for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        table = to_metadata(block, manifest.last_stage)
+        summary.add(table)
+        pending.append(table)
+        if sum(t.num_rows for t in pending) >= manifest.output.metadata_rows_per_file:
+            _write_part(fs, out_path, part, pending)
+            part, pending = part + 1, []
+        if time.perf_counter() - last_report > 5 or summary.rows == total:
+            last_report = time.perf_counter()
+            elapsed = last_report - started
+            log.info("progress: %d/%d rows (ok %d, error %d), %.2f images/s, %.0f s elapsed",
+                     summary.rows, total, summary.ok, summary.error, summary.ok / elapsed, elapsed)
+    if pending or part == 0:
+        _write_part(fs, out_path, part, pending)
+    summary.finish(time.perf_counter() - started)
+
+    job = {"manifest": json.loads(manifest.model_dump_json()), "summary": asdict(summary)}
+    write_bytes(join(manifest.output.path, "job.json"), json.dumps(job, indent=2).encode(), fs)
+    return summary
+
+
+def _write_part(fs, out_path: str, part: int, tables: list[pa.Table]) -> None:
+    table = pa.concat_tables(tables) if tables else METADATA_SCHEMA.empty_table()
+    table = table.sort_by("id")
+    fs.create_dir(f"{out_path}/metadata", recursive=True)
+    with fs.open_output_stream(f"{out_path}/metadata/part-{part:05d}.parquet") as f:
+        pq.write_table(table, f)

@@ -1,0 +1,126 @@
+"""What every stage worker shares: batch contract checks, error rows, per-row seeds, timing.
+
+A batch is a dict of numpy arrays, one entry per column, as Ray Data hands it over. Rows whose
+`status` is not "ok" pass through a stage untouched (their new columns are zero-filled), so one
+bad row never stops its neighbours.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+import traceback
+from typing import Any
+
+import numpy as np
+import torch
+
+log = logging.getLogger("ifrender")
+
+Batch = dict[str, np.ndarray]
+
+# Columns every row carries from the reader to the writer.
+ROW_COLUMNS = ("id", "prompt", "negative_prompt", "seed", "status", "error")
+
+
+class MissingColumnsError(KeyError):
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+def require_columns(stage: str, batch: Batch, needed: tuple[str, ...]) -> None:
+    missing = [c for c in needed if c not in batch]
+    if missing:
+        raise MissingColumnsError(
+            f"{stage}: the batch lacks column(s) {missing}; it has {sorted(batch)}. "
+            f"Expected the stages before {stage} to produce them: check the stage order."
+        )
+
+
+def derive_seed(seed: int, salt: str) -> int:
+    """A 63-bit seed from a seed and a salt (a row id, a stage name), stable across machines."""
+    digest = hashlib.sha256(f"{seed}:{salt}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") & (2**63 - 1)
+
+
+def row_generators(seeds: np.ndarray, stage: str) -> list[torch.Generator]:
+    """One CPU generator per row, so a row's noise never depends on its batch or device."""
+    return [torch.Generator("cpu").manual_seed(derive_seed(int(s), stage)) for s in seeds]
+
+
+def to_numpy(t: torch.Tensor) -> np.ndarray:
+    # numpy has no bfloat16: bf16 tensors travel as fp32.
+    if t.dtype == torch.bfloat16:
+        t = t.float()
+    return t.detach().cpu().numpy()
+
+
+def to_uint8_hwc(images: np.ndarray) -> np.ndarray:
+    """(B, 3, H, W) floats in [-1, 1] to (B, H, W, 3) uint8."""
+    scaled = np.clip(images.astype(np.float32) / 2 + 0.5, 0, 1) * 255
+    return np.round(scaled).astype(np.uint8).transpose(0, 2, 3, 1)
+
+
+class StageWorker:
+    """Base of the model stages. Subclasses set `stage` and `needs` and implement `run`/`blank`."""
+
+    stage: str = ""
+    needs: tuple[str, ...] = ()
+
+    def __init__(self, model: str, params: dict[str, Any], drop: tuple[str, ...] = ()) -> None:
+        self.model = model
+        self.params_json = json.dumps(params, sort_keys=True)
+        self.drop = drop
+
+    def run(self, batch: Batch, rows: np.ndarray) -> Batch:
+        """Compute the new columns for `rows` (indexes of ok rows) of `batch`."""
+        raise NotImplementedError
+
+    def blank(self, batch: Batch, n: int) -> Batch:
+        """Zero-filled new columns for n rows, with the shapes `run` returns."""
+        raise NotImplementedError
+
+    def __call__(self, batch: Batch) -> Batch:
+        require_columns(self.stage, batch, ROW_COLUMNS + self.needs)
+        n = len(batch["id"])
+        status = batch["status"].copy()
+        error = batch["error"].copy()
+        out = self.blank(batch, n)
+        seconds = np.zeros(n, dtype=np.float64)
+        self._run_isolating(batch, np.flatnonzero(status == "ok"), out, seconds, status, error)
+
+        result = {k: v for k, v in batch.items() if k not in self.drop}
+        result.update(out)
+        result["status"] = status
+        result["error"] = error
+        result[f"{self.stage}_model"] = np.full(n, self.model, dtype=object)
+        result[f"{self.stage}_params"] = np.full(n, self.params_json, dtype=object)
+        result[f"{self.stage}_seconds"] = seconds
+        return result
+
+    def _run_isolating(self, batch, rows, out, seconds, status, error) -> None:
+        """Run `rows` together; if that fails, run each alone so only the failing row errors."""
+        if len(rows) == 0:
+            return
+        start = time.perf_counter()
+        try:
+            values = self.run(batch, rows)
+        except (MissingColumnsError, torch.cuda.OutOfMemoryError):
+            raise
+        except Exception as err:  # noqa: BLE001 - a row's failure is recorded, never raised
+            if len(rows) > 1:
+                log.warning("%s: batch of %d failed (%s); retrying row by row", self.stage, len(rows), err)
+                for row in rows:
+                    self._run_isolating(batch, np.array([row]), out, seconds, status, error)
+                return
+            row = int(rows[0])
+            status[row] = "error"
+            error[row] = f"{self.stage}: {type(err).__name__}: {err}"
+            log.warning("%s: row %s failed:\n%s", self.stage, batch["id"][row], traceback.format_exc())
+            return
+        elapsed = time.perf_counter() - start
+        for column, value in values.items():
+            out[column][rows] = value
+        seconds[rows] = elapsed / len(rows)

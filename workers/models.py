@@ -1,0 +1,121 @@
+"""Load each stage's model offline: a hub id or local directory in, a diffusers pipeline out.
+
+The same code loads the tiny checkpoints of workers/tiny.py and the real DeepFloyd IF and x4
+upscaler weights: `from_pretrained` with `local_files_only=True`, so a run never reaches a hub.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+# Components a stage pipeline is built without: the safety checker and watermarker only act on
+# PIL output, and the stage pipelines take embeddings from the encode stage.
+_NO_SAFETY = dict(safety_checker=None, feature_extractor=None, watermarker=None)
+
+
+class ModelLoadError(RuntimeError):
+    """A checkpoint could not be loaded offline; the message says how to stage it."""
+
+
+def staging_hint(stage: str, source: str) -> str:
+    return (
+        f"{stage}: could not load model '{source}' offline. Expected a local directory in the "
+        f"hub layout (model_index.json, unet/, scheduler/, ...) or a hub id already in the "
+        f"Hugging Face cache. Fix: download it once where the hub is reachable with "
+        f"`huggingface-cli download {source}` (DeepFloyd IF needs HF_TOKEN and its licence "
+        f"accepted), or set {stage}.model to a local copy."
+    )
+
+
+def check_model_available(stage: str, source: str) -> None:
+    """Fail before any GPU work when a model's files are not on this machine."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise ModelLoadError(staging_hint(stage, source) + f" ({path} has no model_index.json)")
+        return
+    if source.startswith((".", "/", "~")) or path.exists():
+        raise ModelLoadError(staging_hint(stage, source) + f" ({path} is not a directory)")
+    from huggingface_hub import try_to_load_from_cache
+
+    if not isinstance(try_to_load_from_cache(source, "model_index.json"), str):
+        raise ModelLoadError(staging_hint(stage, source))
+
+
+def pick_device(stage: str, device: str, num_gpus: float) -> torch.device:
+    """auto means CUDA when the stage asked for GPUs; a GPU asked for and missing is an error."""
+    if device == "auto":
+        device = "cuda" if num_gpus > 0 else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(
+            f"{stage}: device is cuda but this worker sees no CUDA device "
+            f"(CUDA_VISIBLE_DEVICES={__import__('os').environ.get('CUDA_VISIBLE_DEVICES')!r}). "
+            f"Fix: run on a GPU node, or set {stage}.device=cpu for a CPU run."
+        )
+    return torch.device(device)
+
+
+def _load(stage: str, cls: Any, source: str, **kwargs: Any) -> Any:
+    try:
+        return cls.from_pretrained(source, local_files_only=True, **kwargs)
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"{staging_hint(stage, source)} Cause: {err}") from err
+
+
+def load_encode_pipeline(cfg: Any, device: torch.device) -> Any:
+    """IF-I's T5 encoder and tokenizer, wrapped in an IFPipeline without its UNet."""
+    from diffusers import IFPipeline
+    from transformers import BitsAndBytesConfig, T5EncoderModel
+
+    extra: dict[str, Any] = {}
+    if cfg.load_in_8bit:
+        extra["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+        extra["device_map"] = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
+    text_encoder = _load(
+        "encode",
+        T5EncoderModel,
+        cfg.model,
+        subfolder="text_encoder",
+        dtype=DTYPES[cfg.dtype],
+        variant=cfg.variant,
+        **extra,
+    )
+    pipe = _load("encode", IFPipeline, cfg.model, text_encoder=text_encoder, unet=None, **_NO_SAFETY)
+    if not cfg.load_in_8bit:  # bitsandbytes places 8-bit weights itself
+        pipe.to(device)
+    return pipe
+
+
+def load_stage1_pipeline(cfg: Any, device: torch.device) -> Any:
+    from diffusers import IFPipeline
+
+    pipe = _load(
+        "stage1", IFPipeline, cfg.model, text_encoder=None, tokenizer=None,
+        dtype=DTYPES[cfg.dtype], variant=cfg.variant, **_NO_SAFETY,
+    )
+    return pipe.to(device)
+
+
+def load_stage2_pipeline(cfg: Any, device: torch.device) -> Any:
+    from diffusers import IFSuperResolutionPipeline
+
+    pipe = _load(
+        "stage2", IFSuperResolutionPipeline, cfg.model, text_encoder=None, tokenizer=None,
+        dtype=DTYPES[cfg.dtype], variant=cfg.variant, **_NO_SAFETY,
+    )
+    return pipe.to(device)
+
+
+def load_upscale_pipeline(cfg: Any, device: torch.device) -> Any:
+    from diffusers import StableDiffusionUpscalePipeline
+
+    pipe = _load(
+        "upscale", StableDiffusionUpscalePipeline, cfg.model,
+        dtype=DTYPES[cfg.dtype], variant=cfg.variant, **_NO_SAFETY,
+    )
+    return pipe.to(device)

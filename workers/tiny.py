@@ -1,0 +1,241 @@
+"""Build tiny random-weight checkpoints of the real IF cascade offline: configs in, hub-layout dirs out.
+
+Every model keeps the block layout of its full-size config in workers/configs/ (attention at the
+same relative resolutions, the same embedding types) with tiny widths, so the production loaders
+in workers/models.py load them unchanged. Tokenizers are trained here on a few lines of text
+because nothing can be fetched from a hub.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+CONFIGS = Path(__file__).parent / "configs"
+
+# Folder names of the tiny repos, mirroring DeepFloyd/IF-I-XL-v1.0, DeepFloyd/IF-II-L-v1.0 and
+# stabilityai/stable-diffusion-x4-upscaler.
+TINY_REPOS = {"stage1": "IF-I-tiny", "stage2": "IF-II-tiny", "upscale": "x4-upscaler-tiny"}
+
+# Bumped whenever the tiny architectures change, so cached copies are rebuilt.
+TINY_VERSION = "3"
+
+# Reduced resolutions: stage I at 16 px, stage II at 64 px, the x4 upscaler to 256 px.
+STAGE1_SIZE = 16
+STAGE2_SIZE = 64
+
+T5_DIM = 32
+CLIP_DIM = 32
+
+_CORPUS = """a photo of a red fox sitting in the snow at dawn
+an oil painting of a lighthouse on a rocky coast during a storm
+a watercolor illustration of a small village in the mountains
+a close-up photograph of a hummingbird drinking from a flower
+a futuristic city skyline at night with neon lights and flying cars
+a bowl of ramen with soft boiled egg, studio lighting, 35mm
+a corgi wearing sunglasses riding a skateboard on the beach
+an astronaut reading a newspaper on the moon, digital art
+a sign that says "hello world" in bold letters
+the quick brown fox jumps over the lazy dog 0123456789
+macro shot of dew drops on a spider web in the morning light
+a medieval castle surrounded by fog, fantasy concept art
+a cozy library with tall shelves, a fireplace and an armchair
+portrait of an old fisherman with a white beard, black and white
+a glass of orange juice on a wooden table next to a croissant
+an abstract painting with bright colors and geometric shapes
+a robot gardener watering tomatoes in a greenhouse
+a snowy forest road under a starry sky, long exposure
+a vintage car parked in front of a diner, 1950s style
+a pencil sketch of a cat sleeping on a windowsill
+""".splitlines()
+
+
+def _config(name: str) -> dict:
+    cfg = json.loads((CONFIGS / name).read_text())
+    return {k: v for k, v in cfg.items() if not k.startswith("_")}
+
+
+def build_t5_tokenizer():
+    """A SentencePiece-style Unigram tokenizer with T5's special tokens and 100 extra ids."""
+    from tokenizers import SentencePieceUnigramTokenizer
+    from transformers import T5Tokenizer
+
+    trainer = SentencePieceUnigramTokenizer()
+    trainer.train_from_iterator(
+        _CORPUS * 4, vocab_size=300, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>"
+    )
+    vocab = [tuple(piece) for piece in json.loads(trainer.to_str())["model"]["vocab"]]
+    return T5Tokenizer(vocab=vocab, extra_ids=100, model_max_length=77)
+
+
+def build_clip_tokenizer():
+    """A byte-level BPE with CLIP's `</w>` word suffix and start/end tokens."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import CLIPTokenizer
+
+    byte_chars = pre_tokenizers.ByteLevel.alphabet()
+    bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
+    bpe.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+    )
+    trainer = trainers.BpeTrainer(
+        vocab_size=900, end_of_word_suffix="</w>", initial_alphabet=byte_chars, show_progress=False
+    )
+    bpe.train_from_iterator([line.lower() for line in _CORPUS] * 4, trainer)
+    model = json.loads(bpe.to_str())["model"]
+    # CLIP's vocab holds every byte alone and at a word's end, then the merges, then the specials.
+    vocab: dict[str, int] = {}
+    for token in sorted(byte_chars) + [c + "</w>" for c in sorted(byte_chars)]:
+        vocab.setdefault(token, len(vocab))
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    for left, right in merges:
+        vocab.setdefault(left + right, len(vocab))
+    for special in ("<|startoftext|>", "<|endoftext|>"):
+        vocab.setdefault(special, len(vocab))
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+
+
+def build_t5_encoder(vocab_size: int):
+    from transformers import T5Config, T5EncoderModel
+
+    cfg = _config("t5-v1_1-xxl_encoder_config.json")
+    cfg.pop("architectures", None)
+    cfg.update(d_model=T5_DIM, d_ff=64, d_kv=8, num_heads=4, num_layers=2, vocab_size=vocab_size)
+    return T5EncoderModel(T5Config(**cfg)).eval()
+
+
+def build_stage1_unet():
+    from diffusers import UNet2DConditionModel
+
+    cfg = _config("IF-I-XL-v1.0_unet_config.json")
+    cfg.update(
+        block_out_channels=[16, 32, 48, 64],
+        layers_per_block=1,
+        attention_head_dim=8,
+        addition_embed_type_num_heads=2,
+        cross_attention_dim=64,
+        encoder_hid_dim=T5_DIM,
+        norm_num_groups=8,
+        sample_size=STAGE1_SIZE,
+    )
+    return UNet2DConditionModel(**cfg).eval()
+
+
+def build_stage2_unet():
+    from diffusers import UNet2DConditionModel
+
+    cfg = _config("IF-II-L-v1.0_unet_config.json")
+    cfg.update(
+        block_out_channels=[8, 16, 32, 48, 64],
+        layers_per_block=[1, 1, 1, 1, 1],
+        attention_head_dim=8,
+        addition_embed_type_num_heads=2,
+        cross_attention_dim=64,
+        encoder_hid_dim=T5_DIM,
+        time_embedding_dim=64,
+        norm_num_groups=8,
+        sample_size=STAGE2_SIZE,
+    )
+    return UNet2DConditionModel(**cfg).eval()
+
+
+def build_upscale_components(tokenizer):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    unet_cfg = _config("sd-x4-upscaler_unet_config.json")
+    unet_cfg.update(
+        block_out_channels=[16, 32, 32, 64],
+        layers_per_block=1,
+        attention_head_dim=8,
+        cross_attention_dim=CLIP_DIM,
+        norm_num_groups=8,
+        sample_size=STAGE2_SIZE,
+    )
+    vae_cfg = _config("sd-x4-upscaler_vae_config.json")
+    vae_cfg.update(block_out_channels=[8, 16, 16], layers_per_block=1, norm_num_groups=8, sample_size=4 * STAGE2_SIZE)
+    clip_cfg = _config("sd-x4-upscaler_text_encoder_config.json")
+    for key in ("architectures", "torch_dtype", "transformers_version"):
+        clip_cfg.pop(key, None)
+    clip_cfg.update(
+        hidden_size=CLIP_DIM,
+        intermediate_size=64,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        projection_dim=CLIP_DIM,
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return (
+        UNet2DConditionModel(**unet_cfg).eval(),
+        AutoencoderKL(**vae_cfg).eval(),
+        CLIPTextModel(CLIPTextConfig(**clip_cfg)).eval(),
+    )
+
+
+def _scheduler(cls, name: str):
+    return cls.from_config(_config(name))
+
+
+def build_tiny_models(root: str | Path, seed: int = 0) -> dict[str, Path]:
+    """Write the three tiny repos under `root`; returns {stage: repo dir}. Idempotent."""
+    from diffusers import (
+        DDIMScheduler,
+        DDPMScheduler,
+        IFPipeline,
+        IFSuperResolutionPipeline,
+        StableDiffusionUpscalePipeline,
+    )
+
+    root = Path(root)
+    repos = {stage: root / name for stage, name in TINY_REPOS.items()}
+    stamp = root / "TINY_VERSION"
+    if stamp.exists() and stamp.read_text().strip() == TINY_VERSION and all(
+        (d / "model_index.json").exists() for d in repos.values()
+    ):
+        return repos
+
+    logging.getLogger("ifrender").info("building tiny models in %s", root)
+    torch.manual_seed(seed)
+    t5_tokenizer = build_t5_tokenizer()
+    t5 = build_t5_encoder(len(t5_tokenizer))
+    no_safety = dict(safety_checker=None, feature_extractor=None, watermarker=None, requires_safety_checker=False)
+
+    IFPipeline(
+        tokenizer=t5_tokenizer,
+        text_encoder=t5,
+        unet=build_stage1_unet(),
+        scheduler=_scheduler(DDPMScheduler, "IF-I-XL-v1.0_scheduler_config.json"),
+        **no_safety,
+    ).save_pretrained(repos["stage1"], safe_serialization=True)
+
+    # The IF-II repo on the hub lists a tokenizer and text encoder too; stage II is always
+    # loaded with text_encoder=None and fed embeddings from the encode stage.
+    IFSuperResolutionPipeline(
+        tokenizer=t5_tokenizer,
+        text_encoder=t5,
+        unet=build_stage2_unet(),
+        scheduler=_scheduler(DDPMScheduler, "IF-II-L-v1.0_scheduler_config.DERIVED.json"),
+        image_noising_scheduler=_scheduler(DDPMScheduler, "IF-II-L-v1.0_image_noising_scheduler_config.DERIVED.json"),
+        **no_safety,
+    ).save_pretrained(repos["stage2"], safe_serialization=True)
+
+    clip_tokenizer = build_clip_tokenizer()
+    unet, vae, clip = build_upscale_components(clip_tokenizer)
+    StableDiffusionUpscalePipeline(
+        vae=vae,
+        text_encoder=clip,
+        tokenizer=clip_tokenizer,
+        unet=unet,
+        low_res_scheduler=_scheduler(DDPMScheduler, "sd-x4-upscaler_low_res_scheduler_config.json"),
+        scheduler=_scheduler(DDIMScheduler, "sd-x4-upscaler_scheduler_config.json"),
+        max_noise_level=350,
+    ).save_pretrained(repos["upscale"], safe_serialization=True)
+
+    stamp.write_text(TINY_VERSION + "\n")
+    return repos

@@ -1,0 +1,45 @@
+"""upscale: `stage2_image` and `prompt` in; x4 upscaler image `upscale_image` (B, 1024, 1024, 3) uint8 out."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from workers.common import Batch, StageWorker, row_generators
+from workers.models import DTYPES, load_upscale_pipeline, pick_device
+
+
+class UpscaleWorker(StageWorker):
+    stage = "upscale"
+    needs = ("seed", "prompt", "negative_prompt", "stage2_image")
+
+    def __init__(self, cfg, drop: tuple[str, ...] = ()) -> None:
+        params = {"dtype": cfg.dtype, "variant": cfg.variant, "num_inference_steps": cfg.num_inference_steps,
+                  "guidance_scale": cfg.guidance_scale, "noise_level": cfg.noise_level}
+        super().__init__(cfg.model, params, drop)
+        self.cfg = cfg
+        self.device = pick_device(self.stage, cfg.device, cfg.num_gpus)
+        self.pipe = load_upscale_pipeline(cfg, self.device)
+        self.pipe.set_progress_bar_config(disable=True)
+
+    @torch.inference_mode()
+    def run(self, batch: Batch, rows: np.ndarray) -> Batch:
+        low_res = torch.from_numpy(batch["stage2_image"][rows]).to(self.device, DTYPES[self.cfg.dtype])
+        images = self.pipe(
+            prompt=[str(p) for p in batch["prompt"][rows]],
+            negative_prompt=[str(p or "") for p in batch["negative_prompt"][rows]],
+            # The upscaler picks its input scaling from the whole batch's minimum, so one image's
+            # result would depend on its neighbours: hand it [0, 1] images always.
+            image=(low_res / 2 + 0.5).clamp(0, 1),
+            num_inference_steps=self.cfg.num_inference_steps,
+            guidance_scale=self.cfg.guidance_scale,
+            noise_level=self.cfg.noise_level,
+            generator=row_generators(batch["seed"][rows], self.stage),
+            num_images_per_prompt=1,  # more than one mispairs prompts and images in diffusers 0.42
+            output_type="np",
+        ).images
+        return {"upscale_image": np.round(np.clip(images, 0, 1) * 255).astype(np.uint8)}
+
+    def blank(self, batch: Batch, n: int) -> Batch:
+        _, _, h, w = batch["stage2_image"].shape
+        return {"upscale_image": np.zeros((n, 4 * h, 4 * w, 3), dtype=np.uint8)}

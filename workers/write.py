@@ -1,0 +1,81 @@
+"""write: the last stage's image column in; image files (local or S3) and their `image_key`, `sha256`, `width`, `height` out."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import re
+import time
+
+import numpy as np
+from PIL import Image
+
+from jobs.storage import join, resolve, write_bytes
+from workers.common import ROW_COLUMNS, Batch, require_columns, to_uint8_hwc
+
+EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+
+
+def image_name(row_id: str) -> str:
+    """A file name derived from a row id: the id itself when it is safe, else a cleaned id plus a
+    short hash of the original, so two different ids never share a name."""
+    safe = _UNSAFE.sub("_", row_id)[:120]
+    if safe == row_id and not row_id.startswith("."):
+        return row_id
+    return f"{safe.lstrip('.') or 'row'}-{hashlib.sha256(row_id.encode()).hexdigest()[:10]}"
+
+
+def encode_image(pixels: np.ndarray, image_format: str, quality: int) -> bytes:
+    buf = io.BytesIO()
+    image = Image.fromarray(pixels, mode="RGB")
+    if image_format == "png":
+        image.save(buf, format="PNG")
+    else:
+        image.save(buf, format=image_format.upper(), quality=quality)
+    return buf.getvalue()
+
+
+class WriteWorker:
+    stage = "write"
+
+    def __init__(self, output: str, image_column: str, image_format: str = "png", quality: int = 95) -> None:
+        self.output = output
+        self.image_column = image_column
+        self.image_format = image_format
+        self.quality = quality
+        self.fs, _ = resolve(output)
+
+    def __call__(self, batch: Batch) -> Batch:
+        require_columns(self.stage, batch, ROW_COLUMNS + (self.image_column,))
+        n = len(batch["id"])
+        images = batch[self.image_column]
+        if images.ndim == 4 and images.shape[1] == 3 and images.dtype != np.uint8:
+            images = to_uint8_hwc(images)  # stage I / II output: (B, 3, H, W) in [-1, 1]
+        status, error = batch["status"].copy(), batch["error"].copy()
+        keys = np.full(n, None, dtype=object)
+        digests = np.full(n, None, dtype=object)
+        seconds = np.zeros(n)
+        for i in np.flatnonzero(status == "ok"):
+            start = time.perf_counter()
+            key = f"images/{image_name(str(batch['id'][i]))}.{EXTENSIONS[self.image_format]}"
+            try:
+                data = encode_image(images[i], self.image_format, self.quality)
+                write_bytes(join(self.output, key), data, self.fs)
+            except Exception as err:  # noqa: BLE001 - one unwritable image fails its row only
+                status[i], error[i] = "error", f"write: {type(err).__name__}: {err}"
+                continue
+            keys[i], digests[i] = key, hashlib.sha256(data).hexdigest()
+            seconds[i] = time.perf_counter() - start
+
+        result = {k: v for k, v in batch.items() if k != self.image_column}
+        result.update(
+            status=status,
+            error=error,
+            image_key=keys,
+            sha256=digests,
+            width=np.full(n, images.shape[2], dtype=np.int64),
+            height=np.full(n, images.shape[1], dtype=np.int64),
+            write_seconds=seconds,
+        )
+        return result
