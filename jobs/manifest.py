@@ -65,6 +65,11 @@ class ModelStageConfig(PoolConfig):
     )
     dtype: Literal["fp32", "fp16", "bf16"] = Field("fp32", description="Weights and compute dtype.")
     variant: str | None = Field(None, description="Weights file variant, e.g. fp16 (from_pretrained's variant).")
+    micro_batch: int = Field(
+        4, ge=1, description="Rows per model call (short calls are padded). Pixels are bit-identical "
+        "for a fixed micro_batch whatever batch_size, pool size or neighbours; changing it can change "
+        "them at float-rounding level, as kernels pick their algorithm by shape.",
+    )
     device: Literal["auto", "cuda", "cpu"] = Field(
         "auto", description="auto: CUDA when num_gpus > 0, else CPU. cuda without a GPU is an error."
     )

@@ -17,11 +17,25 @@ def is_s3(uri: str) -> bool:
     return uri.startswith("s3://")
 
 
+def s3_endpoint() -> str | None:
+    """A custom S3 endpoint (MinIO, a local test server), as boto3 reads it from the environment."""
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+
+
+def s3_filesystem() -> pafs.S3FileSystem:
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+    endpoint = s3_endpoint()
+    if not endpoint:
+        return pafs.S3FileSystem(region=region)
+    # pyarrow does not read the endpoint variables itself: pass them on explicitly.
+    scheme, _, host = endpoint.partition("://")
+    return pafs.S3FileSystem(region=region, endpoint_override=host or scheme, scheme=scheme if host else "https")
+
+
 def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
     """(filesystem, path inside it). S3 honours AWS_ENDPOINT_URL_S3 and the usual AWS credentials."""
     if is_s3(uri):
-        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
-        return pafs.S3FileSystem(region=region), uri[len("s3://"):].rstrip("/")
+        return s3_filesystem(), uri[len("s3://"):].rstrip("/")
     if "://" in uri:
         raise StorageError(f"{uri}: unsupported scheme; expected a local path or s3://bucket/prefix")
     return pafs.LocalFileSystem(), str(Path(uri).expanduser().resolve())
@@ -76,5 +90,5 @@ def check_output_writable(uri: str) -> None:
                 "403": "access denied: check the credentials or role"}.get(code, f"error {code}")
         raise StorageError(f"output.path {uri}: bucket '{bucket}' is not usable ({hint}). Fix: create it or point output.path elsewhere.") from err
     except BotoCoreError as err:
-        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "AWS S3"
+        endpoint = s3_endpoint() or "AWS S3"
         raise StorageError(f"output.path {uri}: cannot reach {endpoint} ({err}). Fix: check the network, the endpoint and the credentials.") from err

@@ -31,7 +31,7 @@ class MissingColumnsError(KeyError):
 
 
 def require_columns(stage: str, batch: Batch, needed: tuple[str, ...]) -> None:
-    missing = [c for c in needed if c not in batch]
+    missing = [c for c in dict.fromkeys(needed) if c not in batch]
     if missing:
         raise MissingColumnsError(
             f"{stage}: the batch lacks column(s) {missing}; it has {sorted(batch)}. "
@@ -69,9 +69,10 @@ class StageWorker:
     stage: str = ""
     needs: tuple[str, ...] = ()
 
-    def __init__(self, model: str, params: dict[str, Any], drop: tuple[str, ...] = ()) -> None:
+    def __init__(self, model: str, params: dict[str, Any], micro_batch: int, drop: tuple[str, ...] = ()) -> None:
         self.model = model
-        self.params_json = json.dumps(params, sort_keys=True)
+        self.params_json = json.dumps(params | {"micro_batch": micro_batch}, sort_keys=True)
+        self.micro_batch = micro_batch
         self.drop = drop
 
     def run(self, batch: Batch, rows: np.ndarray) -> Batch:
@@ -100,13 +101,25 @@ class StageWorker:
         result[f"{self.stage}_seconds"] = seconds
         return result
 
+    def _run_micro_batches(self, batch: Batch, rows: np.ndarray) -> Batch:
+        """Call `run` on exactly `micro_batch` rows at a time, padding the last call with copies
+        of its last row. Kernels pick their algorithm from the whole tensor shape, so one fixed
+        shape per stage is what makes a row's pixels independent of batch size and neighbours."""
+        mb = self.micro_batch
+        parts = []
+        for i in range(0, len(rows), mb):
+            chunk = rows[i : i + mb]
+            padded = np.concatenate([chunk, np.repeat(chunk[-1:], mb - len(chunk))])
+            parts.append({k: v[: len(chunk)] for k, v in self.run(batch, padded).items()})
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
     def _run_isolating(self, batch, rows, out, seconds, status, error) -> None:
         """Run `rows` together; if that fails, run each alone so only the failing row errors."""
         if len(rows) == 0:
             return
         start = time.perf_counter()
         try:
-            values = self.run(batch, rows)
+            values = self._run_micro_batches(batch, rows)
         except (MissingColumnsError, torch.cuda.OutOfMemoryError):
             raise
         except Exception as err:  # noqa: BLE001 - a row's failure is recorded, never raised

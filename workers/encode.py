@@ -16,7 +16,7 @@ class EncodeWorker(StageWorker):
     def __init__(self, cfg, drop: tuple[str, ...] = ()) -> None:
         params = {"dtype": cfg.dtype, "variant": cfg.variant, "load_in_8bit": cfg.load_in_8bit,
                   "clean_caption": cfg.clean_caption}
-        super().__init__(cfg.model, params, drop)
+        super().__init__(cfg.model, params, cfg.micro_batch, drop)
         self.cfg = cfg
         self.device = pick_device(self.stage, cfg.device, cfg.num_gpus)
         self.pipe = load_encode_pipeline(cfg, self.device)
@@ -32,9 +32,11 @@ class EncodeWorker(StageWorker):
         return to_numpy(embeds)
 
     def _encode_unique(self, texts: list[str]) -> np.ndarray:
-        """Encode each distinct text once; "" comes from the cached embedding."""
+        """Encode each distinct text once; "" comes from the cached embedding. The encoder always
+        sees `micro_batch` texts (padded with ""), one shape whatever the mix of prompts."""
         distinct = sorted({t for t in texts if t})
-        table = dict(zip(distinct, self._encode(distinct))) if distinct else {}
+        padded = distinct + [""] * (self.micro_batch - len(distinct))
+        table = dict(zip(distinct, self._encode(padded))) if distinct else {}
         table[""] = self.empty
         return np.stack([table[t] for t in texts])
 

@@ -16,7 +16,7 @@ class Stage2Worker(StageWorker):
     def __init__(self, cfg, drop: tuple[str, ...] = ()) -> None:
         params = {"dtype": cfg.dtype, "variant": cfg.variant, "num_inference_steps": cfg.num_inference_steps,
                   "timesteps": cfg.timesteps, "guidance_scale": cfg.guidance_scale, "noise_level": cfg.noise_level}
-        super().__init__(cfg.model, params, drop)
+        super().__init__(cfg.model, params, cfg.micro_batch, drop)
         self.cfg = cfg
         self.device = pick_device(self.stage, cfg.device, cfg.num_gpus)
         self.pipe = load_stage2_pipeline(cfg, self.device)

@@ -1,0 +1,79 @@
+"""Shared fixtures: tiny checkpoints built once, a real S3 server (moto) on 127.0.0.1, one local Ray."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+
+from jobs.manifest import DEFAULT_MANIFEST, load_manifest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+
+@pytest.fixture(scope="session")
+def tiny_root(tmp_path_factory) -> Path:
+    """Tiny checkpoints in the hub layout, built through `ifrender tiny-models`' code path."""
+    from workers.tiny import build_tiny_models
+
+    root = tmp_path_factory.mktemp("tiny-models")
+    build_tiny_models(root)
+    return root
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real HTTP S3 endpoint on loopback; AWS_* variables point boto3 and pyarrow at it."""
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    os.environ.update(
+        AWS_ENDPOINT_URL_S3=endpoint,
+        AWS_ACCESS_KEY_ID="testing",
+        AWS_SECRET_ACCESS_KEY="testing",
+        AWS_DEFAULT_REGION="us-east-1",
+    )
+    yield endpoint
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_local(s3_server):
+    """One local Ray for the session, started after the S3 server so workers inherit its endpoint."""
+    import ray
+
+    ray.init(num_cpus=4, num_gpus=0, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture
+def make_manifest(tiny_root, tmp_path):
+    """local-tiny with tiny models from `tiny_root`, 2 denoising steps, and any overrides."""
+
+    def make(*overrides: str, output: str | None = None):
+        base = [
+            f"output.path={output or tmp_path / 'out'}",
+            f"encode.model={tiny_root / 'IF-I-tiny'}",
+            f"stage1.model={tiny_root / 'IF-I-tiny'}",
+            f"stage2.model={tiny_root / 'IF-II-tiny'}",
+            f"upscale.model={tiny_root / 'x4-upscaler-tiny'}",
+            "stage1.num_inference_steps=2",
+            "stage2.num_inference_steps=2",
+            "upscale.num_inference_steps=2",
+        ]
+        return load_manifest(DEFAULT_MANIFEST, base + list(overrides))
+
+    return make

@@ -1,0 +1,59 @@
+from pathlib import Path
+
+import pytest
+
+from jobs.manifest import MANIFESTS_DIR, ManifestError, load_manifest
+
+
+@pytest.mark.parametrize("path", sorted(MANIFESTS_DIR.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_manifest_loads(path):
+    manifest = load_manifest(path)
+    assert manifest.stages()[0] == "encode"
+    assert manifest.input.path
+
+
+def test_typo_key_is_rejected_with_its_path(tmp_path):
+    text = (MANIFESTS_DIR / "local-tiny.yaml").read_text().replace("  num_inference_steps: 10", "  num_inference_step: 10", 1)
+    bad = tmp_path / "typo.yaml"
+    bad.write_text(text)
+    with pytest.raises(ManifestError) as err:
+        load_manifest(bad)
+    message = str(err.value)
+    assert str(bad) in message
+    assert "stage1.num_inference_step: unknown field" in message
+
+
+def test_bad_value_names_file_field_and_value(tmp_path):
+    with pytest.raises(ManifestError) as err:
+        load_manifest(None, ["stage2.batch_size=0"])
+    assert "local-tiny.yaml" in str(err.value)
+    assert "stage2.batch_size" in str(err.value) and "found 0" in str(err.value)
+
+
+def test_set_overrides_typed_values():
+    manifest = load_manifest(None, ["stage1.batch_size=8", "stage1.timesteps=smart27", "last_stage=stage2", "ray.address=auto"])
+    assert manifest.stage1.batch_size == 8
+    assert manifest.stage1.timesteps == "smart27"
+    assert manifest.stages() == ("encode", "stage1", "stage2")
+    assert manifest.ray.address == "auto"
+
+
+@pytest.mark.parametrize("assignment", ["stage1.batch_size", "=3", "seed.x=1"])
+def test_malformed_overrides_are_explained(assignment):
+    with pytest.raises(ManifestError, match="--set"):
+        load_manifest(None, [assignment])
+
+
+def test_unknown_timestep_preset_is_rejected():
+    with pytest.raises(ManifestError, match="stage1.timesteps"):
+        load_manifest(None, ["stage1.timesteps=smart999"])
+
+
+def test_missing_manifest_file():
+    with pytest.raises(ManifestError, match="manifest not found"):
+        load_manifest(Path("/nonexistent/job.yaml"))
+
+
+def test_relative_input_path_is_relative_to_the_manifest():
+    manifest = load_manifest(None)
+    assert Path(manifest.input.path).is_file()

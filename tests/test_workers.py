@@ -1,0 +1,186 @@
+"""Each worker's batch contract, on the tiny checkpoints loaded through the production loaders."""
+
+import hashlib
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from jobs.manifest import load_manifest
+from workers.common import MissingColumnsError, StageWorker
+from workers.encode import EncodeWorker
+from workers.stage1 import Stage1Worker
+from workers.stage2 import Stage2Worker
+from workers.upscale import UpscaleWorker
+from workers.write import WriteWorker, image_name
+
+PROMPTS = ["a red fox in the snow", "a lighthouse in a storm", "a red fox in the snow", "a corgi on a skateboard"]
+
+
+def rows(prompts, seeds=None, **extra):
+    n = len(prompts)
+    batch = {
+        "id": np.array([f"r{i}" for i in range(n)], dtype=object),
+        "prompt": np.array(prompts, dtype=object),
+        "negative_prompt": np.array([""] * n, dtype=object),
+        "seed": np.array(seeds if seeds is not None else range(100, 100 + n), dtype=np.int64),
+        "status": np.array(["ok"] * n, dtype=object),
+        "error": np.array([""] * n, dtype=object),
+    }
+    batch.update(extra)
+    return batch
+
+
+def take(batch, idx):
+    return {k: v[idx] for k, v in batch.items()}
+
+
+@pytest.fixture(scope="module")
+def workers(tiny_root):
+    m = load_manifest(None, [f"encode.model={tiny_root / 'IF-I-tiny'}", f"stage1.model={tiny_root / 'IF-I-tiny'}",
+                             f"stage2.model={tiny_root / 'IF-II-tiny'}", f"upscale.model={tiny_root / 'x4-upscaler-tiny'}",
+                             "stage1.num_inference_steps=3", "stage2.num_inference_steps=3", "upscale.num_inference_steps=3"])
+    return {
+        "encode": EncodeWorker(m.encode),
+        "stage1": Stage1Worker(m.stage1),
+        "stage2": Stage2Worker(m.stage2, drop=("prompt_embeds", "negative_prompt_embeds", "stage1_image")),
+        "upscale": UpscaleWorker(m.upscale, drop=("stage2_image",)),
+    }
+
+
+@pytest.fixture(scope="module")
+def cascade(workers):
+    """PROMPTS through every stage, keeping every intermediate batch."""
+    out = {"input": rows(PROMPTS, keep_me=np.arange(len(PROMPTS)))}
+    batch = out["input"]
+    for stage in ("encode", "stage1", "stage2", "upscale"):
+        batch = workers[stage](batch)
+        out[stage] = batch
+    return out
+
+
+NEW_COLUMNS = {
+    "encode": {"prompt_embeds": (77, 32), "negative_prompt_embeds": (77, 32)},
+    "stage1": {"stage1_image": (3, 16, 16)},
+    "stage2": {"stage2_image": (3, 64, 64)},
+    "upscale": {"upscale_image": (256, 256, 3)},
+}
+
+
+@pytest.mark.parametrize("stage", list(NEW_COLUMNS))
+def test_stage_adds_its_columns_and_keeps_the_others(cascade, stage):
+    batch = cascade[stage]
+    for column, shape in NEW_COLUMNS[stage].items():
+        assert batch[column].shape == (len(PROMPTS), *shape)
+        assert np.isfinite(batch[column].astype(np.float32)).all()
+    np.testing.assert_array_equal(batch["keep_me"], np.arange(len(PROMPTS)))
+    assert list(batch["status"]) == ["ok"] * len(PROMPTS)
+    assert (batch[f"{stage}_seconds"] > 0).all()
+    assert batch[f"{stage}_model"][0].endswith(("IF-I-tiny", "IF-II-tiny", "x4-upscaler-tiny"))
+
+
+def test_stages_drop_tensors_no_later_stage_reads(cascade):
+    assert "stage1_image" not in cascade["stage2"] and "prompt_embeds" not in cascade["stage2"]
+    assert "stage2_image" not in cascade["upscale"]
+
+
+@pytest.mark.parametrize("stage", list(NEW_COLUMNS))
+def test_missing_column_fails_with_the_stage_name(workers, cascade, stage):
+    previous = {"encode": "input", "stage1": "encode", "stage2": "stage1", "upscale": "stage2"}[stage]
+    batch = dict(cascade[previous])
+    needed = workers[stage].needs[-1]
+    del batch[needed]
+    with pytest.raises(MissingColumnsError, match=f"{stage}: the batch lacks column\\(s\\) \\['{needed}'\\]"):
+        workers[stage](batch)
+
+
+def test_images_are_in_range_and_differ_by_prompt_and_seed(cascade):
+    img = cascade["stage1"]["stage1_image"]
+    assert img.min() >= -1.01 and img.max() <= 1.01
+    # rows 0 and 2 share a prompt but not a seed: same embedding, different images
+    np.testing.assert_array_equal(cascade["encode"]["prompt_embeds"][0], cascade["encode"]["prompt_embeds"][2])
+    assert not np.array_equal(img[0], img[2])
+
+
+def test_error_rows_pass_through_untouched(workers, cascade):
+    batch = rows(PROMPTS[:3])
+    batch["status"][1], batch["error"][1] = "error", "prompt: expected non-empty text"
+    for stage in ("encode", "stage1", "stage2", "upscale"):
+        batch = workers[stage](batch)
+    assert list(batch["status"]) == ["ok", "error", "ok"]
+    assert batch["error"][1] == "prompt: expected non-empty text"
+    assert batch["upscale_seconds"][1] == 0 and not batch["upscale_image"][1].any()
+    assert batch["upscale_image"][0].any()
+
+
+def test_a_row_renders_the_same_whatever_its_neighbours(workers, cascade):
+    """Bit-identical through stage II; within 1/255 after the upscaler's VAE decode."""
+    full = cascade
+    alone = take(full["input"], [3])
+    mixed = rows(["an unrelated prompt", PROMPTS[3], "another one"], seeds=[1, full["input"]["seed"][3], 2])
+    for name, batch in (("alone", alone), ("mixed", mixed)):
+        row = 0 if name == "alone" else 1
+        for stage in ("encode", "stage1", "stage2", "upscale"):
+            batch = workers[stage](batch)
+            column = next(iter(NEW_COLUMNS[stage]))
+            got, want = batch[column][row], full[stage][column][3]
+            if stage == "upscale":
+                assert np.abs(got.astype(int) - want.astype(int)).max() <= 1, name
+            else:
+                np.testing.assert_array_equal(got, want, err_msg=f"{stage} {name}")
+
+
+def test_a_failing_row_fails_alone():
+    class Picky(StageWorker):
+        stage, needs = "picky", ("prompt",)
+
+        def run(self, batch, rows):
+            if any("bad" in p for p in batch["prompt"][rows]):
+                raise ValueError("cannot draw that")
+            return {"out": np.ones(len(rows))}
+
+        def blank(self, batch, n):
+            return {"out": np.zeros(n)}
+
+    out = Picky("m", {}, micro_batch=2)(rows(["good", "bad one", "fine"]))
+    assert list(out["status"]) == ["ok", "error", "ok"]
+    assert out["error"][1] == "picky: ValueError: cannot draw that"
+    assert list(out["out"]) == [1, 0, 1]
+
+
+def test_write_stores_images_with_matching_digests(tmp_path, cascade):
+    batch = dict(cascade["upscale"])
+    batch["id"] = np.array(["plain", "../escape", "a/b", "a_b"], dtype=object)
+    batch["status"] = np.array(["ok", "ok", "ok", "error"], dtype=object)
+    out = WriteWorker(str(tmp_path), "upscale_image")(batch)
+    assert "upscale_image" not in out
+    keys = list(out["image_key"])
+    assert keys[3] is None and out["status"][3] == "error"
+    assert keys[0] == "images/plain.png"
+    assert len(set(keys[:3])) == 3 and all(".." not in k and k.count("/") == 1 for k in keys[:3])
+    for i, key in enumerate(keys[:3]):
+        data = (tmp_path / key).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == out["sha256"][i]
+        image = Image.open(io.BytesIO(data))
+        assert image.size == (256, 256)
+        np.testing.assert_array_equal(np.asarray(image), batch["upscale_image"][i])
+    assert sorted(p.name for p in (tmp_path / "images").iterdir()) == sorted(k.split("/")[1] for k in keys[:3])
+
+
+def test_write_converts_stage_images_and_fails_an_unwritable_row_alone(tmp_path, cascade):
+    batch = dict(cascade["stage1"])
+    (tmp_path / "images" / "r1.jpg").mkdir(parents=True)  # a directory where the image should go
+    out = WriteWorker(str(tmp_path), "stage1_image", image_format="jpeg")(batch)
+    assert list(out["status"]) == ["ok", "error", "ok", "ok"]
+    assert out["error"][1].startswith("write: ") and out["image_key"][1] is None
+    assert out["image_key"][0] == "images/r0.jpg"
+    assert Image.open(tmp_path / "images/r0.jpg").size == (16, 16)
+
+
+def test_image_names_are_distinct_for_distinct_ids():
+    ids = ["a/b", "a_b", "a:b", "..", ".", "x" * 300, "ok-id_1.2"]
+    names = [image_name(i) for i in ids]
+    assert len(set(names)) == len(ids)
+    assert names[-1] == "ok-id_1.2"
+    assert all("/" not in n and not n.startswith(".") and len(n) < 140 for n in names)
