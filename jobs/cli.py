@@ -40,13 +40,25 @@ def _tiny_models(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="ifrender", description="Render a prompt dataset through the DeepFloyd IF cascade on Ray.")
+    parser = argparse.ArgumentParser(
+        prog="ifrender", description="Render a prompt dataset through the DeepFloyd IF cascade on Ray."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     def manifest_args(p: argparse.ArgumentParser) -> None:
-        p.add_argument("manifest", nargs="?", default=str(DEFAULT_MANIFEST), help=f"job manifest (default: {DEFAULT_MANIFEST.name})")
-        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a manifest field, e.g. --set stage1.batch_size=8 (repeatable)")
+        p.add_argument(
+            "manifest",
+            nargs="?",
+            default=str(DEFAULT_MANIFEST),
+            help=f"job manifest (default: {DEFAULT_MANIFEST.name})",
+        )
+        p.add_argument(
+            "--set",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override a manifest field, e.g. --set stage1.batch_size=8 (repeatable)",
+        )
 
     p = sub.add_parser("run", help="render a manifest's prompts to images and metadata")
     manifest_args(p)

@@ -12,8 +12,9 @@ import csv
 import io
 import json
 import math
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pyarrow.fs as pafs
@@ -23,8 +24,15 @@ from jobs.manifest import InputConfig
 from jobs.storage import StorageError, is_s3, resolve
 from workers.common import derive_seed
 
-EXTENSIONS = {".parquet": "parquet", ".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl",
-              ".csv": "csv", ".txt": "text", ".text": "text"}
+EXTENSIONS = {
+    ".parquet": "parquet",
+    ".jsonl": "jsonl",
+    ".json": "jsonl",
+    ".ndjson": "jsonl",
+    ".csv": "csv",
+    ".txt": "text",
+    ".text": "text",
+}
 COLUMNS = ("prompt", "negative_prompt", "seed", "id")
 MAX_SEED = 2**63
 
@@ -53,8 +61,10 @@ def _format_of(uri: str, fmt: str) -> str:
     for ext, found in EXTENSIONS.items():
         if name.endswith(ext):
             return found
-    raise InputError(f"input.path {uri}: cannot tell the format from the extension. "
-                     f"Expected one of {sorted(EXTENSIONS)}, or set input.format.")
+    raise InputError(
+        f"input.path {uri}: cannot tell the format from the extension. "
+        f"Expected one of {sorted(EXTENSIONS)}, or set input.format."
+    )
 
 
 def list_files(cfg: InputConfig) -> list[tuple[str, str]]:
@@ -64,8 +74,9 @@ def list_files(cfg: InputConfig) -> list[tuple[str, str]]:
         info = fs.get_file_info(path)
         if info.type == pafs.FileType.Directory or (is_s3(cfg.path) and info.type == pafs.FileType.NotFound):
             infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
-            files = sorted(i.path for i in infos if i.type == pafs.FileType.File
-                           and not i.base_name.startswith((".", "_")))
+            files = sorted(
+                i.path for i in infos if i.type == pafs.FileType.File and not i.base_name.startswith((".", "_"))
+            )
         elif info.type == pafs.FileType.File:
             files = [path]
         else:
@@ -73,8 +84,10 @@ def list_files(cfg: InputConfig) -> list[tuple[str, str]]:
     except OSError as err:
         raise StorageError(f"input.path {cfg.path}: cannot be read ({err})") from err
     if not files:
-        raise InputError(f"input.path {cfg.path}: no such file, or a directory with no files. "
-                         f"Expected a prompt file (.parquet, .jsonl, .csv, .txt) or a directory of them.")
+        raise InputError(
+            f"input.path {cfg.path}: no such file, or a directory with no files. "
+            f"Expected a prompt file (.parquet, .jsonl, .csv, .txt) or a directory of them."
+        )
     prefix = "s3://" if is_s3(cfg.path) else ""
     if cfg.format == "auto":
         files = [f for f in files if any(f.lower().endswith(e) for e in EXTENSIONS)] or files
@@ -126,8 +139,10 @@ def _records(stream: Any, fmt: str) -> Iterator[tuple[int, int, int, bytes]]:
 
 def _check_columns(uri: str, found: list[str]) -> None:
     if "prompt" not in found:
-        raise InputError(f"{uri}: no 'prompt' column. Expected a column named prompt "
-                         f"(optional: id, negative_prompt, seed); found {found[:20]}.")
+        raise InputError(
+            f"{uri}: no 'prompt' column. Expected a column named prompt "
+            f"(optional: id, negative_prompt, seed); found {found[:20]}."
+        )
 
 
 def plan_shards(cfg: InputConfig) -> list[Shard]:
@@ -159,8 +174,19 @@ def plan_shards(cfg: InputConfig) -> list[Shard]:
                     boundary = (start, line_no)
                 count += 1
                 if count % cfg.shard_size == 0:
-                    shards.append(Shard(len(shards), uri, fmt, total + count - cfg.shard_size, cfg.shard_size,
-                                        boundary[0], end, boundary[1], header))
+                    shards.append(
+                        Shard(
+                            len(shards),
+                            uri,
+                            fmt,
+                            total + count - cfg.shard_size,
+                            cfg.shard_size,
+                            boundary[0],
+                            end,
+                            boundary[1],
+                            header,
+                        )
+                    )
                     boundary = None
             if boundary is not None:
                 n = count % cfg.shard_size
@@ -224,7 +250,12 @@ def _raw_records(shard: Shard) -> Iterator[tuple[int, dict[str, Any] | str]]:
             except ValueError as err:
                 yield line, f"line {line} of {shard.uri} is not valid JSON ({err})"
                 continue
-            yield line, value if isinstance(value, dict) else f"line {line} of {shard.uri}: expected a JSON object, found {type(value).__name__}"
+            yield (
+                line,
+                value
+                if isinstance(value, dict)
+                else f"line {line} of {shard.uri}: expected a JSON object, found {type(value).__name__}",
+            )
         else:
             values = next(csv.reader([text]), [])
             yield line, {k: (v if v != "" else None) for k, v in zip(header, values)}
@@ -299,8 +330,10 @@ def read_shards(batch: dict[str, np.ndarray], job_seed: int) -> dict[str, np.nda
             row.update(shard=shard.index, source_file=shard.uri, source_row=source_row)
             rows.append(row)
     columns = list(rows[0]) if rows else []
-    return {c: np.array([r[c] for r in rows], dtype=np.int64 if c in ("seed", "shard", "source_row") else object)
-            for c in columns}
+    return {
+        c: np.array([r[c] for r in rows], dtype=np.int64 if c in ("seed", "shard", "source_row") else object)
+        for c in columns
+    }
 
 
 def _plain(value: Any) -> Any:

@@ -66,7 +66,9 @@ class ModelStageConfig(PoolConfig):
     dtype: Literal["fp32", "fp16", "bf16"] = Field("fp32", description="Weights and compute dtype.")
     variant: str | None = Field(None, description="Weights file variant, e.g. fp16 (from_pretrained's variant).")
     micro_batch: int = Field(
-        4, ge=1, description="Rows per model call (short calls are padded). Pixels are bit-identical "
+        4,
+        ge=1,
+        description="Rows per model call (short calls are padded). Pixels are bit-identical "
         "for a fixed micro_batch whatever batch_size, pool size or neighbours; changing it can change "
         "them at float-rounding level, as kernels pick their algorithm by shape.",
     )
@@ -111,11 +113,13 @@ class WriteConfig(PoolConfig):
 
 
 class RayConfig(Strict):
-    address: str | None = Field(
-        None, description="Ray cluster to join (or set RAY_ADDRESS); none starts a local Ray."
-    )
-    num_cpus: int | None = Field(
-        None, ge=1, description="Logical CPUs of a local Ray; default: enough for every pool."
+    address: str | None = Field(None, description="Ray cluster to join (or set RAY_ADDRESS); none starts a local Ray.")
+    num_cpus: int | None = Field(None, ge=1, description="Logical CPUs of a local Ray; default: enough for every pool.")
+    num_gpus: int | None = Field(
+        None,
+        ge=0,
+        description="GPUs of a local Ray; default: the CUDA devices this machine has. "
+        "More than it has declares logical GPUs (scheduling tests with device=cpu).",
     )
     block_rows: int | None = Field(
         None, ge=1, description="Rows per block between stages; default: the smallest batch size."
@@ -124,7 +128,9 @@ class RayConfig(Strict):
 
 class Manifest(Strict):
     name: str = Field(description="Job name, used in logs and the output's job.json.")
-    seed: int = Field(0, ge=0, lt=2**63, description="Job seed; rows without a seed derive theirs from it and the row id.")
+    seed: int = Field(
+        0, ge=0, lt=2**63, description="Job seed; rows without a seed derive theirs from it and the row id."
+    )
     last_stage: Literal["stage1", "stage2", "upscale"] = Field(
         "upscale", description="Stop the cascade after this stage and write its images."
     )

@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from jobs.inputs import plan_shards, read_shards, shard_items
-from jobs.manifest import IMAGE_STAGES, MODEL_STAGES, Manifest
+from jobs.manifest import MODEL_STAGES, Manifest
 from jobs.storage import check_output_writable, join, resolve, write_bytes
 from workers.models import check_model_available
 
@@ -29,12 +29,26 @@ log = logging.getLogger("ifrender")
 
 METADATA_SCHEMA = pa.schema(
     [
-        ("id", pa.string()), ("status", pa.string()), ("error", pa.string()),
-        ("prompt", pa.string()), ("negative_prompt", pa.string()), ("seed", pa.int64()),
-        ("image_key", pa.string()), ("sha256", pa.string()), ("width", pa.int32()), ("height", pa.int32()),
-        ("last_stage", pa.string()), ("shard", pa.int64()), ("source_file", pa.string()), ("source_row", pa.int64()),
+        ("id", pa.string()),
+        ("status", pa.string()),
+        ("error", pa.string()),
+        ("prompt", pa.string()),
+        ("negative_prompt", pa.string()),
+        ("seed", pa.int64()),
+        ("image_key", pa.string()),
+        ("sha256", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("last_stage", pa.string()),
+        ("shard", pa.int64()),
+        ("source_file", pa.string()),
+        ("source_row", pa.int64()),
     ]
-    + [(f"{s}_{k}", t) for s in MODEL_STAGES for k, t in (("model", pa.string()), ("params", pa.string()), ("seconds", pa.float64()))]
+    + [
+        (f"{s}_{k}", t)
+        for s in MODEL_STAGES
+        for k, t in (("model", pa.string()), ("params", pa.string()), ("seconds", pa.float64()))
+    ]
     + [("write_seconds", pa.float64())]
 )
 
@@ -59,9 +73,11 @@ def resolve_models(manifest: Manifest) -> Manifest:
         cfg = getattr(manifest, stage)
         model = cfg.model
         if model.startswith("tiny:"):
-            name = model[len("tiny:"):]
+            name = model[len("tiny:") :]
             if name not in TINY_REPOS.values():
-                raise ValueError(f"{stage}.model: unknown tiny model '{name}'; expected one of {sorted(TINY_REPOS.values())}")
+                raise ValueError(
+                    f"{stage}.model: unknown tiny model '{name}'; expected one of {sorted(TINY_REPOS.values())}"
+                )
             model = str(build_tiny_models(tiny_models_dir())[next(k for k, v in TINY_REPOS.items() if v == name)])
             updates[stage] = cfg.model_copy(update={"model": model})
         if not cluster_address(manifest):  # on a cluster the workers, not the driver, hold weights
@@ -114,7 +130,8 @@ def init_ray(manifest: Manifest) -> None:
     # the actors and Ray waits 30 minutes before failing.
     needed = sum(c.pool_size * c.num_cpus for c in pools(manifest).values()) + 1
     num_cpus = manifest.ray.num_cpus or max(os.cpu_count() or 1, math.ceil(needed))
-    ray.init(num_cpus=num_cpus, num_gpus=torch.cuda.device_count(), include_dashboard=False, log_to_driver=True)
+    num_gpus = torch.cuda.device_count() if manifest.ray.num_gpus is None else manifest.ray.num_gpus
+    ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, log_to_driver=True)
 
 
 def check_resources(manifest: Manifest) -> None:
@@ -125,13 +142,15 @@ def check_resources(manifest: Manifest) -> None:
     for stage, cfg in pools(manifest).items():
         if cfg.num_gpus > 0 and cfg.num_gpus > gpus and not cluster_address(manifest):
             raise RuntimeError(
-                f"{stage}: asks for {cfg.num_gpus} GPU(s) per actor but this local Ray has {gpus:g}. "
+                f"{stage}: asks for {cfg.num_gpus:g} GPU(s) per actor but this local Ray has {gpus:g}. "
                 f"Fix: --set {stage}.num_gpus=0 for a CPU run, or set ray.address to a GPU cluster."
             )
     wanted = sum(cfg.pool_size * cfg.num_gpus for cfg in pools(manifest).values())
     if wanted > gpus and not cluster_address(manifest):
-        raise RuntimeError(f"the stage pools ask for {wanted:g} GPUs in all but this local Ray has {gpus:g}. "
-                           f"Fix: lower pool_size or num_gpus per stage.")
+        raise RuntimeError(
+            f"the stage pools ask for {wanted:g} GPUs in all but this local Ray has {gpus:g}. "
+            f"Fix: lower pool_size or num_gpus per stage."
+        )
 
 
 # ---- 3. the chain --------------------------------------------------------------------------
@@ -177,8 +196,15 @@ def build_dataset(manifest: Manifest, shards: list):
         worker, drop = plan[stage]
         ds = pool(ds, worker, getattr(manifest, stage), cfg=getattr(manifest, stage), drop=drop)
     out = manifest.output
-    return pool(ds, WriteWorker, manifest.write, output=out.path, image_column=f"{last}_image",
-                image_format=out.image_format, quality=out.quality)
+    return pool(
+        ds,
+        WriteWorker,
+        manifest.write,
+        output=out.path,
+        image_column=f"{last}_image",
+        image_format=out.image_format,
+        quality=out.quality,
+    )
 
 
 # ---- 4. results ----------------------------------------------------------------------------
@@ -205,7 +231,9 @@ class Summary:
         for col in table.column_names:
             if col.endswith("_seconds"):
                 stage = col[: -len("_seconds")]
-                self.stage_seconds[stage] = self.stage_seconds.get(stage, 0.0) + sum(v or 0 for v in table.column(col).to_pylist())
+                self.stage_seconds[stage] = self.stage_seconds.get(stage, 0.0) + sum(
+                    v or 0 for v in table.column(col).to_pylist()
+                )
         for e in table.column("error").to_pylist():
             if e:
                 key = e[:160]
@@ -286,8 +314,15 @@ def run(manifest: Manifest, overwrite: bool = False, progress: bool = True) -> S
         if time.perf_counter() - last_report > 5 or summary.rows == total:
             last_report = time.perf_counter()
             elapsed = last_report - started
-            log.info("progress: %d/%d rows (ok %d, error %d), %.2f images/s, %.0f s elapsed",
-                     summary.rows, total, summary.ok, summary.error, summary.ok / elapsed, elapsed)
+            log.info(
+                "progress: %d/%d rows (ok %d, error %d), %.2f images/s, %.0f s elapsed",
+                summary.rows,
+                total,
+                summary.ok,
+                summary.error,
+                summary.ok / elapsed,
+                elapsed,
+            )
     if pending or part == 0:
         _write_part(fs, out_path, part, pending)
     summary.finish(time.perf_counter() - started)

@@ -35,7 +35,7 @@ def s3_filesystem() -> pafs.S3FileSystem:
 def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
     """(filesystem, path inside it). S3 honours AWS_ENDPOINT_URL_S3 and the usual AWS credentials."""
     if is_s3(uri):
-        return s3_filesystem(), uri[len("s3://"):].rstrip("/")
+        return s3_filesystem(), uri[len("s3://") :].rstrip("/")
     if "://" in uri:
         raise StorageError(f"{uri}: unsupported scheme; expected a local path or s3://bucket/prefix")
     return pafs.LocalFileSystem(), str(Path(uri).expanduser().resolve())
@@ -73,22 +73,31 @@ def check_output_writable(uri: str) -> None:
             probe.write_bytes(b"")
             probe.unlink()
         except OSError as err:
-            raise StorageError(f"output.path {uri}: cannot write there ({err}). Fix: choose a writable directory.") from err
+            raise StorageError(
+                f"output.path {uri}: cannot write there ({err}). Fix: choose a writable directory."
+            ) from err
         return
 
     import boto3
     from botocore.config import Config
     from botocore.exceptions import BotoCoreError, ClientError
 
-    bucket = uri[len("s3://"):].split("/", 1)[0]
+    bucket = uri[len("s3://") :].split("/", 1)[0]
     client = boto3.client("s3", config=Config(connect_timeout=5, read_timeout=10, retries={"max_attempts": 2}))
     try:
         client.head_bucket(Bucket=bucket)
     except ClientError as err:
         code = err.response.get("Error", {}).get("Code", "?")
-        hint = {"404": "the bucket does not exist", "NoSuchBucket": "the bucket does not exist",
-                "403": "access denied: check the credentials or role"}.get(code, f"error {code}")
-        raise StorageError(f"output.path {uri}: bucket '{bucket}' is not usable ({hint}). Fix: create it or point output.path elsewhere.") from err
+        hint = {
+            "404": "the bucket does not exist",
+            "NoSuchBucket": "the bucket does not exist",
+            "403": "access denied: check the credentials or role",
+        }.get(code, f"error {code}")
+        raise StorageError(
+            f"output.path {uri}: bucket '{bucket}' is not usable ({hint}). Fix: create it or point output.path elsewhere."
+        ) from err
     except BotoCoreError as err:
         endpoint = s3_endpoint() or "AWS S3"
-        raise StorageError(f"output.path {uri}: cannot reach {endpoint} ({err}). Fix: check the network, the endpoint and the credentials.") from err
+        raise StorageError(
+            f"output.path {uri}: cannot reach {endpoint} ({err}). Fix: check the network, the endpoint and the credentials."
+        ) from err

@@ -59,21 +59,16 @@ def ray_local(s3_server):
     ray.shutdown()
 
 
-@pytest.fixture
-def make_manifest(tiny_root, tmp_path):
-    """local-tiny with tiny models from `tiny_root`, 2 denoising steps, and any overrides."""
-
-    def make(*overrides: str, output: str | None = None):
-        base = [
-            f"output.path={output or tmp_path / 'out'}",
-            f"encode.model={tiny_root / 'IF-I-tiny'}",
-            f"stage1.model={tiny_root / 'IF-I-tiny'}",
-            f"stage2.model={tiny_root / 'IF-II-tiny'}",
-            f"upscale.model={tiny_root / 'x4-upscaler-tiny'}",
-            "stage1.num_inference_steps=2",
-            "stage2.num_inference_steps=2",
-            "upscale.num_inference_steps=2",
-        ]
-        return load_manifest(DEFAULT_MANIFEST, base + list(overrides))
-
-    return make
+def manifest_for(tiny_root: Path, *overrides: str, output: str):
+    """local-tiny with the session's tiny models, 2 denoising steps, and any overrides."""
+    base = [
+        f"output.path={output}",
+        f"encode.model={tiny_root / 'IF-I-tiny'}",
+        f"stage1.model={tiny_root / 'IF-I-tiny'}",
+        f"stage2.model={tiny_root / 'IF-II-tiny'}",
+        f"upscale.model={tiny_root / 'x4-upscaler-tiny'}",
+        "stage1.num_inference_steps=2",
+        "stage2.num_inference_steps=2",
+        "upscale.num_inference_steps=2",
+    ]
+    return load_manifest(DEFAULT_MANIFEST, base + list(overrides))

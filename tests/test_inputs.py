@@ -11,13 +11,20 @@ from jobs.inputs import InputError, plan_shards, read_shards, shard_items
 from jobs.manifest import InputConfig
 from workers.common import derive_seed
 
-PROMPTS = ["a red fox", "a lighthouse, in a storm", 'a sign that says "hi"', "two\nlines", "a corgi", "a robot", "a castle"]
+PROMPTS = [
+    "a red fox",
+    "a lighthouse, in a storm",
+    'a sign that says "hi"',
+    "two\nlines",
+    "a corgi",
+    "a robot",
+    "a castle",
+]
 
 
 def read_all(cfg: InputConfig, job_seed: int = 0) -> list[dict]:
     rows = []
     for item in shard_items(plan_shards(cfg)):
-
         out = read_shards({k: np.array([v], dtype=object) for k, v in item.items()}, job_seed)
         rows += [dict(zip(out, values)) for values in zip(*out.values())]
     return rows

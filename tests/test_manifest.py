@@ -13,7 +13,11 @@ def test_every_manifest_loads(path):
 
 
 def test_typo_key_is_rejected_with_its_path(tmp_path):
-    text = (MANIFESTS_DIR / "local-tiny.yaml").read_text().replace("  num_inference_steps: 10", "  num_inference_step: 10", 1)
+    text = (
+        (MANIFESTS_DIR / "local-tiny.yaml")
+        .read_text()
+        .replace("  num_inference_steps: 10", "  num_inference_step: 10", 1)
+    )
     bad = tmp_path / "typo.yaml"
     bad.write_text(text)
     with pytest.raises(ManifestError) as err:
@@ -31,7 +35,9 @@ def test_bad_value_names_file_field_and_value(tmp_path):
 
 
 def test_set_overrides_typed_values():
-    manifest = load_manifest(None, ["stage1.batch_size=8", "stage1.timesteps=smart27", "last_stage=stage2", "ray.address=auto"])
+    manifest = load_manifest(
+        None, ["stage1.batch_size=8", "stage1.timesteps=smart27", "last_stage=stage2", "ray.address=auto"]
+    )
     assert manifest.stage1.batch_size == 8
     assert manifest.stage1.timesteps == "smart27"
     assert manifest.stages() == ("encode", "stage1", "stage2")
@@ -57,3 +63,18 @@ def test_missing_manifest_file():
 def test_relative_input_path_is_relative_to_the_manifest():
     manifest = load_manifest(None)
     assert Path(manifest.input.path).is_file()
+
+
+def test_every_field_is_described():
+    from pydantic import BaseModel
+
+    from jobs.manifest import Manifest
+
+    def walk(model: type[BaseModel], prefix: str):
+        for name, field in model.model_fields.items():
+            assert field.description, f"{prefix}{name} has no description"
+            if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+                yield from walk(field.annotation, f"{prefix}{name}.")
+            yield name
+
+    assert len(list(walk(Manifest, ""))) > 50

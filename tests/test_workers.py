@@ -2,6 +2,8 @@
 
 import hashlib
 import io
+import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -38,9 +40,18 @@ def take(batch, idx):
 
 @pytest.fixture(scope="module")
 def workers(tiny_root):
-    m = load_manifest(None, [f"encode.model={tiny_root / 'IF-I-tiny'}", f"stage1.model={tiny_root / 'IF-I-tiny'}",
-                             f"stage2.model={tiny_root / 'IF-II-tiny'}", f"upscale.model={tiny_root / 'x4-upscaler-tiny'}",
-                             "stage1.num_inference_steps=3", "stage2.num_inference_steps=3", "upscale.num_inference_steps=3"])
+    m = load_manifest(
+        None,
+        [
+            f"encode.model={tiny_root / 'IF-I-tiny'}",
+            f"stage1.model={tiny_root / 'IF-I-tiny'}",
+            f"stage2.model={tiny_root / 'IF-II-tiny'}",
+            f"upscale.model={tiny_root / 'x4-upscaler-tiny'}",
+            "stage1.num_inference_steps=3",
+            "stage2.num_inference_steps=3",
+            "upscale.num_inference_steps=3",
+        ],
+    )
     return {
         "encode": EncodeWorker(m.encode),
         "stage1": Stage1Worker(m.stage1),
@@ -69,7 +80,7 @@ NEW_COLUMNS = {
 
 
 @pytest.mark.parametrize("stage", list(NEW_COLUMNS))
-def test_stage_adds_its_columns_and_keeps_the_others(cascade, stage):
+def test_stage_adds_its_columns_and_keeps_the_others(workers, cascade, stage):
     batch = cascade[stage]
     for column, shape in NEW_COLUMNS[stage].items():
         assert batch[column].shape == (len(PROMPTS), *shape)
@@ -78,6 +89,10 @@ def test_stage_adds_its_columns_and_keeps_the_others(cascade, stage):
     assert list(batch["status"]) == ["ok"] * len(PROMPTS)
     assert (batch[f"{stage}_seconds"] > 0).all()
     assert batch[f"{stage}_model"][0].endswith(("IF-I-tiny", "IF-II-tiny", "x4-upscaler-tiny"))
+    params = json.loads(batch[f"{stage}_params"][0])
+    assert (
+        params["device"] == "cpu" and params["micro_batch"] == workers[stage].micro_batch and params["dtype"] == "fp32"
+    )
 
 
 def test_stages_drop_tensors_no_later_stage_reads(cascade):
@@ -143,7 +158,8 @@ def test_a_failing_row_fails_alone():
         def blank(self, batch, n):
             return {"out": np.zeros(n)}
 
-    out = Picky("m", {}, micro_batch=2)(rows(["good", "bad one", "fine"]))
+    cfg = SimpleNamespace(model="m", micro_batch=2, device="cpu", num_gpus=0, dtype="fp32", variant=None)
+    out = Picky(cfg, {})(rows(["good", "bad one", "fine"]))
     assert list(out["status"]) == ["ok", "error", "ok"]
     assert out["error"][1] == "picky: ValueError: cannot draw that"
     assert list(out["out"]) == [1, 0, 1]

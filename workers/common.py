@@ -63,17 +63,39 @@ def to_uint8_hwc(images: np.ndarray) -> np.ndarray:
     return np.round(scaled).astype(np.uint8).transpose(0, 2, 3, 1)
 
 
+def _ray_gpu_ids() -> list:
+    """The GPUs Ray assigned to this actor (none outside Ray or without num_gpus)."""
+    try:
+        import ray
+
+        return [str(g) for g in ray.get_gpu_ids()] if ray.is_initialized() else []
+    except Exception:  # noqa: BLE001 - provenance only, never worth failing a stage
+        return []
+
+
 class StageWorker:
     """Base of the model stages. Subclasses set `stage` and `needs` and implement `run`/`blank`."""
 
     stage: str = ""
     needs: tuple[str, ...] = ()
 
-    def __init__(self, model: str, params: dict[str, Any], micro_batch: int, drop: tuple[str, ...] = ()) -> None:
-        self.model = model
-        self.params_json = json.dumps(params | {"micro_batch": micro_batch}, sort_keys=True)
-        self.micro_batch = micro_batch
+    def __init__(self, cfg: Any, params: dict[str, Any], drop: tuple[str, ...] = ()) -> None:
+        from workers.models import pick_device
+
+        self.cfg = cfg
+        self.model = cfg.model
+        self.micro_batch = cfg.micro_batch
         self.drop = drop
+        self.device = pick_device(self.stage, cfg.device, cfg.num_gpus)
+        # Recorded with every row: what rendered it, with which settings, on which device.
+        common = {
+            "dtype": cfg.dtype,
+            "variant": cfg.variant,
+            "micro_batch": cfg.micro_batch,
+            "device": str(self.device),
+            "gpus": _ray_gpu_ids(),
+        }
+        self.params_json = json.dumps(common | params, sort_keys=True)
 
     def run(self, batch: Batch, rows: np.ndarray) -> Batch:
         """Compute the new columns for `rows` (indexes of ok rows) of `batch`."""

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from workers.common import Batch, StageWorker, to_numpy
-from workers.models import load_encode_pipeline, pick_device
+from workers.models import load_encode_pipeline
 
 
 class EncodeWorker(StageWorker):
@@ -14,11 +14,7 @@ class EncodeWorker(StageWorker):
     needs = ("prompt", "negative_prompt")
 
     def __init__(self, cfg, drop: tuple[str, ...] = ()) -> None:
-        params = {"dtype": cfg.dtype, "variant": cfg.variant, "load_in_8bit": cfg.load_in_8bit,
-                  "clean_caption": cfg.clean_caption}
-        super().__init__(cfg.model, params, cfg.micro_batch, drop)
-        self.cfg = cfg
-        self.device = pick_device(self.stage, cfg.device, cfg.num_gpus)
+        super().__init__(cfg, {"load_in_8bit": cfg.load_in_8bit, "clean_caption": cfg.clean_caption}, drop)
         self.pipe = load_encode_pipeline(cfg, self.device)
         # The default negative prompt is "": encode it once per actor, not once per row.
         self.empty = self._encode([""])[0]
@@ -49,5 +45,7 @@ class EncodeWorker(StageWorker):
         }
 
     def blank(self, batch: Batch, n: int) -> Batch:
-        return {name: np.zeros((n, *self.shape), dtype=self.empty.dtype)
-                for name in ("prompt_embeds", "negative_prompt_embeds")}
+        return {
+            name: np.zeros((n, *self.shape), dtype=self.empty.dtype)
+            for name in ("prompt_embeds", "negative_prompt_embeds")
+        }

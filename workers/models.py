@@ -23,13 +23,22 @@ class ModelLoadError(RuntimeError):
 
 
 def staging_hint(stage: str, source: str) -> str:
+    if is_local_path(source):
+        return (
+            f"{stage}: could not load model '{source}' offline. Expected a directory in the hub "
+            f"layout there (model_index.json, unet/, scheduler/, ...). Fix: copy the checkpoint "
+            f"there (`hf download REPO --local-dir {source}`; `ifrender tiny-models DIR` for tiny "
+            f"ones), or set {stage}.model to a hub id already in the Hugging Face cache."
+        )
     return (
-        f"{stage}: could not load model '{source}' offline. Expected a local directory in the "
-        f"hub layout (model_index.json, unet/, scheduler/, ...) or a hub id already in the "
-        f"Hugging Face cache. Fix: download it once where the hub is reachable with "
-        f"`huggingface-cli download {source}` (DeepFloyd IF needs HF_TOKEN and its licence "
-        f"accepted), or set {stage}.model to a local copy."
+        f"{stage}: could not load model '{source}' offline: it is not in the Hugging Face cache. "
+        f"Fix: stage it once where the hub is reachable with `hf download {source}` (DeepFloyd "
+        f"IF needs HF_TOKEN and its licence accepted), or set {stage}.model to a local copy."
     )
+
+
+def is_local_path(source: str) -> bool:
+    return source.startswith((".", "/", "~")) or Path(source).expanduser().exists()
 
 
 def check_model_available(stage: str, source: str) -> None:
@@ -39,7 +48,7 @@ def check_model_available(stage: str, source: str) -> None:
         if not (path / "model_index.json").is_file():
             raise ModelLoadError(staging_hint(stage, source) + f" ({path} has no model_index.json)")
         return
-    if source.startswith((".", "/", "~")) or path.exists():
+    if is_local_path(source):
         raise ModelLoadError(staging_hint(stage, source) + f" ({path} is not a directory)")
     from huggingface_hub import try_to_load_from_cache
 
@@ -95,8 +104,14 @@ def load_stage1_pipeline(cfg: Any, device: torch.device) -> Any:
     from diffusers import IFPipeline
 
     pipe = _load(
-        "stage1", IFPipeline, cfg.model, text_encoder=None, tokenizer=None,
-        dtype=DTYPES[cfg.dtype], variant=cfg.variant, **_NO_SAFETY,
+        "stage1",
+        IFPipeline,
+        cfg.model,
+        text_encoder=None,
+        tokenizer=None,
+        dtype=DTYPES[cfg.dtype],
+        variant=cfg.variant,
+        **_NO_SAFETY,
     )
     return pipe.to(device)
 
@@ -105,8 +120,14 @@ def load_stage2_pipeline(cfg: Any, device: torch.device) -> Any:
     from diffusers import IFSuperResolutionPipeline
 
     pipe = _load(
-        "stage2", IFSuperResolutionPipeline, cfg.model, text_encoder=None, tokenizer=None,
-        dtype=DTYPES[cfg.dtype], variant=cfg.variant, **_NO_SAFETY,
+        "stage2",
+        IFSuperResolutionPipeline,
+        cfg.model,
+        text_encoder=None,
+        tokenizer=None,
+        dtype=DTYPES[cfg.dtype],
+        variant=cfg.variant,
+        **_NO_SAFETY,
     )
     return pipe.to(device)
 
@@ -115,7 +136,11 @@ def load_upscale_pipeline(cfg: Any, device: torch.device) -> Any:
     from diffusers import StableDiffusionUpscalePipeline
 
     pipe = _load(
-        "upscale", StableDiffusionUpscalePipeline, cfg.model,
-        dtype=DTYPES[cfg.dtype], variant=cfg.variant, **_NO_SAFETY,
+        "upscale",
+        StableDiffusionUpscalePipeline,
+        cfg.model,
+        dtype=DTYPES[cfg.dtype],
+        variant=cfg.variant,
+        **_NO_SAFETY,
     )
     return pipe.to(device)

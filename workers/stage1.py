@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from workers.common import Batch, StageWorker, row_generators, to_numpy
-from workers.models import DTYPES, load_stage1_pipeline, pick_device
+from workers.models import DTYPES, load_stage1_pipeline
 
 
 class Stage1Worker(StageWorker):
@@ -14,11 +14,15 @@ class Stage1Worker(StageWorker):
     needs = ("seed", "prompt_embeds", "negative_prompt_embeds")
 
     def __init__(self, cfg, drop: tuple[str, ...] = ()) -> None:
-        params = {"dtype": cfg.dtype, "variant": cfg.variant, "num_inference_steps": cfg.num_inference_steps,
-                  "timesteps": cfg.timesteps, "guidance_scale": cfg.guidance_scale}
-        super().__init__(cfg.model, params, cfg.micro_batch, drop)
-        self.cfg = cfg
-        self.device = pick_device(self.stage, cfg.device, cfg.num_gpus)
+        super().__init__(
+            cfg,
+            {
+                "num_inference_steps": cfg.num_inference_steps,
+                "timesteps": cfg.timesteps,
+                "guidance_scale": cfg.guidance_scale,
+            },
+            drop,
+        )
         self.pipe = load_stage1_pipeline(cfg, self.device)
         self.size = self.pipe.unet.config.sample_size
         self.pipe.set_progress_bar_config(disable=True)

@@ -195,8 +195,10 @@ def build_tiny_models(root: str | Path, seed: int = 0) -> dict[str, Path]:
     root = Path(root)
     repos = {stage: root / name for stage, name in TINY_REPOS.items()}
     stamp = root / "TINY_VERSION"
-    if stamp.exists() and stamp.read_text().strip() == TINY_VERSION and all(
-        (d / "model_index.json").exists() for d in repos.values()
+    if (
+        stamp.exists()
+        and stamp.read_text().strip() == TINY_VERSION
+        and all((d / "model_index.json").exists() for d in repos.values())
     ):
         return repos
 

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from workers.common import Batch, StageWorker, row_generators
-from workers.models import DTYPES, load_upscale_pipeline, pick_device
+from workers.models import DTYPES, load_upscale_pipeline
 
 
 class UpscaleWorker(StageWorker):
@@ -14,11 +14,15 @@ class UpscaleWorker(StageWorker):
     needs = ("seed", "prompt", "negative_prompt", "stage2_image")
 
     def __init__(self, cfg, drop: tuple[str, ...] = ()) -> None:
-        params = {"dtype": cfg.dtype, "variant": cfg.variant, "num_inference_steps": cfg.num_inference_steps,
-                  "guidance_scale": cfg.guidance_scale, "noise_level": cfg.noise_level}
-        super().__init__(cfg.model, params, cfg.micro_batch, drop)
-        self.cfg = cfg
-        self.device = pick_device(self.stage, cfg.device, cfg.num_gpus)
+        super().__init__(
+            cfg,
+            {
+                "num_inference_steps": cfg.num_inference_steps,
+                "guidance_scale": cfg.guidance_scale,
+                "noise_level": cfg.noise_level,
+            },
+            drop,
+        )
         self.pipe = load_upscale_pipeline(cfg, self.device)
         self.pipe.set_progress_bar_config(disable=True)
 

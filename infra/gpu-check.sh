@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# On a CUDA machine with ifrender installed: local-tiny with a GPU share per stage in fp16.
+# Asserts every stage ran on CUDA and prints the run summary with busy seconds per stage.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python3 -m pytest -q -s -m gpu tests/test_gpu.py

@@ -1,0 +1,77 @@
+"""The `ifrender` command as a user runs it, in a subprocess with its own local Ray."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pyarrow.parquet as pq
+import pytest
+
+from jobs.manifest import MANIFESTS_DIR
+
+
+def ifrender(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = os.environ | {"RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+    env.pop("RAY_ADDRESS", None)
+    return subprocess.run(
+        [sys.executable, "-m", "jobs.cli", *args], capture_output=True, text=True, timeout=timeout, env=env
+    )
+
+
+def test_bad_manifest_exits_1_naming_file_and_field(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text((MANIFESTS_DIR / "local-tiny.yaml").read_text().replace("shard_size:", "shard_sise:"))
+    result = ifrender("run", str(bad))
+    assert result.returncode == 1
+    assert f"{bad}: invalid manifest" in result.stderr and "input.shard_sise: unknown field" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_validate_prints_every_default():
+    result = ifrender("validate", "--set", "stage2.noise_level=100")
+    assert result.returncode == 0, result.stderr
+    resolved = json.loads(result.stdout)
+    assert resolved["stage2"]["noise_level"] == 100 and resolved["upscale"]["noise_level"] == 100
+    assert resolved["write"]["pool_size"] == 1
+
+
+def test_tiny_models_command_writes_hub_layout(tmp_path):
+    result = ifrender("tiny-models", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    for repo in ("IF-I-tiny", "IF-II-tiny", "x4-upscaler-tiny"):
+        assert (tmp_path / repo / "model_index.json").is_file()
+    assert (tmp_path / "IF-I-tiny" / "text_encoder" / "model.safetensors").is_file()
+    assert (tmp_path / "x4-upscaler-tiny" / "vae" / "config.json").is_file()
+
+
+@pytest.mark.slow
+def test_run_schedules_each_pool_on_its_gpu_share(tiny_root, tmp_path):
+    """A fresh local Ray with 2 logical GPUs: every stage pool asks for a GPU fraction, runs on
+    the CPU (device=cpu), and records the GPU Ray gave it."""
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red fox\na lighthouse\na corgi\n")
+    out = tmp_path / "out"
+    sets = [
+        f"input.path={prompts}",
+        f"output.path={out}",
+        "ray.num_gpus=2",
+        "last_stage=stage2",
+        f"encode.model={tiny_root / 'IF-I-tiny'}",
+        f"stage1.model={tiny_root / 'IF-I-tiny'}",
+        f"stage2.model={tiny_root / 'IF-II-tiny'}",
+        "stage1.num_inference_steps=2",
+        "stage2.num_inference_steps=2",
+    ]
+    for stage, share in (("encode", 0.25), ("stage1", 1), ("stage2", 0.5)):
+        sets += [f"{stage}.num_gpus={share}", f"{stage}.device=cpu"]
+    result = ifrender("run", *[a for s in sets for a in ("--set", s)], "--quiet")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "rows 3: ok 3, error 0" in result.stdout
+    assert "busy seconds per image by stage: encode" in result.stdout
+    assert "progress: 3/3 rows" in result.stderr
+    rows = pq.read_table(out / "metadata").to_pylist()
+    assert len(rows) == 3 and all(r["status"] == "ok" for r in rows)
+    for stage in ("encode", "stage1", "stage2"):
+        params = json.loads(rows[0][f"{stage}_params"])
+        assert len(params["gpus"]) == 1 and params["device"] == "cpu", (stage, params)

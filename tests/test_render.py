@@ -1,0 +1,220 @@
+"""End to end on a local Ray with tiny models: local disk and a real S3 server, bad rows, determinism."""
+
+import hashlib
+import io
+import json
+
+import boto3
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from jobs.render import OutputExistsError, run
+from jobs.storage import StorageError, resolve
+from tests.conftest import manifest_for
+
+GOOD = [
+    "a red fox in the snow",
+    "a lighthouse in a storm",
+    "a corgi on a skateboard",
+    "a bowl of ramen",
+    "a castle in fog",
+]
+LINES = [
+    {"prompt": GOOD[0]},
+    {"prompt": None},
+    {"prompt": GOOD[1], "negative_prompt": "blurry"},
+    {"prompt": GOOD[2], "seed": "not-a-seed"},
+    {"prompt": GOOD[2], "id": "corgi/1", "seed": 42},
+    "{broken json",
+    {"prompt": GOOD[3]},
+    {"prompt": GOOD[4]},
+]
+OK_COUNT = 5
+
+
+@pytest.fixture(scope="module")
+def prompts(tmp_path_factory):
+    path = tmp_path_factory.mktemp("prompts") / "prompts.jsonl"
+    path.write_text("\n".join(line if isinstance(line, str) else json.dumps(line) for line in LINES) + "\n")
+    return path
+
+
+def read_output(uri: str):
+    """(metadata rows sorted by id, {image_key: bytes}) read back through the storage layer."""
+    fs, path = resolve(uri)
+    table = pq.read_table(f"{path}/metadata", filesystem=fs)
+    rows = sorted(table.to_pylist(), key=lambda r: r["id"])
+    images = {}
+    for r in rows:
+        if r["image_key"]:
+            with fs.open_input_stream(f"{path}/{r['image_key']}") as f:
+                images[r["image_key"]] = f.read()
+    return rows, images
+
+
+def check_complete(rows, images, size):
+    assert len(rows) == len(LINES)
+    assert len({r["id"] for r in rows}) == len(rows)
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert len(ok) == OK_COUNT
+    for r in rows:
+        if r["status"] == "ok":
+            data = images[r["image_key"]]
+            assert hashlib.sha256(data).hexdigest() == r["sha256"]
+            assert Image.open(io.BytesIO(data)).size == (size, size) == (r["width"], r["height"])
+            assert r["error"] is None
+        else:
+            assert r["image_key"] is None and r["sha256"] is None and r["error"]
+    assert len(images) == OK_COUNT
+
+
+@pytest.fixture(scope="module")
+def local_run(ray_local, prompts, tiny_root, tmp_path_factory):
+    """The full cascade to a local directory, batch sizes of local-tiny."""
+    out = tmp_path_factory.mktemp("local") / "out"
+    manifest = manifest_for(tiny_root, f"input.path={prompts}", "input.shard_size=3", output=str(out))
+    summary = run(manifest, progress=False)
+    return out, summary
+
+
+@pytest.mark.slow
+def test_local_run_renders_every_good_row_and_reports_bad_ones(local_run):
+    out, summary = local_run
+    rows, images = read_output(str(out))
+    check_complete(rows, images, 256)
+    by_prompt = {r["prompt"]: r for r in rows}
+    assert by_prompt[GOOD[1]]["negative_prompt"] == "blurry"
+    errors = [r["error"] for r in rows if r["status"] == "error"]
+    assert any("prompt: expected non-empty text" in e for e in errors)
+    assert any("seed: expected an integer" in e and "not-a-seed" in e for e in errors)
+    assert any("not valid JSON" in e for e in errors)
+    corgi = next(r for r in rows if r["id"] == "corgi/1")
+    assert corgi["seed"] == 42 and corgi["image_key"].startswith("images/corgi_1-")
+    for r in rows:
+        if r["status"] == "ok":
+            assert all(r[f"{s}_seconds"] > 0 for s in ("encode", "stage1", "stage2", "upscale", "write"))
+            assert json.loads(r["stage1_params"])["num_inference_steps"] == 2
+            assert r["upscale_model"].endswith("x4-upscaler-tiny") and r["last_stage"] == "upscale"
+            assert r["source_file"].endswith("prompts.jsonl") and r["source_row"] >= 1
+    assert (summary.rows, summary.ok, summary.error) == (len(LINES), OK_COUNT, len(LINES) - OK_COUNT)
+    job = json.loads((out / "job.json").read_text())
+    assert job["summary"]["ok"] == OK_COUNT and job["manifest"]["stage1"]["num_inference_steps"] == 2
+    assert sorted(p.name for p in (out / "images").iterdir()) == sorted(k.split("/")[1] for k in images)
+
+
+@pytest.mark.slow
+def test_a_row_renders_the_same_whatever_batch_pool_and_block_layout(local_run, prompts, tiny_root, tmp_path):
+    """Other batch sizes, pool sizes, shards and blocks: the upscaled images stay within 1/255."""
+    out, _ = local_run
+    manifest = manifest_for(
+        tiny_root,
+        f"input.path={prompts}",
+        "input.shard_size=5",
+        "ray.block_rows=3",
+        "encode.batch_size=3",
+        "stage1.batch_size=3",
+        "stage1.pool_size=2",
+        "stage2.batch_size=1",
+        "upscale.batch_size=3",
+        "write.batch_size=2",
+        output=str(tmp_path / "other"),
+    )
+    run(manifest, progress=False)
+    base, base_images = read_output(str(out))
+    other, other_images = read_output(str(tmp_path / "other"))
+    assert [r["id"] for r in base] == [r["id"] for r in other]
+    for a, b in zip(base, other):
+        assert (a["status"], a["seed"]) == (b["status"], b["seed"])
+        if a["status"] == "ok":
+            pa_ = np.asarray(Image.open(io.BytesIO(base_images[a["image_key"]]))).astype(int)
+            pb_ = np.asarray(Image.open(io.BytesIO(other_images[b["image_key"]]))).astype(int)
+            assert np.abs(pa_ - pb_).max() <= 1, a["id"]
+
+
+@pytest.mark.slow
+def test_stage2_output_is_bit_identical_across_layouts(ray_local, prompts, tiny_root, tmp_path):
+    layouts = {
+        "small": [
+            "input.shard_size=1",
+            "ray.block_rows=1",
+            "encode.batch_size=1",
+            "stage1.batch_size=1",
+            "stage2.batch_size=1",
+        ],
+        "large": [
+            "input.shard_size=8",
+            "ray.block_rows=4",
+            "encode.batch_size=4",
+            "stage1.batch_size=4",
+            "stage1.pool_size=2",
+            "stage2.batch_size=3",
+        ],
+    }
+    digests = {}
+    for name, overrides in layouts.items():
+        manifest = manifest_for(
+            tiny_root, f"input.path={prompts}", "last_stage=stage2", *overrides, output=str(tmp_path / name)
+        )
+        run(manifest, progress=False)
+        rows, images = read_output(str(tmp_path / name))
+        check_complete(rows, images, 64)
+        digests[name] = {r["id"]: r["sha256"] for r in rows}
+    assert digests["small"] == digests["large"]
+
+
+@pytest.mark.slow
+def test_s3_output_on_a_real_s3_server(ray_local, prompts, tiny_root):
+    boto3.client("s3").create_bucket(Bucket="renders")
+    manifest = manifest_for(
+        tiny_root, f"input.path={prompts}", "last_stage=stage2", output="s3://renders/nightly/run-1"
+    )
+    summary = run(manifest, progress=False)
+    assert summary.ok == OK_COUNT
+    rows, images = read_output("s3://renders/nightly/run-1")
+    check_complete(rows, images, 64)
+    keys = {o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket="renders")["Contents"]}
+    assert {f"nightly/run-1/{k}" for k in images} <= keys and "nightly/run-1/job.json" in keys
+
+
+@pytest.mark.slow
+def test_existing_output_is_refused_unless_overwritten(local_run, prompts, tiny_root):
+    out, _ = local_run
+    manifest = manifest_for(tiny_root, f"input.path={prompts}", output=str(out))
+    with pytest.raises(OutputExistsError, match="--overwrite"):
+        run(manifest, progress=False)
+
+
+# ---- failures before any model work --------------------------------------------------------
+
+
+def test_missing_bucket_fails_at_once(s3_server, prompts, tiny_root):
+    with pytest.raises(StorageError, match="bucket 'no-such-bucket' is not usable \\(the bucket does not exist\\)"):
+        run(manifest_for(tiny_root, f"input.path={prompts}", output="s3://no-such-bucket/x"), progress=False)
+
+
+def test_unreachable_endpoint_fails_at_once(s3_server, prompts, tiny_root, monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:9")  # discard port: nothing listens
+    with pytest.raises(StorageError, match="cannot reach http://127.0.0.1:9"):
+        run(manifest_for(tiny_root, f"input.path={prompts}", output="s3://renders/x"), progress=False)
+
+
+def test_missing_weights_fail_with_staging_advice(prompts, tiny_root, tmp_path):
+    from jobs.render import resolve_models
+    from workers.models import ModelLoadError
+
+    cases = {
+        str(tmp_path / "not-there"): "Expected a directory in the hub layout there.*hf download REPO --local-dir",
+        "DeepFloyd/IF-I-XL-v1.0": "not in the Hugging Face cache.*hf download DeepFloyd/IF-I-XL-v1.0",
+    }
+    for model, advice in cases.items():
+        manifest = manifest_for(tiny_root, f"input.path={prompts}", f"stage1.model={model}", output=str(tmp_path / "o"))
+        with pytest.raises(ModelLoadError, match=f"stage1: could not load model '{model}' offline.*{advice}"):
+            resolve_models(manifest)
+
+
+def test_gpu_pools_without_gpus_fail_before_rendering(ray_local, prompts, tiny_root, tmp_path):
+    manifest = manifest_for(tiny_root, f"input.path={prompts}", "stage1.num_gpus=1", output=str(tmp_path / "o"))
+    with pytest.raises(RuntimeError, match="stage1: asks for 1 GPU\\(s\\) per actor but this local Ray has 0"):
+        run(manifest, progress=False)
