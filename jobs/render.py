@@ -18,6 +18,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from jobs.inputs import plan_shards, read_shards, shard_items
@@ -78,7 +80,8 @@ def resolve_models(manifest: Manifest) -> Manifest:
                 raise ValueError(
                     f"{stage}.model: unknown tiny model '{name}'; expected one of {sorted(TINY_REPOS.values())}"
                 )
-            model = str(build_tiny_models(tiny_models_dir())[next(k for k, v in TINY_REPOS.items() if v == name)])
+            build_tiny_models(tiny_models_dir())
+            model = str(tiny_models_dir() / name)
             updates[stage] = cfg.model_copy(update={"model": model})
         if not cluster_address(manifest):  # on a cluster the workers, not the driver, hold weights
             check_model_available(stage, model)
@@ -89,15 +92,14 @@ def prepare_output(manifest: Manifest, overwrite: bool) -> None:
     out = manifest.output.path
     check_output_writable(out)
     fs, path = resolve(out)
-    existing = fs.get_file_info(f"{path}/metadata")
-    if existing.type != 0:  # 0 = NotFound
+    if fs.get_file_info(f"{path}/metadata").type != pafs.FileType.NotFound:
         if not overwrite:
             raise OutputExistsError(
                 f"output.path {out} already holds a job's output (metadata/). "
                 f"Fix: choose another output.path, or pass --overwrite to replace it."
             )
         for sub in ("metadata", "images"):
-            if fs.get_file_info(f"{path}/{sub}").type != 0:
+            if fs.get_file_info(f"{path}/{sub}").type != pafs.FileType.NotFound:
                 fs.delete_dir(f"{path}/{sub}")
 
 
@@ -272,7 +274,7 @@ def to_metadata(table: pa.Table, last_stage: str) -> pa.Table:
                 col = pa.array([e or None for e in col.to_pylist()], pa.string())
             col = col.cast(f.type)
             if f.name in ("image_key", "sha256", "width", "height"):
-                col = pa.compute.if_else(ok, col, pa.nulls(n, f.type))
+                col = pc.if_else(ok, col, pa.nulls(n, f.type))
         else:
             col = pa.nulls(n, f.type)
         columns.append(col)
@@ -280,8 +282,6 @@ def to_metadata(table: pa.Table, last_stage: str) -> pa.Table:
 
 
 def run(manifest: Manifest, overwrite: bool = False, progress: bool = True) -> Summary:
-    import pyarrow.compute  # noqa: F401 - used through pa.compute
-
     started = time.perf_counter()
     # 1. Everything that can fail without a model: output, input, weights.
     prepare_output(manifest, overwrite)
@@ -300,7 +300,6 @@ def run(manifest: Manifest, overwrite: bool = False, progress: bool = True) -> S
     # 3. The chain, then 4. stream its metadata rows back.
     ds = build_dataset(manifest, shards)
     summary = Summary(manifest.name, manifest.output.path)
-    fs, out_path = resolve(manifest.output.path)
     pending: list[pa.Table] = []
     part = 0
     last_report = time.perf_counter()
@@ -309,7 +308,7 @@ def run(manifest: Manifest, overwrite: bool = False, progress: bool = True) -> S
         summary.add(table)
         pending.append(table)
         if sum(t.num_rows for t in pending) >= manifest.output.metadata_rows_per_file:
-            _write_part(fs, out_path, part, pending)
+            _write_part(manifest.output.path, part, pending)
             part, pending = part + 1, []
         if time.perf_counter() - last_report > 5 or summary.rows == total:
             last_report = time.perf_counter()
@@ -324,17 +323,17 @@ def run(manifest: Manifest, overwrite: bool = False, progress: bool = True) -> S
                 elapsed,
             )
     if pending or part == 0:
-        _write_part(fs, out_path, part, pending)
+        _write_part(manifest.output.path, part, pending)
     summary.finish(time.perf_counter() - started)
 
     job = {"manifest": json.loads(manifest.model_dump_json()), "summary": asdict(summary)}
-    write_bytes(join(manifest.output.path, "job.json"), json.dumps(job, indent=2).encode(), fs)
+    write_bytes(join(manifest.output.path, "job.json"), json.dumps(job, indent=2).encode())
     return summary
 
 
-def _write_part(fs, out_path: str, part: int, tables: list[pa.Table]) -> None:
+def _write_part(out: str, part: int, tables: list[pa.Table]) -> None:
+    """One metadata file, written whole (see write_bytes) so a reader never sees half of it."""
     table = pa.concat_tables(tables) if tables else METADATA_SCHEMA.empty_table()
-    table = table.sort_by("id")
-    fs.create_dir(f"{out_path}/metadata", recursive=True)
-    with fs.open_output_stream(f"{out_path}/metadata/part-{part:05d}.parquet") as f:
-        pq.write_table(table, f)
+    buf = pa.BufferOutputStream()
+    pq.write_table(table.sort_by("id"), buf)
+    write_bytes(join(out, "metadata", f"part-{part:05d}.parquet"), buf.getvalue().to_pybytes())

@@ -97,6 +97,12 @@ class StageWorker:
         }
         self.params_json = json.dumps(common | params, sort_keys=True)
 
+    def tensor(self, batch: Batch, column: str, rows: np.ndarray) -> torch.Tensor:
+        """Rows of a column as a tensor on this stage's device and dtype."""
+        from workers.models import DTYPES
+
+        return torch.from_numpy(batch[column][rows]).to(self.device, DTYPES[self.cfg.dtype])
+
     def run(self, batch: Batch, rows: np.ndarray) -> Batch:
         """Compute the new columns for `rows` (indexes of ok rows) of `batch`."""
         raise NotImplementedError

@@ -100,47 +100,19 @@ def load_encode_pipeline(cfg: Any, device: torch.device) -> Any:
     return pipe
 
 
-def load_stage1_pipeline(cfg: Any, device: torch.device) -> Any:
-    from diffusers import IFPipeline
-
+def load_pipeline(stage: str, pipeline_cls: Any, cfg: Any, device: torch.device, **components: Any) -> Any:
+    """A stage's diffusers pipeline (IFPipeline, IFSuperResolutionPipeline, the x4 upscaler)."""
     pipe = _load(
-        "stage1",
-        IFPipeline,
-        cfg.model,
-        text_encoder=None,
-        tokenizer=None,
-        dtype=DTYPES[cfg.dtype],
-        variant=cfg.variant,
-        **_NO_SAFETY,
+        stage, pipeline_cls, cfg.model, dtype=DTYPES[cfg.dtype], variant=cfg.variant, **components, **_NO_SAFETY
     )
+    pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
 
-def load_stage2_pipeline(cfg: Any, device: torch.device) -> Any:
-    from diffusers import IFSuperResolutionPipeline
+def preset_timesteps(name: str | None) -> list[int] | None:
+    """An IF timestep preset (fast27, smart27, ...) by name."""
+    if name is None:
+        return None
+    from diffusers.pipelines.deepfloyd_if import timesteps
 
-    pipe = _load(
-        "stage2",
-        IFSuperResolutionPipeline,
-        cfg.model,
-        text_encoder=None,
-        tokenizer=None,
-        dtype=DTYPES[cfg.dtype],
-        variant=cfg.variant,
-        **_NO_SAFETY,
-    )
-    return pipe.to(device)
-
-
-def load_upscale_pipeline(cfg: Any, device: torch.device) -> Any:
-    from diffusers import StableDiffusionUpscalePipeline
-
-    pipe = _load(
-        "upscale",
-        StableDiffusionUpscalePipeline,
-        cfg.model,
-        dtype=DTYPES[cfg.dtype],
-        variant=cfg.variant,
-        **_NO_SAFETY,
-    )
-    return pipe.to(device)
+    return getattr(timesteps, name)

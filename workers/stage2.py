@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from workers.common import Batch, StageWorker, row_generators, to_numpy
-from workers.models import DTYPES, load_stage2_pipeline
+from workers.models import load_pipeline, preset_timesteps
 
 
 class Stage2Worker(StageWorker):
@@ -14,31 +14,28 @@ class Stage2Worker(StageWorker):
     needs = ("seed", "prompt_embeds", "negative_prompt_embeds", "stage1_image")
 
     def __init__(self, cfg, drop: tuple[str, ...] = ()) -> None:
-        super().__init__(
-            cfg,
-            {
-                "num_inference_steps": cfg.num_inference_steps,
-                "timesteps": cfg.timesteps,
-                "guidance_scale": cfg.guidance_scale,
-                "noise_level": cfg.noise_level,
-            },
-            drop,
+        params = {
+            "num_inference_steps": cfg.num_inference_steps,
+            "timesteps": cfg.timesteps,
+            "guidance_scale": cfg.guidance_scale,
+            "noise_level": cfg.noise_level,
+        }
+        super().__init__(cfg, params, drop)
+        from diffusers import IFSuperResolutionPipeline
+
+        self.pipe = load_pipeline(
+            self.stage, IFSuperResolutionPipeline, cfg, self.device, text_encoder=None, tokenizer=None
         )
-        self.pipe = load_stage2_pipeline(cfg, self.device)
         self.size = self.pipe.unet.config.sample_size
-        self.pipe.set_progress_bar_config(disable=True)
 
     @torch.inference_mode()
     def run(self, batch: Batch, rows: np.ndarray) -> Batch:
-        from diffusers.pipelines.deepfloyd_if import timesteps as presets
-
-        dtype = DTYPES[self.cfg.dtype]
         images = self.pipe(
-            image=torch.from_numpy(batch["stage1_image"][rows]).to(self.device, dtype),
-            prompt_embeds=torch.from_numpy(batch["prompt_embeds"][rows]).to(self.device, dtype),
-            negative_prompt_embeds=torch.from_numpy(batch["negative_prompt_embeds"][rows]).to(self.device, dtype),
+            image=self.tensor(batch, "stage1_image", rows),
+            prompt_embeds=self.tensor(batch, "prompt_embeds", rows),
+            negative_prompt_embeds=self.tensor(batch, "negative_prompt_embeds", rows),
             num_inference_steps=self.cfg.num_inference_steps,
-            timesteps=getattr(presets, self.cfg.timesteps) if self.cfg.timesteps else None,
+            timesteps=preset_timesteps(self.cfg.timesteps),
             guidance_scale=self.cfg.guidance_scale,
             noise_level=self.cfg.noise_level,
             height=self.size,

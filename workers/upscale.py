@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from workers.common import Batch, StageWorker, row_generators
-from workers.models import DTYPES, load_upscale_pipeline
+from workers.models import load_pipeline
 
 
 class UpscaleWorker(StageWorker):
@@ -14,21 +14,19 @@ class UpscaleWorker(StageWorker):
     needs = ("seed", "prompt", "negative_prompt", "stage2_image")
 
     def __init__(self, cfg, drop: tuple[str, ...] = ()) -> None:
-        super().__init__(
-            cfg,
-            {
-                "num_inference_steps": cfg.num_inference_steps,
-                "guidance_scale": cfg.guidance_scale,
-                "noise_level": cfg.noise_level,
-            },
-            drop,
-        )
-        self.pipe = load_upscale_pipeline(cfg, self.device)
-        self.pipe.set_progress_bar_config(disable=True)
+        params = {
+            "num_inference_steps": cfg.num_inference_steps,
+            "guidance_scale": cfg.guidance_scale,
+            "noise_level": cfg.noise_level,
+        }
+        super().__init__(cfg, params, drop)
+        from diffusers import StableDiffusionUpscalePipeline
+
+        self.pipe = load_pipeline(self.stage, StableDiffusionUpscalePipeline, cfg, self.device)
 
     @torch.inference_mode()
     def run(self, batch: Batch, rows: np.ndarray) -> Batch:
-        low_res = torch.from_numpy(batch["stage2_image"][rows]).to(self.device, DTYPES[self.cfg.dtype])
+        low_res = self.tensor(batch, "stage2_image", rows)
         images = self.pipe(
             prompt=[str(p) for p in batch["prompt"][rows]],
             negative_prompt=[str(p or "") for p in batch["negative_prompt"][rows]],
