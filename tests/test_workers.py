@@ -7,6 +7,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from jobs.manifest import load_manifest
@@ -200,3 +201,30 @@ def test_image_names_are_distinct_for_distinct_ids():
     assert len(set(names)) == len(ids)
     assert names[-1] == "ok-id_1.2"
     assert all("/" not in n and not n.startswith(".") and len(n) < 140 for n in names)
+
+
+def test_fp16_variant_loads_the_fp16_files(tiny_root):
+    assert (tiny_root / "IF-I-tiny" / "unet" / "diffusion_pytorch_model.fp16.safetensors").is_file()
+    m = load_manifest(None, [f"stage1.model={tiny_root / 'IF-I-tiny'}", "stage1.dtype=fp16", "stage1.variant=fp16"])
+    worker = Stage1Worker(m.stage1.model_copy(update={"num_inference_steps": 2}))
+    assert worker.pipe.unet.dtype == torch.float16
+    embeds = np.random.default_rng(0).standard_normal((2, 77, 32)).astype(np.float32)
+    out = worker(rows(["a", "b"], prompt_embeds=embeds, negative_prompt_embeds=embeds))
+    assert list(out["status"]) == ["ok", "ok"] and np.isfinite(out["stage1_image"]).all()
+    assert json.loads(out["stage1_params"][0])["variant"] == "fp16"
+
+
+def test_8bit_t5_loads_and_encodes_on_this_machine(tiny_root, workers):
+    from bitsandbytes.nn import Linear8bitLt
+
+    m = load_manifest(None, [f"encode.model={tiny_root / 'IF-I-tiny'}", "encode.load_in_8bit=true"])
+    worker = EncodeWorker(m.encode)
+    assert any(isinstance(mod, Linear8bitLt) for mod in worker.pipe.text_encoder.modules())
+    out = worker(rows(PROMPTS))
+    full = workers["encode"](rows(PROMPTS))["prompt_embeds"]
+    assert out["prompt_embeds"].shape == full.shape and np.isfinite(out["prompt_embeds"]).all()
+    # 8-bit weights change the numbers, not the meaning: close to the full-precision embedding
+    cos = (out["prompt_embeds"] * full).sum(-1) / (
+        np.linalg.norm(out["prompt_embeds"], axis=-1) * np.linalg.norm(full, axis=-1)
+    )
+    assert cos.mean() > 0.9

@@ -21,7 +21,7 @@ CONFIGS = Path(__file__).parent / "configs"
 TINY_REPOS = {"stage1": "IF-I-tiny", "stage2": "IF-II-tiny", "upscale": "x4-upscaler-tiny"}
 
 # Bumped whenever the tiny architectures change, so cached copies are rebuilt.
-TINY_VERSION = "3"
+TINY_VERSION = "4"
 
 # Reduced resolutions: stage I at 16 px, stage II at 64 px, the x4 upscaler to 256 px.
 STAGE1_SIZE = 16
@@ -178,6 +178,13 @@ def build_upscale_components(tokenizer):
     )
 
 
+def _save(pipe, path: Path) -> None:
+    """Full-precision weights plus an fp16 variant (`*.fp16.safetensors`), as the hub repos have.
+    The variant goes first so the configs left behind are the fp32 ones."""
+    pipe.to(torch.float16).save_pretrained(path, variant="fp16", safe_serialization=True)
+    pipe.to(torch.float32).save_pretrained(path, safe_serialization=True)
+
+
 def _scheduler(cls, name: str):
     return cls.from_config(_config(name))
 
@@ -208,28 +215,30 @@ def build_tiny_models(root: str | Path, seed: int = 0) -> dict[str, Path]:
     t5 = build_t5_encoder(len(t5_tokenizer))
     no_safety = dict(safety_checker=None, feature_extractor=None, watermarker=None, requires_safety_checker=False)
 
-    IFPipeline(
+    stage1 = IFPipeline(
         tokenizer=t5_tokenizer,
         text_encoder=t5,
         unet=build_stage1_unet(),
         scheduler=_scheduler(DDPMScheduler, "IF-I-XL-v1.0_scheduler_config.json"),
         **no_safety,
-    ).save_pretrained(repos["stage1"], safe_serialization=True)
+    )
+    _save(stage1, repos["stage1"])
 
     # The IF-II repo on the hub lists a tokenizer and text encoder too; stage II is always
     # loaded with text_encoder=None and fed embeddings from the encode stage.
-    IFSuperResolutionPipeline(
+    stage2 = IFSuperResolutionPipeline(
         tokenizer=t5_tokenizer,
         text_encoder=t5,
         unet=build_stage2_unet(),
         scheduler=_scheduler(DDPMScheduler, "IF-II-L-v1.0_scheduler_config.DERIVED.json"),
         image_noising_scheduler=_scheduler(DDPMScheduler, "IF-II-L-v1.0_image_noising_scheduler_config.DERIVED.json"),
         **no_safety,
-    ).save_pretrained(repos["stage2"], safe_serialization=True)
+    )
+    _save(stage2, repos["stage2"])
 
     clip_tokenizer = build_clip_tokenizer()
     unet, vae, clip = build_upscale_components(clip_tokenizer)
-    StableDiffusionUpscalePipeline(
+    upscale = StableDiffusionUpscalePipeline(
         vae=vae,
         text_encoder=clip,
         tokenizer=clip_tokenizer,
@@ -237,7 +246,8 @@ def build_tiny_models(root: str | Path, seed: int = 0) -> dict[str, Path]:
         low_res_scheduler=_scheduler(DDPMScheduler, "sd-x4-upscaler_low_res_scheduler_config.json"),
         scheduler=_scheduler(DDIMScheduler, "sd-x4-upscaler_scheduler_config.json"),
         max_noise_level=350,
-    ).save_pretrained(repos["upscale"], safe_serialization=True)
+    )
+    _save(upscale, repos["upscale"])
 
     stamp.write_text(TINY_VERSION + "\n")
     return repos
