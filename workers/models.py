@@ -69,7 +69,17 @@ def pick_device(stage: str, device: str, num_gpus: float) -> torch.device:
     return torch.device(device)
 
 
+def quiet_progress_bars() -> None:
+    """Loading bars from every actor would bury the job's own progress lines."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+
+
 def _load(stage: str, cls: Any, source: str, **kwargs: Any) -> Any:
+    quiet_progress_bars()
     try:
         return cls.from_pretrained(source, local_files_only=True, **kwargs)
     except (OSError, ValueError) as err:

@@ -209,6 +209,9 @@ def build_tiny_models(root: str | Path, seed: int = 0) -> dict[str, Path]:
     ):
         return repos
 
+    from workers.models import quiet_progress_bars
+
+    quiet_progress_bars()
     logging.getLogger("ifrender").info("building tiny models in %s", root)
     torch.manual_seed(seed)
     t5_tokenizer = build_t5_tokenizer()
