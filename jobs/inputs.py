@@ -52,6 +52,7 @@ class Shard:
     end: int  # byte offset one past the shard (text, jsonl, csv); unused for parquet
     first_line: int  # 1-based line number of the first row (line formats), else row offset
     header: str = ""  # CSV header record
+    only_rows: tuple[int, ...] = ()  # global indexes to read (a retry of failed rows); () = all
 
 
 def _format_of(uri: str, fmt: str) -> str:
@@ -324,16 +325,26 @@ def read_shards(batch: dict[str, np.ndarray], job_seed: int) -> dict[str, np.nda
     """Ray map_batches UDF: a batch of shard descriptions in, their validated rows out."""
     rows = []
     for i in range(len(batch["index"])):
-        shard = Shard(**{k: _plain(batch[k][i]) for k in Shard.__dataclass_fields__})
+        fields = {k: _plain(batch[k][i]) for k in Shard.__dataclass_fields__}
+        fields["only_rows"] = tuple(int(r) for r in fields["only_rows"])
+        shard = Shard(**fields)
+        wanted = set(shard.only_rows)
+        first_seen: dict[str, int] = {}
         for n, (source_row, record) in enumerate(_raw_records(shard)):
-            row = validate_row(record, shard.first_row + n, job_seed)
-            row.update(shard=shard.index, source_file=shard.uri, source_row=source_row)
+            global_row = shard.first_row + n
+            row = validate_row(record, global_row, job_seed)
+            # Two rows with one id would share an image: the later one fails, the earlier renders.
+            earlier = first_seen.setdefault(row["id"], global_row)
+            if earlier != global_row and row["status"] == "ok":
+                row["status"] = "error"
+                row["error"] = f"id: {_short(row['id'])} is also the id of row {earlier}; ids must be unique"
+            if wanted and global_row not in wanted:
+                continue
+            row.update(row=global_row, shard=shard.index, source_file=shard.uri, source_row=source_row)
             rows.append(row)
     columns = list(rows[0]) if rows else []
-    return {
-        c: np.array([r[c] for r in rows], dtype=np.int64 if c in ("seed", "shard", "source_row") else object)
-        for c in columns
-    }
+    ints = ("seed", "row", "shard", "source_row")
+    return {c: np.array([r[c] for r in rows], dtype=np.int64 if c in ints else object) for c in columns}
 
 
 def _plain(value: Any) -> Any:

@@ -3,8 +3,9 @@
     read shards -> encode (T5) -> stage1 (IF-I) -> stage2 (IF-II) -> upscale (x4) -> write
 
 Each model stage is a callable class in its own fixed-size actor pool; embeddings and images
-travel between them as columns through Ray's object store. The driver only streams the small
-metadata rows back, writes them as Parquet, shows progress and prints a summary.
+travel between them as columns through Ray's object store. The driver streams the small
+metadata rows back and commits each shard once all its rows are in (jobs/commits.py), so a
+re-run of the same command renders only what is missing.
 """
 
 from __future__ import annotations
@@ -14,18 +15,20 @@ import logging
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+import uuid
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from jobs.inputs import plan_shards, read_shards, shard_items
+from jobs.commits import Commit, check_job, list_commits, try_commit, write_index
+from jobs.inputs import Shard, plan_shards, read_shards, shard_items
 from jobs.manifest import MODEL_STAGES, Manifest
-from jobs.storage import check_output_writable, join, resolve, write_bytes
+from jobs.storage import check_output_writable, delete, join, list_prefix, read_bytes, write_bytes
 from workers.models import check_model_available
+from workers.write import image_dir
 
 log = logging.getLogger("ifrender")
 
@@ -42,6 +45,7 @@ METADATA_SCHEMA = pa.schema(
         ("width", pa.int32()),
         ("height", pa.int32()),
         ("last_stage", pa.string()),
+        ("row", pa.int64()),
         ("shard", pa.int64()),
         ("source_file", pa.string()),
         ("source_row", pa.int64()),
@@ -53,10 +57,6 @@ METADATA_SCHEMA = pa.schema(
     ]
     + [("write_seconds", pa.float64())]
 )
-
-
-class OutputExistsError(RuntimeError):
-    pass
 
 
 # ---- 1. checks that fail before any model work ---------------------------------------------
@@ -91,16 +91,32 @@ def resolve_models(manifest: Manifest) -> Manifest:
 def prepare_output(manifest: Manifest, overwrite: bool) -> None:
     out = manifest.output.path
     check_output_writable(out)
-    fs, path = resolve(out)
-    if fs.get_file_info(f"{path}/metadata").type != pafs.FileType.NotFound:
-        if not overwrite:
-            raise OutputExistsError(
-                f"output.path {out} already holds a job's output (metadata/). "
-                f"Fix: choose another output.path, or pass --overwrite to replace it."
-            )
-        for sub in ("metadata", "images"):
-            if fs.get_file_info(f"{path}/{sub}").type != pafs.FileType.NotFound:
-                fs.delete_dir(f"{path}/{sub}")
+    if overwrite:
+        delete(list_prefix(join(out, "")))
+
+
+@dataclass
+class Work:
+    """One shard to render in this run: all its rows, or on a retry only its failed ones."""
+
+    shard: Shard
+    attempt: int
+    carried: list[dict] = field(default_factory=list)  # committed ok rows kept by a retry
+    rows: dict[int, dict] = field(default_factory=dict)  # results so far, by global row
+
+
+def work_left(out: str, shards: list[Shard], commits: dict[int, Commit], retry_errors: bool) -> list[Work]:
+    work = []
+    for shard in shards:
+        commit = commits.get(shard.index)
+        if commit is None:
+            work.append(Work(shard, 0))
+        elif retry_errors and commit.error:
+            table = pq.read_table(pa.BufferReader(read_bytes(join(out, commit.metadata))))
+            done = [r for r in table.to_pylist() if r["status"] == "ok"]
+            failed = tuple(r["row"] for r in table.to_pylist() if r["status"] != "ok")
+            work.append(Work(replace(shard, only_rows=failed), commit.attempt + 1, carried=done))
+    return work
 
 
 # ---- 2. Ray --------------------------------------------------------------------------------
@@ -158,7 +174,7 @@ def check_resources(manifest: Manifest) -> None:
 # ---- 3. the chain --------------------------------------------------------------------------
 
 
-def build_dataset(manifest: Manifest, shards: list):
+def build_dataset(manifest: Manifest, work: list[Work], run_id: str):
     import ray
     from ray.data import ActorPoolStrategy
 
@@ -190,7 +206,7 @@ def build_dataset(manifest: Manifest, shards: list):
             fn_constructor_kwargs=kwargs,
         )
 
-    ds = ray.data.from_items(shard_items(shards), override_num_blocks=len(shards))
+    ds = ray.data.from_items(shard_items([w.shard for w in work]), override_num_blocks=len(work))
     ds = ds.map_batches(read_shards, batch_size=1, num_cpus=0.25, fn_kwargs={"job_seed": manifest.seed})
     # Small blocks give each stage several tasks, so the stages overlap instead of taking turns.
     ds = ds.repartition(target_num_rows_per_block=block_rows)
@@ -203,6 +219,7 @@ def build_dataset(manifest: Manifest, shards: list):
         WriteWorker,
         manifest.write,
         output=out.path,
+        run=run_id,
         image_column=f"{last}_image",
         image_format=out.image_format,
         quality=out.quality,
@@ -224,6 +241,11 @@ class Summary:
     stage_seconds: dict[str, float] = field(default_factory=dict)  # busy seconds, all actors
     stage_seconds_per_image: dict[str, float] = field(default_factory=dict)
     errors: dict[str, int] = field(default_factory=dict)  # most frequent error messages
+    skipped_shards: int = 0  # committed by an earlier run
+    committed_shards: int = 0  # committed by this run
+    uncommitted_shards: int = 0  # left incomplete by this run (rerun to finish them)
+    output_rows: int = 0  # rows in the output's committed shards, all runs together
+    output_ok: int = 0
 
     def add(self, table: pa.Table) -> None:
         status = table.column("status").to_pylist()
@@ -251,7 +273,10 @@ class Summary:
     def text(self) -> str:
         lines = [
             f"ifrender: {self.name} done in {self.seconds:.1f} s -> {self.output}",
-            f"  rows {self.rows}: ok {self.ok}, error {self.error}; {self.images_per_second:.3f} images/s",
+            f"  this run: rows {self.rows}: ok {self.ok}, error {self.error}; {self.images_per_second:.3f} images/s; "
+            f"shards committed {self.committed_shards}, skipped (done before) {self.skipped_shards}, "
+            f"left incomplete {self.uncommitted_shards}",
+            f"  output: {self.output_rows} rows committed, {self.output_ok} ok",
             "  busy seconds per image by stage: "
             + ", ".join(f"{k} {v:.3f}" for k, v in self.stage_seconds_per_image.items()),
         ]
@@ -281,59 +306,96 @@ def to_metadata(table: pa.Table, last_stage: str) -> pa.Table:
     return pa.Table.from_arrays(columns, schema=METADATA_SCHEMA)
 
 
-def run(manifest: Manifest, overwrite: bool = False, progress: bool = True) -> Summary:
+def commit_shard(out: str, work: Work, run_id: str) -> bool:
+    """Write the shard's metadata, then its marker. The winner removes what killed runs left of
+    this shard; a loser removes its own files. Returns whether this run committed it."""
+    rows = sorted(work.carried + list(work.rows.values()), key=lambda r: r["row"])
+    shard, attempt = work.shard.index, work.attempt
+    metadata = f"shards/{shard:06d}-{attempt:03d}-{run_id}.parquet"
+    buf = pa.BufferOutputStream()
+    pq.write_table(pa.Table.from_pylist(rows, schema=METADATA_SCHEMA), buf)
+    write_bytes(join(out, metadata), buf.getvalue().to_pybytes())
+    seconds: dict[str, float] = {}
+    for r in work.rows.values():
+        for stage in (*MODEL_STAGES, "write"):
+            seconds[stage] = seconds.get(stage, 0.0) + (r.get(f"{stage}_seconds") or 0.0)
+    ok = sum(r["status"] == "ok" for r in rows)
+    commit = Commit(shard, attempt, metadata, len(rows), ok, len(rows) - ok, run_id, seconds)
+    won = try_commit(out, commit)
+    if won:
+        keep = {metadata} | {r["image_key"] for r in rows if r["image_key"]}
+        stale = list_prefix(join(out, f"images/{shard:06d}-")) + list_prefix(join(out, f"shards/{shard:06d}-"))
+        delete([u for u in stale if u[len(out.rstrip("/")) + 1 :] not in keep])
+    else:
+        log.warning("shard %d attempt %d was committed by another writer; dropping this run's copy", shard, attempt)
+        delete([join(out, metadata)] + list_prefix(join(out, image_dir(shard, run_id) + "/")))
+    return won
+
+
+def run(
+    manifest: Manifest,
+    overwrite: bool = False,
+    retry_errors: bool = False,
+    allow_changed: bool = False,
+    progress: bool = True,
+) -> Summary:
     started = time.perf_counter()
-    # 1. Everything that can fail without a model: output, input, weights.
+    out = manifest.output.path
+    # 1. Everything that can fail without a model: output, input, the job record, weights.
     prepare_output(manifest, overwrite)
     shards = plan_shards(manifest.input)
-    total = sum(s.num_rows for s in shards)
-    log.info("%s: %d rows in %d shards from %s", manifest.name, total, len(shards), manifest.input.path)
-    manifest = resolve_models(manifest)
+    check_job(out, manifest, allow_changed)
+    commits = list_commits(out)
+    work = work_left(out, shards, commits, retry_errors)
+    todo = sum(len(w.shard.only_rows) or w.shard.num_rows for w in work)
+    summary = Summary(manifest.name, out, skipped_shards=len(shards) - len(work))
+    log.info(
+        "%s: %d rows in %d shards; %d shards committed before, %d rows to render",
+        manifest.name,
+        sum(s.num_rows for s in shards),
+        len(shards),
+        len(commits),
+        todo,
+    )
+    if work:
+        manifest = resolve_models(manifest)
+        # 2. Ray, local or joined.
+        init_ray(manifest)
+        check_resources(manifest)
+        from ray.data import DataContext
 
-    # 2. Ray, local or joined.
-    init_ray(manifest)
-    check_resources(manifest)
-    from ray.data import DataContext
-
-    DataContext.get_current().enable_progress_bars = progress
-
-    # 3. The chain, then 4. stream its metadata rows back.
-    ds = build_dataset(manifest, shards)
-    summary = Summary(manifest.name, manifest.output.path)
-    pending: list[pa.Table] = []
-    part = 0
-    last_report = time.perf_counter()
-    for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-        table = to_metadata(block, manifest.last_stage)
-        summary.add(table)
-        pending.append(table)
-        if sum(t.num_rows for t in pending) >= manifest.output.metadata_rows_per_file:
-            _write_part(manifest.output.path, part, pending)
-            part, pending = part + 1, []
-        if time.perf_counter() - last_report > 5 or summary.rows == total:
-            last_report = time.perf_counter()
-            elapsed = last_report - started
-            log.info(
-                "progress: %d/%d rows (ok %d, error %d), %.2f images/s, %.0f s elapsed",
-                summary.rows,
-                total,
-                summary.ok,
-                summary.error,
-                summary.ok / elapsed,
-                elapsed,
-            )
-    if pending or part == 0:
-        _write_part(manifest.output.path, part, pending)
+        DataContext.get_current().enable_progress_bars = progress
+        # 3. The chain, then 4. stream its rows back and commit each shard when it is whole.
+        run_id = uuid.uuid4().hex[:8]
+        pending = {w.shard.index: w for w in work}
+        last_report = time.perf_counter()
+        for block in build_dataset(manifest, work, run_id).iter_batches(batch_size=None, batch_format="pyarrow"):
+            table = to_metadata(block, manifest.last_stage)
+            summary.add(table)
+            for row in table.to_pylist():
+                w = pending.get(row["shard"])
+                if w is None:
+                    continue  # a retried task's repeat of a shard already committed
+                w.rows[row["row"]] = row  # keyed by row: a repeated row counts once
+                if len(w.rows) == (len(w.shard.only_rows) or w.shard.num_rows):
+                    summary.committed_shards += commit_shard(out, pending.pop(row["shard"]), run_id)
+            if time.perf_counter() - last_report > 5 or not pending:
+                last_report = time.perf_counter()
+                elapsed = last_report - started
+                log.info(
+                    "progress: %d/%d rows (ok %d, error %d), %d/%d shards committed, %.2f images/s, %.0f s elapsed",
+                    summary.rows,
+                    todo,
+                    summary.ok,
+                    summary.error,
+                    summary.committed_shards,
+                    len(work),
+                    summary.ok / elapsed,
+                    elapsed,
+                )
+        summary.uncommitted_shards = len(pending)
     summary.finish(time.perf_counter() - started)
-
-    job = {"manifest": json.loads(manifest.model_dump_json()), "summary": asdict(summary)}
-    write_bytes(join(manifest.output.path, "job.json"), json.dumps(job, indent=2).encode())
+    index = write_index(out, list_commits(out))
+    summary.output_rows, summary.output_ok = index["rows"], index["ok"]
+    write_bytes(join(out, "summary.json"), json.dumps(asdict(summary), indent=2).encode())
     return summary
-
-
-def _write_part(out: str, part: int, tables: list[pa.Table]) -> None:
-    """One metadata file, written whole (see write_bytes) so a reader never sees half of it."""
-    table = pa.concat_tables(tables) if tables else METADATA_SCHEMA.empty_table()
-    buf = pa.BufferOutputStream()
-    pq.write_table(table.sort_by("id"), buf)
-    write_bytes(join(out, "metadata", f"part-{part:05d}.parquet"), buf.getvalue().to_pybytes())

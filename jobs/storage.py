@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import time
 import uuid
 from pathlib import Path
 
@@ -25,11 +27,14 @@ def s3_endpoint() -> str | None:
 def s3_filesystem() -> pafs.S3FileSystem:
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
     endpoint = s3_endpoint()
+    retry = pafs.AwsStandardS3RetryStrategy(max_attempts=_S3_ATTEMPTS)
     if not endpoint:
-        return pafs.S3FileSystem(region=region)
+        return pafs.S3FileSystem(region=region, retry_strategy=retry)
     # pyarrow does not read the endpoint variables itself: pass them on explicitly.
     scheme, _, host = endpoint.partition("://")
-    return pafs.S3FileSystem(region=region, endpoint_override=host or scheme, scheme=scheme if host else "https")
+    return pafs.S3FileSystem(
+        region=region, endpoint_override=host or scheme, scheme=scheme if host else "https", retry_strategy=retry
+    )
 
 
 def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
@@ -101,3 +106,101 @@ def check_output_writable(uri: str) -> None:
         raise StorageError(
             f"output.path {uri}: cannot reach {endpoint} ({err}). Fix: check the network, the endpoint and the credentials."
         ) from err
+
+
+# ---- objects: read, list, delete, create-once ----------------------------------------------
+
+_S3_ATTEMPTS = 10  # transient errors (503 SlowDown, resets, timeouts) retried with backoff
+
+
+def s3_client():
+    import boto3
+    from botocore.config import Config
+
+    return boto3.client("s3", config=Config(retries={"mode": "standard", "max_attempts": _S3_ATTEMPTS}))
+
+
+def _bucket_key(uri: str) -> tuple[str, str]:
+    bucket, _, key = uri[len("s3://") :].partition("/")
+    return bucket, key
+
+
+def read_bytes(uri: str) -> bytes | None:
+    """The whole object, or None when there is none."""
+    fs, path = resolve(uri)
+    try:
+        with fs.open_input_stream(path) as f:
+            return f.read()
+    except FileNotFoundError:
+        return None
+
+
+def list_prefix(uri: str) -> list[str]:
+    """Every object whose URI starts with `uri` (a directory or a name prefix), sorted."""
+    if is_s3(uri):
+        bucket, key = _bucket_key(uri)
+        found = []
+        for page in s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key):
+            found += [f"s3://{bucket}/{o['Key']}" for o in page.get("Contents", [])]
+        return sorted(found)
+    path = Path(resolve(uri)[1])
+    base = path if uri.endswith("/") else path.parent
+    if not base.is_dir():
+        return []
+    prefix = "" if uri.endswith("/") else path.name
+    found = []
+    for entry in base.iterdir():
+        if entry.name.startswith(prefix) and ".tmp-" not in entry.name:
+            found += [str(p) for p in entry.rglob("*") if p.is_file()] if entry.is_dir() else [str(entry)]
+    return sorted(found)
+
+
+def delete(uris: list[str]) -> None:
+    if not uris:
+        return
+    if is_s3(uris[0]):
+        client = s3_client()
+        for i in range(0, len(uris), 1000):
+            bucket = _bucket_key(uris[i])[0]
+            objects = [{"Key": _bucket_key(u)[1]} for u in uris[i : i + 1000]]
+            client.delete_objects(Bucket=bucket, Delete={"Objects": objects, "Quiet": True})
+        return
+    for uri in uris:
+        Path(uri).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # remove the directory once it is empty
+            Path(uri).parent.rmdir()
+
+
+def create_exclusive(uri: str, data: bytes) -> bool:
+    """Create an object only if none exists: True if this call created it, False if it existed.
+    S3: a conditional PUT (If-None-Match: *); 412 means another writer won, 409 means a racing
+    conditional write is in flight, so retry until it resolves. Locally: link() of a complete
+    temporary file, which fails if the name exists, so the object appears whole or not at all."""
+    if is_s3(uri):
+        from botocore.exceptions import ClientError
+
+        bucket, key = _bucket_key(uri)
+        client = s3_client()
+        for attempt in range(8):
+            try:
+                client.put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
+                return True
+            except ClientError as err:
+                status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+                if status == 412:
+                    return False
+                if status != 409:
+                    raise
+                time.sleep(0.1 * 2**attempt)
+        raise StorageError(f"{uri}: conditional writes kept conflicting (409) after 8 tries")
+    path = Path(resolve(uri)[1])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp-{uuid.uuid4().hex}")
+    tmp.write_bytes(data)
+    try:
+        os.link(tmp, path)
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        tmp.unlink()

@@ -67,11 +67,18 @@ def test_run_schedules_each_pool_on_its_gpu_share(tiny_root, tmp_path):
         sets += [f"{stage}.num_gpus={share}", f"{stage}.device=cpu"]
     result = ifrender("run", *[a for s in sets for a in ("--set", s)], "--quiet")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "rows 3: ok 3, error 0" in result.stdout
+    assert "this run: rows 3: ok 3, error 0" in result.stdout
     assert "busy seconds per image by stage: encode" in result.stdout
-    assert "progress: 3/3 rows" in result.stderr
-    rows = pq.read_table(out / "metadata").to_pylist()
+    assert "progress: 3/3 rows (ok 3, error 0), 1/1 shards committed" in result.stderr
+    status = ifrender("status", str(out))
+    assert status.returncode == 0 and "rows 3: done 3, failed 0, pending 0" in status.stdout
+    rows = pq.read_table(out / "shards").to_pylist()
     assert len(rows) == 3 and all(r["status"] == "ok" for r in rows)
     for stage in ("encode", "stage1", "stage2"):
         params = json.loads(rows[0][f"{stage}_params"])
         assert len(params["gpus"]) == 1 and params["device"] == "cpu", (stage, params)
+
+
+def test_status_of_a_missing_output_says_what_is_expected(tmp_path):
+    result = ifrender("status", str(tmp_path / "nothing"))
+    assert result.returncode == 1 and "no ifrender job here" in result.stderr

@@ -36,7 +36,7 @@ def test_local_tiny_runs_every_stage_on_cuda_in_fp16(tiny_root, tmp_path):
     result = ifrender("run", *[a for s in sets for a in ("--set", s)], "--quiet")
     print(result.stdout)
     assert result.returncode == 0, result.stderr[-3000:]
-    rows = pq.read_table(out / "metadata").to_pylist()
+    rows = pq.read_table(out / "shards").to_pylist()
     assert len(rows) == 32 and all(r["status"] == "ok" for r in rows)
     for stage in ("encode", "stage1", "stage2", "upscale"):
         params = json.loads(rows[0][f"{stage}_params"])

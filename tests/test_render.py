@@ -6,12 +6,14 @@ import json
 
 import boto3
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from jobs.render import OutputExistsError, run
-from jobs.storage import StorageError, resolve
+from jobs.commits import ChangedManifestError, list_commits
+from jobs.render import run
+from jobs.storage import StorageError, join, list_prefix, read_bytes
 from tests.conftest import manifest_for
 
 GOOD = [
@@ -42,20 +44,25 @@ def prompts(tmp_path_factory):
 
 
 def read_output(uri: str):
-    """(metadata rows sorted by id, {image_key: bytes}) read back through the storage layer."""
-    fs, path = resolve(uri)
-    table = pq.read_table(f"{path}/metadata", filesystem=fs)
-    rows = sorted(table.to_pylist(), key=lambda r: r["id"])
-    images = {}
-    for r in rows:
-        if r["image_key"]:
-            with fs.open_input_stream(f"{path}/{r['image_key']}") as f:
-                images[r["image_key"]] = f.read()
+    """(metadata rows sorted by id, {image_key: bytes}) read the way a consumer does: through
+    index.json. Also checks that nothing lies beside the committed files (no orphans)."""
+    index = json.loads(read_bytes(join(uri, "index.json")))
+    rows = []
+    for shard in index["shards"]:
+        rows += pq.read_table(pa.BufferReader(read_bytes(join(uri, shard["metadata"])))).to_pylist()
+    rows.sort(key=lambda r: r["id"])
+    images = {r["image_key"]: read_bytes(join(uri, r["image_key"])) for r in rows if r["image_key"]}
+    base = uri.rstrip("/") + "/"
+    assert {u[len(base) :] for u in list_prefix(join(uri, "images/"))} == set(images), "orphaned images"
+    assert {u[len(base) :] for u in list_prefix(join(uri, "shards/"))} == {s["metadata"] for s in index["shards"]}
+    assert index["rows"] == len(rows) and index["ok"] == len(images)
     return rows, images
 
 
 def check_complete(rows, images, size):
+    """Every input row exactly once; images decodable, of the right size, matching their digests."""
     assert len(rows) == len(LINES)
+    assert sorted(r["row"] for r in rows) == list(range(len(LINES)))
     assert len({r["id"] for r in rows}) == len(rows)
     ok = [r for r in rows if r["status"] == "ok"]
     assert len(ok) == OK_COUNT
@@ -91,7 +98,7 @@ def test_local_run_renders_every_good_row_and_reports_bad_ones(local_run):
     assert any("seed: expected an integer" in e and "not-a-seed" in e for e in errors)
     assert any("not valid JSON" in e for e in errors)
     corgi = next(r for r in rows if r["id"] == "corgi/1")
-    assert corgi["seed"] == 42 and corgi["image_key"].startswith("images/corgi_1-")
+    assert corgi["seed"] == 42 and "/corgi_1-" in corgi["image_key"]
     for r in rows:
         if r["status"] == "ok":
             assert all(r[f"{s}_seconds"] > 0 for s in ("encode", "stage1", "stage2", "upscale", "write"))
@@ -99,9 +106,10 @@ def test_local_run_renders_every_good_row_and_reports_bad_ones(local_run):
             assert r["upscale_model"].endswith("x4-upscaler-tiny") and r["last_stage"] == "upscale"
             assert r["source_file"].endswith("prompts.jsonl") and r["source_row"] >= 1
     assert (summary.rows, summary.ok, summary.error) == (len(LINES), OK_COUNT, len(LINES) - OK_COUNT)
+    assert summary.committed_shards == 3 and summary.uncommitted_shards == 0
     job = json.loads((out / "job.json").read_text())
-    assert job["summary"]["ok"] == OK_COUNT and job["manifest"]["stage1"]["num_inference_steps"] == 2
-    assert sorted(p.name for p in (out / "images").iterdir()) == sorted(k.split("/")[1] for k in images)
+    assert job["manifest"]["stage1"]["num_inference_steps"] == 2
+    assert json.loads((out / "summary.json").read_text())["ok"] == OK_COUNT
 
 
 @pytest.mark.slow
@@ -175,15 +183,50 @@ def test_s3_output_on_a_real_s3_server(ray_local, prompts, tiny_root):
     rows, images = read_output("s3://renders/nightly/run-1")
     check_complete(rows, images, 64)
     keys = {o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket="renders")["Contents"]}
-    assert {f"nightly/run-1/{k}" for k in images} <= keys and "nightly/run-1/job.json" in keys
+    assert {f"nightly/run-1/{k}" for k in images} <= keys and "nightly/run-1/commits/000000-000.json" in keys
 
 
 @pytest.mark.slow
-def test_existing_output_is_refused_unless_overwritten(local_run, prompts, tiny_root):
+def test_rerun_renders_nothing_and_changes_nothing(local_run, prompts, tiny_root):
     out, _ = local_run
-    manifest = manifest_for(tiny_root, f"input.path={prompts}", output=str(out))
-    with pytest.raises(OutputExistsError, match="--overwrite"):
+    before = read_output(str(out))
+    # pools and batch sizes may differ on a resume: they change no pixel
+    manifest = manifest_for(
+        tiny_root, f"input.path={prompts}", "input.shard_size=3", "stage1.batch_size=1", output=str(out)
+    )
+    summary = run(manifest, progress=False)
+    assert (summary.rows, summary.skipped_shards, summary.output_rows) == (0, 3, len(LINES))
+    assert read_output(str(out)) == before
+
+
+def test_changed_manifest_is_refused_naming_the_change(local_run, prompts, tiny_root):
+    out, _ = local_run
+    manifest = manifest_for(
+        tiny_root, f"input.path={prompts}", "input.shard_size=3", "stage1.num_inference_steps=3", output=str(out)
+    )
+    with pytest.raises(ChangedManifestError, match="stage1.num_inference_steps: 2 -> 3.*--allow-changed"):
         run(manifest, progress=False)
+
+
+@pytest.mark.slow
+def test_retry_errors_reruns_only_failed_rows_as_a_new_attempt(prompts, tiny_root, ray_local, tmp_path):
+    out = str(tmp_path / "retry")
+    run(
+        manifest_for(tiny_root, f"input.path={prompts}", "last_stage=stage1", "input.shard_size=3", output=out),
+        progress=False,
+    )
+    first, first_images = read_output(out)
+    summary = run(
+        manifest_for(tiny_root, f"input.path={prompts}", "last_stage=stage1", "input.shard_size=3", output=out),
+        retry_errors=True,
+        progress=False,
+    )
+    assert summary.rows == len(LINES) - OK_COUNT  # only the failed rows went through again
+    assert summary.skipped_shards == 1  # shard 2 (rows 6, 7) had no error
+    again, again_images = read_output(out)
+    check_complete(again, again_images, 16)
+    assert again_images == first_images and [r["id"] for r in again] == [r["id"] for r in first]
+    assert {s: c.attempt for s, c in list_commits(out).items()} == {0: 1, 1: 1, 2: 0}
 
 
 # ---- failures before any model work --------------------------------------------------------

@@ -1,4 +1,8 @@
-"""write: the last stage's image column in; image files (local or S3) and their `image_key`, `sha256`, `width`, `height` out."""
+"""write: the last stage's image column in; image files (local or S3) and their `image_key`, `sha256`, `width`, `height` out.
+
+Images go under `images/<shard>-<run>/`, one directory per shard and run, so a run that loses a
+shard's commit to another writer, or is killed, leaves nothing that a committed row points at.
+"""
 
 from __future__ import annotations
 
@@ -26,6 +30,10 @@ def image_name(row_id: str) -> str:
     return f"{safe.lstrip('.') or 'row'}-{hashlib.sha256(row_id.encode()).hexdigest()[:10]}"
 
 
+def image_dir(shard: int, run: str) -> str:
+    return f"images/{shard:06d}-{run}"
+
+
 def encode_image(pixels: np.ndarray, image_format: str, quality: int) -> bytes:
     buf = io.BytesIO()
     image = Image.fromarray(pixels, mode="RGB")
@@ -39,15 +47,16 @@ def encode_image(pixels: np.ndarray, image_format: str, quality: int) -> bytes:
 class WriteWorker:
     stage = "write"
 
-    def __init__(self, output: str, image_column: str, image_format: str = "png", quality: int = 95) -> None:
+    def __init__(self, output: str, run: str, image_column: str, image_format: str = "png", quality: int = 95) -> None:
         self.output = output
+        self.run = run
         self.image_column = image_column
         self.image_format = image_format
         self.quality = quality
         self.fs, _ = resolve(output)
 
     def __call__(self, batch: Batch) -> Batch:
-        require_columns(self.stage, batch, ROW_COLUMNS + (self.image_column,))
+        require_columns(self.stage, batch, ROW_COLUMNS + ("shard", self.image_column))
         n = len(batch["id"])
         images = batch[self.image_column]
         if images.ndim == 4 and images.shape[1] == 3 and images.dtype != np.uint8:
@@ -58,7 +67,7 @@ class WriteWorker:
         seconds = np.zeros(n)
         for i in np.flatnonzero(status == "ok"):
             start = time.perf_counter()
-            key = f"images/{image_name(str(batch['id'][i]))}.{EXTENSIONS[self.image_format]}"
+            key = f"{image_dir(int(batch['shard'][i]), self.run)}/{image_name(str(batch['id'][i]))}.{EXTENSIONS[self.image_format]}"
             try:
                 data = encode_image(images[i], self.image_format, self.quality)
                 write_bytes(join(self.output, key), data, self.fs)
