@@ -20,7 +20,7 @@ from jobs.storage import create_exclusive, join, list_prefix, read_bytes, write_
 
 _MARKER = re.compile(r"(\d{6})-(\d{3})\.json$")
 # Settings that change no pixel and no row: free to differ between a run and its resume.
-_RUNTIME_FIELDS = ("pool_size", "batch_size", "num_gpus", "num_cpus", "device")
+_RUNTIME_FIELDS = ("pool_size", "batch_size", "num_gpus", "num_cpus", "device", "watchdog_s")
 
 
 class ChangedManifestError(RuntimeError):
@@ -58,7 +58,10 @@ def list_commits(out: str) -> dict[int, Commit]:
                 latest[shard] = (attempt, uri)
     commits = {}
     for shard, (_, uri) in latest.items():
-        commits[shard] = Commit(**json.loads(read_bytes(uri) or b"{}"))
+        data = read_bytes(uri)
+        if data is None:
+            raise RuntimeError(f"{uri}: listed as a commit marker but cannot be read; run again to retry")
+        commits[shard] = Commit(**json.loads(data))
     return commits
 
 
@@ -90,7 +93,8 @@ def fingerprint(manifest: Manifest) -> dict[str, Any]:
             data[stage].pop(name)
     for name in ("name", "write", "ray"):
         data.pop(name)
-    data["output"] = {k: data["output"][k] for k in ("image_format", "quality")}
+    # webdataset is left out on purpose: turned on later, it derives tars for committed shards
+    data["output"] = {k: data["output"][k] for k in ("image_format", "quality", "embed_images")}
     return data
 
 

@@ -46,8 +46,15 @@ class OutputConfig(Strict):
     )
     image_format: Literal["png", "jpeg", "webp"] = Field("png", description="Image file format.")
     quality: int = Field(95, ge=1, le=100, description="JPEG/WebP quality (ignored for PNG).")
-    metadata_rows_per_file: int = Field(
-        10_000, ge=1, description="Rows per Parquet metadata file written by the driver."
+    embed_images: bool = Field(
+        False,
+        description="Also store each image's bytes in the shard's Parquet as a Hugging Face "
+        "datasets Image column, so datasets.load_dataset('parquet', ...) yields PIL images.",
+    )
+    webdataset: bool = Field(
+        False,
+        description="Also write each committed shard as a WebDataset tar (webdataset/NNNNNN.tar: "
+        "KEY.png, KEY.txt, KEY.json for its successful rows).",
     )
 
 
@@ -71,6 +78,12 @@ class ModelStageConfig(PoolConfig):
         description="Rows per model call (short calls are padded). Pixels are bit-identical "
         "for a fixed micro_batch whatever batch_size, pool size or neighbours; changing it can change "
         "them at float-rounding level, as kernels pick their algorithm by shape.",
+    )
+    watchdog_s: float = Field(
+        1800,
+        gt=0,
+        description="Seconds one call may run before its actor is taken as hung, "
+        "exits and has the batch retried on a fresh actor.",
     )
     device: Literal["auto", "cuda", "cpu"] = Field(
         "auto", description="auto: CUDA when num_gpus > 0, else CPU. cuda without a GPU is an error."

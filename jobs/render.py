@@ -24,6 +24,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from jobs.commits import Commit, check_job, list_commits, try_commit, write_index
+from jobs.formats import stale_tars, with_image_column, write_tar
 from jobs.inputs import Shard, plan_shards, read_shards, shard_items
 from jobs.manifest import MODEL_STAGES, Manifest
 from jobs.storage import check_output_writable, delete, join, list_prefix, read_bytes, write_bytes
@@ -103,6 +104,7 @@ class Work:
     attempt: int
     carried: list[dict] = field(default_factory=list)  # committed ok rows kept by a retry
     rows: dict[int, dict] = field(default_factory=dict)  # results so far, by global row
+    images: dict[int, bytes] = field(default_factory=dict)  # encoded images, when an output format needs them
 
 
 def work_left(out: str, shards: list[Shard], commits: dict[int, Commit], retry_errors: bool) -> list[Work]:
@@ -223,6 +225,7 @@ def build_dataset(manifest: Manifest, work: list[Work], run_id: str):
         image_column=f"{last}_image",
         image_format=out.image_format,
         quality=out.quality,
+        keep_bytes=out.embed_images or out.webdataset,
     )
 
 
@@ -244,6 +247,7 @@ class Summary:
     skipped_shards: int = 0  # committed by an earlier run
     committed_shards: int = 0  # committed by this run
     uncommitted_shards: int = 0  # left incomplete by this run (rerun to finish them)
+    max_uncommitted_rows: int = 0  # most rendered rows waiting for their shard: what a kill loses
     output_rows: int = 0  # rows in the output's committed shards, all runs together
     output_ok: int = 0
 
@@ -306,14 +310,22 @@ def to_metadata(table: pa.Table, last_stage: str) -> pa.Table:
     return pa.Table.from_arrays(columns, schema=METADATA_SCHEMA)
 
 
-def commit_shard(out: str, work: Work, run_id: str) -> bool:
+def commit_shard(out: str, work: Work, run_id: str, embed_images: bool = False, webdataset: bool = False) -> bool:
     """Write the shard's metadata, then its marker. The winner removes what killed runs left of
-    this shard; a loser removes its own files. Returns whether this run committed it."""
+    this shard and derives its tar; a loser removes its own files. Returns whether this run
+    committed it."""
     rows = sorted(work.carried + list(work.rows.values()), key=lambda r: r["row"])
     shard, attempt = work.shard.index, work.attempt
     metadata = f"shards/{shard:06d}-{attempt:03d}-{run_id}.parquet"
+    table = pa.Table.from_pylist(rows, schema=METADATA_SCHEMA)
+    if embed_images:
+        images = [
+            work.images.get(r["row"]) or (r["image_key"] and read_bytes(join(out, r["image_key"]))) or None
+            for r in rows
+        ]
+        table = with_image_column(table, images)
     buf = pa.BufferOutputStream()
-    pq.write_table(pa.Table.from_pylist(rows, schema=METADATA_SCHEMA), buf)
+    pq.write_table(table, buf)
     write_bytes(join(out, metadata), buf.getvalue().to_pybytes())
     seconds: dict[str, float] = {}
     for r in work.rows.values():
@@ -326,6 +338,8 @@ def commit_shard(out: str, work: Work, run_id: str) -> bool:
         keep = {metadata} | {r["image_key"] for r in rows if r["image_key"]}
         stale = list_prefix(join(out, f"images/{shard:06d}-")) + list_prefix(join(out, f"shards/{shard:06d}-"))
         delete([u for u in stale if u[len(out.rstrip("/")) + 1 :] not in keep])
+        if webdataset:
+            write_tar(out, shard, attempt, rows, work.images)
     else:
         log.warning("shard %d attempt %d was committed by another writer; dropping this run's copy", shard, attempt)
         delete([join(out, metadata)] + list_prefix(join(out, image_dir(shard, run_id) + "/")))
@@ -367,18 +381,25 @@ def run(
         DataContext.get_current().enable_progress_bars = progress
         # 3. The chain, then 4. stream its rows back and commit each shard when it is whole.
         run_id = uuid.uuid4().hex[:8]
+        o = manifest.output
         pending = {w.shard.index: w for w in work}
         last_report = time.perf_counter()
         for block in build_dataset(manifest, work, run_id).iter_batches(batch_size=None, batch_format="pyarrow"):
             table = to_metadata(block, manifest.last_stage)
             summary.add(table)
-            for row in table.to_pylist():
+            encoded = block.column("image_bytes").to_pylist() if "image_bytes" in block.column_names else None
+            for i, row in enumerate(table.to_pylist()):
                 w = pending.get(row["shard"])
                 if w is None:
                     continue  # a retried task's repeat of a shard already committed
                 w.rows[row["row"]] = row  # keyed by row: a repeated row counts once
+                if encoded and encoded[i] is not None:
+                    w.images[row["row"]] = encoded[i]
                 if len(w.rows) == (len(w.shard.only_rows) or w.shard.num_rows):
-                    summary.committed_shards += commit_shard(out, pending.pop(row["shard"]), run_id)
+                    won = commit_shard(out, pending.pop(row["shard"]), run_id, o.embed_images, o.webdataset)
+                    summary.committed_shards += won
+                open_rows = sum(len(p.rows) for p in pending.values())
+                summary.max_uncommitted_rows = max(summary.max_uncommitted_rows, open_rows)
             if time.perf_counter() - last_report > 5 or not pending:
                 last_report = time.perf_counter()
                 elapsed = last_report - started
@@ -394,8 +415,13 @@ def run(
                     elapsed,
                 )
         summary.uncommitted_shards = len(pending)
+    commits = list_commits(out)
+    if manifest.output.webdataset:  # tars a kill left missing or a retry made stale
+        for shard in stale_tars(out, commits):
+            done = pq.read_table(pa.BufferReader(read_bytes(join(out, commits[shard].metadata)))).to_pylist()
+            write_tar(out, shard, commits[shard].attempt, done, {})
     summary.finish(time.perf_counter() - started)
-    index = write_index(out, list_commits(out))
+    index = write_index(out, commits)
     summary.output_rows, summary.output_ok = index["rows"], index["ok"]
     write_bytes(join(out, "summary.json"), json.dumps(asdict(summary), indent=2).encode())
     return summary

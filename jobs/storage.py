@@ -88,7 +88,8 @@ def check_output_writable(uri: str) -> None:
     from botocore.exceptions import BotoCoreError, ClientError
 
     bucket = uri[len("s3://") :].split("/", 1)[0]
-    client = boto3.client("s3", config=Config(connect_timeout=5, read_timeout=10, retries={"max_attempts": 2}))
+    # A few tries ride out a passing 503; an unreachable endpoint still fails within seconds.
+    client = boto3.client("s3", config=Config(connect_timeout=5, read_timeout=10, retries={"max_attempts": 3}))
     try:
         client.head_bucket(Bucket=bucket)
     except ClientError as err:
@@ -126,7 +127,15 @@ def _bucket_key(uri: str) -> tuple[str, str]:
 
 
 def read_bytes(uri: str) -> bytes | None:
-    """The whole object, or None when there is none."""
+    """The whole object, or None when there is none. On S3 through boto3: pyarrow can report a
+    throttled HEAD as a missing object, and a commit marker taken for missing is a lost commit."""
+    if is_s3(uri):
+        bucket, key = _bucket_key(uri)
+        client = s3_client()
+        try:
+            return client.get_object(Bucket=bucket, Key=key)["Body"].read()
+        except client.exceptions.NoSuchKey:
+            return None
     fs, path = resolve(uri)
     try:
         with fs.open_input_stream(path) as f:
@@ -188,7 +197,9 @@ def create_exclusive(uri: str, data: bytes) -> bool:
             except ClientError as err:
                 status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
                 if status == 412:
-                    return False
+                    # A retried PUT whose first try landed but whose answer was lost also gets
+                    # 412: the object then holds exactly our bytes, and this call did create it.
+                    return client.get_object(Bucket=bucket, Key=key)["Body"].read() == data
                 if status != 409:
                     raise
                 time.sleep(0.1 * 2**attempt)

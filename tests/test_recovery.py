@@ -197,3 +197,65 @@ def test_two_jobs_on_one_output_commit_each_shard_once(where, tiny_root, tmp_pat
     assert sum(committed) == 8, committed
     runs = {json.loads(read_bytes(m))["run"] for m in markers}
     print(f"shards committed per job: {committed}, by {len(runs)} runs")
+
+
+# ---- transient S3 faults, hung and broken stages ---------------------------------------------
+
+
+@pytest.mark.slow
+def test_job_survives_s3_slowdowns_and_lost_answers(s3_server, tiny_root, tmp_path):
+    from tests.faulty_s3 import FaultyS3Proxy
+
+    boto3.client("s3").create_bucket(Bucket="flaky")
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("\n".join(PROMPTS[:8]) + "\n")
+    with FaultyS3Proxy(int(s3_server.rsplit(":", 1)[1])) as proxy:
+        secret = "ifrender-secret-4c1f9a"  # the server accepts any key; it must never be written out
+        env = os.environ | {
+            "RAY_AUTH_MODE": "disabled",
+            "AWS_ENDPOINT_URL_S3": proxy.endpoint,
+            "AWS_SECRET_ACCESS_KEY": secret,
+        }
+        env.pop("RAY_ADDRESS", None)
+        args = _args(tiny_root, prompts, "s3://flaky/job", "last_stage=stage1")
+        result = subprocess.run(
+            [sys.executable, "-m", "jobs.cli", *args], env=env, capture_output=True, text=True, timeout=600
+        )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert proxy.counts["503"] >= 5 and proxy.counts["dropped"] >= 3, proxy.counts
+    check_exactly_once("s3://flaky/job", 8)  # read back directly from the server, not the proxy
+    assert secret not in result.stdout + result.stderr
+    for uri in list_prefix("s3://flaky/job/"):
+        assert secret.encode() not in read_bytes(uri), uri
+
+
+HANG_OR_BREAK = """
+import sys, time, types
+import numpy as np
+from workers.common import StageWorker
+
+class Stuck(StageWorker):
+    stage, needs = "stuck", ()
+    def run(self, batch, rows):
+        if sys.argv[1] == "hang":
+            time.sleep(60)
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+    def blank(self, batch, n):
+        return {}
+
+cfg = types.SimpleNamespace(model="m", micro_batch=1, device="cpu", num_gpus=0, dtype="fp32", variant=None, watchdog_s=1)
+row = {k: np.array([v], dtype=object) for k, v in dict(id="a", prompt="p", negative_prompt="", seed=1, status="ok", error="").items()}
+Stuck(cfg, {})(row)
+print("returned")
+"""
+
+
+@pytest.mark.parametrize(
+    ("mode", "message"), [("hang", "ran over watchdog_s=1"), ("fatal", "fatal device error: CUDA error")]
+)
+def test_hung_or_broken_stage_exits_its_process_for_a_restart(mode, message):
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-c", HANG_OR_BREAK, mode], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and "returned" not in result.stdout
+    assert message in result.stderr and "exiting so Ray restarts this actor" in result.stderr
+    assert time.monotonic() - started < 30

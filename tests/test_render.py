@@ -261,3 +261,46 @@ def test_gpu_pools_without_gpus_fail_before_rendering(ray_local, prompts, tiny_r
     manifest = manifest_for(tiny_root, f"input.path={prompts}", "stage1.num_gpus=1", output=str(tmp_path / "o"))
     with pytest.raises(RuntimeError, match="stage1: asks for 1 GPU\\(s\\) per actor but this local Ray has 0"):
         run(manifest, progress=False)
+
+
+@pytest.mark.slow
+def test_outputs_load_with_datasets_and_webdataset(ray_local, prompts, tiny_root, tmp_path):
+    import datasets
+    import webdataset as wds
+
+    out = tmp_path / "formats"
+    args = (f"input.path={prompts}", "input.shard_size=3", "last_stage=stage1")
+    manifest = manifest_for(tiny_root, *args, "output.embed_images=true", "output.webdataset=true", output=str(out))
+    run(manifest, progress=False)
+    rows, images = read_output(str(out))
+    check_complete(rows, images, 16)
+
+    index = json.loads((out / "index.json").read_text())
+    files = [str(out / s["metadata"]) for s in index["shards"]]
+    ds = datasets.load_dataset("parquet", data_files=files, split="train", cache_dir=str(tmp_path / "hf"))
+    assert len(ds) == len(LINES)
+    for sample in ds:
+        if sample["status"] == "ok":
+            assert sample["image"].size == (16, 16) and sample["image"].mode == "RGB"
+            np.testing.assert_array_equal(
+                np.asarray(sample["image"]), np.asarray(Image.open(io.BytesIO(images[sample["image_key"]])))
+            )
+        else:
+            assert sample["image"] is None
+
+    tars = sorted(p.name for p in (out / "webdataset").glob("*.tar"))
+    assert tars == ["000000.tar", "000001.tar", "000002.tar"]
+    samples = list(wds.WebDataset([str(out / "webdataset" / t) for t in tars], shardshuffle=False).decode("pil"))
+    assert len(samples) == OK_COUNT  # successful rows only; failures stay in the Parquet
+    by_id = {r["id"]: r for r in rows}
+    for sample in samples:
+        meta = sample["json"]
+        assert sample["txt"] == by_id[meta["id"]]["prompt"] and sample["png"].size == (16, 16)
+        assert sample["__key__"] == f"{meta['row']:09d}"
+
+    # a tar lost after its commit (a kill between the two) is rebuilt by the next run
+    (out / "webdataset" / "000001.tar").unlink()
+    (out / "webdataset" / ".stamps" / "000001.json").unlink()
+    summary = run(manifest, progress=False)
+    assert summary.rows == 0 and (out / "webdataset" / "000001.tar").is_file()
+    assert len(list(wds.WebDataset(str(out / "webdataset" / "000001.tar"), shardshuffle=False))) == 1

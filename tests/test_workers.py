@@ -159,7 +159,7 @@ def test_a_failing_row_fails_alone():
         def blank(self, batch, n):
             return {"out": np.zeros(n)}
 
-    cfg = SimpleNamespace(model="m", micro_batch=2, device="cpu", num_gpus=0, dtype="fp32", variant=None)
+    cfg = SimpleNamespace(model="m", micro_batch=2, device="cpu", num_gpus=0, dtype="fp32", variant=None, watchdog_s=60)
     out = Picky(cfg, {})(rows(["good", "bad one", "fine"]))
     assert list(out["status"]) == ["ok", "error", "ok"]
     assert out["error"][1] == "picky: ValueError: cannot draw that"
@@ -231,3 +231,19 @@ def test_8bit_t5_loads_and_encodes_on_this_machine(tiny_root, workers):
         np.linalg.norm(out["prompt_embeds"], axis=-1) * np.linalg.norm(full, axis=-1)
     )
     assert cos.mean() > 0.9
+
+
+def test_out_of_memory_fails_rows_with_advice():
+    class Greedy(StageWorker):
+        stage, needs = "greedy", ("prompt",)
+
+        def run(self, batch, rows):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+        def blank(self, batch, n):
+            return {}
+
+    cfg = SimpleNamespace(model="m", micro_batch=4, device="cpu", num_gpus=0, dtype="fp32", variant=None, watchdog_s=60)
+    out = Greedy(cfg, {})(rows(["a", "b"]))
+    assert list(out["status"]) == ["error", "error"]
+    assert "out of GPU memory at micro_batch=4; lower micro_batch" in out["error"][0]

@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import threading
 import time
 import traceback
 from typing import Any
@@ -23,6 +25,21 @@ Batch = dict[str, np.ndarray]
 
 # Columns every row carries from the reader to the writer.
 ROW_COLUMNS = ("id", "prompt", "negative_prompt", "seed", "status", "error")
+
+
+# Errors after which a CUDA context is unusable: retrying in this process would fail forever.
+_FATAL_MARKERS = ("CUDA error", "CUBLAS_STATUS", "CUDNN_STATUS", "device-side assert", "illegal memory access")
+
+
+def is_fatal(err: BaseException) -> bool:
+    return type(err).__name__ == "AcceleratorError" or any(m in str(err) for m in _FATAL_MARKERS)
+
+
+def exit_for_restart(stage: str, reason: str) -> None:
+    """End this actor's process: Ray restarts the actor and retries its batch on the new one."""
+    log.error("%s: %s; exiting so Ray restarts this actor and retries the batch", stage, reason)
+    logging.shutdown()
+    os._exit(1)
 
 
 class MissingColumnsError(KeyError):
@@ -112,6 +129,19 @@ class StageWorker:
         raise NotImplementedError
 
     def __call__(self, batch: Batch) -> Batch:
+        # A batch that outlives the watchdog is taken as hung (a stuck kernel, a dead NCCL or
+        # filesystem call): the process exits and Ray retries the batch on a fresh actor.
+        watchdog = threading.Timer(
+            self.cfg.watchdog_s, exit_for_restart, (self.stage, f"a batch ran over watchdog_s={self.cfg.watchdog_s:g}")
+        )
+        watchdog.daemon = True
+        watchdog.start()
+        try:
+            return self._call(batch)
+        finally:
+            watchdog.cancel()
+
+    def _call(self, batch: Batch) -> Batch:
         require_columns(self.stage, batch, ROW_COLUMNS + self.needs)
         n = len(batch["id"])
         status = batch["status"].copy()
@@ -148,9 +178,14 @@ class StageWorker:
         start = time.perf_counter()
         try:
             values = self._run_micro_batches(batch, rows)
-        except (MissingColumnsError, torch.cuda.OutOfMemoryError):
+        except MissingColumnsError:
             raise
         except Exception as err:  # noqa: BLE001 - a row's failure is recorded, never raised
+            if is_fatal(err):
+                exit_for_restart(self.stage, f"fatal device error: {err}")
+            if isinstance(err, torch.cuda.OutOfMemoryError):
+                torch.cuda.empty_cache()
+                err = RuntimeError(f"out of GPU memory at micro_batch={self.micro_batch}; lower micro_batch or dtype")
             if len(rows) > 1:
                 log.warning("%s: batch of %d failed (%s); retrying row by row", self.stage, len(rows), err)
                 for row in rows:

@@ -47,9 +47,18 @@ def encode_image(pixels: np.ndarray, image_format: str, quality: int) -> bytes:
 class WriteWorker:
     stage = "write"
 
-    def __init__(self, output: str, run: str, image_column: str, image_format: str = "png", quality: int = 95) -> None:
+    def __init__(
+        self,
+        output: str,
+        run: str,
+        image_column: str,
+        image_format: str = "png",
+        quality: int = 95,
+        keep_bytes: bool = False,
+    ) -> None:
         self.output = output
         self.run = run
+        self.keep_bytes = keep_bytes  # hand the encoded bytes on (embedded images, WebDataset)
         self.image_column = image_column
         self.image_format = image_format
         self.quality = quality
@@ -64,6 +73,7 @@ class WriteWorker:
         status, error = batch["status"].copy(), batch["error"].copy()
         keys = np.full(n, None, dtype=object)
         digests = np.full(n, None, dtype=object)
+        encoded = np.full(n, None, dtype=object)
         seconds = np.zeros(n)
         for i in np.flatnonzero(status == "ok"):
             start = time.perf_counter()
@@ -75,6 +85,8 @@ class WriteWorker:
                 status[i], error[i] = "error", f"write: {type(err).__name__}: {err}"
                 continue
             keys[i], digests[i] = key, hashlib.sha256(data).hexdigest()
+            if self.keep_bytes:
+                encoded[i] = data
             seconds[i] = time.perf_counter() - start
 
         result = {k: v for k, v in batch.items() if k != self.image_column}
@@ -87,4 +99,6 @@ class WriteWorker:
             height=np.full(n, images.shape[1], dtype=np.int64),
             write_seconds=seconds,
         )
+        if self.keep_bytes:
+            result["image_bytes"] = encoded
         return result
