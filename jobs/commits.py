@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import json
 import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from jobs.manifest import MODEL_STAGES, Manifest
-from jobs.storage import create_exclusive, join, list_prefix, read_bytes, write_bytes
+from jobs.storage import create_exclusive, is_s3, join, list_prefix, read_bytes, write_bytes
 
 _MARKER = re.compile(r"(\d{6})-(\d{3})\.json$")
 # Settings that change no pixel and no row: free to differ between a run and its resume.
@@ -56,13 +57,19 @@ def list_commits(out: str) -> dict[int, Commit]:
             shard, attempt = int(match[1]), int(match[2])
             if attempt >= latest.get(shard, (-1, ""))[0]:
                 latest[shard] = (attempt, uri)
-    commits = {}
-    for shard, (_, uri) in latest.items():
+
+    def read(uri: str) -> Commit:
         data = read_bytes(uri)
         if data is None:
             raise RuntimeError(f"{uri}: listed as a commit marker but cannot be read; run again to retry")
-        commits[shard] = Commit(**json.loads(data))
-    return commits
+        return Commit(**json.loads(data))
+
+    uris = [uri for _, uri in latest.values()]
+    if not is_s3(out):
+        return dict(zip(latest, map(read, uris)))
+    # Markers are small and many: on S3 read them side by side, not one round trip after another.
+    with ThreadPoolExecutor(16) as pool:
+        return dict(zip(latest, pool.map(read, uris)))
 
 
 def try_commit(out: str, commit: Commit) -> bool:

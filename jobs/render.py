@@ -279,7 +279,8 @@ class Summary:
             f"ifrender: {self.name} done in {self.seconds:.1f} s -> {self.output}",
             f"  this run: rows {self.rows}: ok {self.ok}, error {self.error}; {self.images_per_second:.3f} images/s; "
             f"shards committed {self.committed_shards}, skipped (done before) {self.skipped_shards}, "
-            f"left incomplete {self.uncommitted_shards}",
+            f"left incomplete {self.uncommitted_shards}; at most {self.max_uncommitted_rows} rendered rows "
+            "awaited their shard's commit (what a kill would have lost)",
             f"  output: {self.output_rows} rows committed, {self.output_ok} ok",
             "  busy seconds per image by stage: "
             + ", ".join(f"{k} {v:.3f}" for k, v in self.stage_seconds_per_image.items()),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import time
 import uuid
@@ -115,10 +116,17 @@ _S3_ATTEMPTS = 10  # transient errors (503 SlowDown, resets, timeouts) retried w
 
 
 def s3_client():
+    """One client per process and endpoint: building one costs more than a small GET."""
+    return _new_s3_client(s3_endpoint())
+
+
+@functools.cache
+def _new_s3_client(endpoint: str | None):
     import boto3
     from botocore.config import Config
 
-    return boto3.client("s3", config=Config(retries={"mode": "standard", "max_attempts": _S3_ATTEMPTS}))
+    config = Config(retries={"mode": "standard", "max_attempts": _S3_ATTEMPTS}, max_pool_connections=32)
+    return boto3.client("s3", endpoint_url=endpoint, config=config)
 
 
 def _bucket_key(uri: str) -> tuple[str, str]:

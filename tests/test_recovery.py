@@ -125,6 +125,9 @@ def test_killed_driver_resumes_exactly_once(tiny_root, tmp_path):
     job.wait()
     first = len(list_commits(out))
     assert 1 <= first < len(PROMPTS) // 2, "the kill should land mid-run"
+    status = ifrender("status", out)
+    assert status.returncode == 0 and f"{len(PROMPTS) // 2} shards, {first} committed" in status.stdout
+    assert f"pending {len(PROMPTS) - 2 * first}" in status.stdout
 
     result = ifrender(*_args(tiny_root, prompts, out))
     assert result.returncode == 0, result.stderr[-3000:]

@@ -304,3 +304,41 @@ def test_outputs_load_with_datasets_and_webdataset(ray_local, prompts, tiny_root
     summary = run(manifest, progress=False)
     assert summary.rows == 0 and (out / "webdataset" / "000001.tar").is_file()
     assert len(list(wds.WebDataset(str(out / "webdataset" / "000001.tar"), shardshuffle=False))) == 1
+
+
+HOSTILE = [
+    {"prompt": "x" * 100_000},
+    {"prompt": "bell\x07 and null\x00 and escape\x1b[31m red"},
+    {"prompt": "dup a", "id": "same"},
+    {"prompt": "dup b", "id": "same"},  # same shard: fails
+    {"prompt": "dup c", "id": "same"},  # later shard: its own image directory
+    {"prompt": "up", "id": "../../etc/passwd"},
+    {"prompt": "abs", "id": "/abs/path"},
+    {"prompt": "ctl", "id": "tab\there\nnewline"},
+    {"prompt": "dots", "id": ".."},
+    {"prompt": "seed", "seed": "12abc"},
+    {"prompt": "seed", "seed": 1e30},
+    {"prompt": None, "id": 7},
+    {"prompt": {"nested": "object"}},
+]
+
+
+@pytest.mark.slow
+def test_hostile_rows_all_accounted_for_and_keys_stay_inside(ray_local, tiny_root, tmp_path):
+    path = tmp_path / "hostile.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in HOSTILE))
+    out = tmp_path / "out"
+    args = (f"input.path={path}", "input.shard_size=4", "last_stage=stage1")
+    summary = run(manifest_for(tiny_root, *args, output=str(out)), progress=False)
+    rows = pq.read_table(out / "shards").to_pylist()
+    assert len(rows) == len(HOSTILE) == summary.ok + summary.error  # rows in = ok + error
+    by_prompt = {r["prompt"]: r for r in rows}
+    assert by_prompt["dup b"]["status"] == "error" and "ids must be unique" in by_prompt["dup b"]["error"]
+    assert by_prompt["dup a"]["status"] == by_prompt["dup c"]["status"] == "ok"
+    assert by_prompt["dup a"]["image_key"] != by_prompt["dup c"]["image_key"]
+    assert {by_prompt[p]["status"] for p in ("x" * 100_000, "up", "abs", "ctl", "dots")} == {"ok"}
+    assert by_prompt["seed"]["status"] == "error"
+    for r in rows:
+        if r["image_key"]:
+            assert (out / r["image_key"]).resolve().is_relative_to(out / "images")
+            assert r["image_key"].isprintable() and ".." not in r["image_key"]

@@ -199,11 +199,11 @@ def test_write_converts_stage_images_and_fails_an_unwritable_row_alone(tmp_path,
 
 
 def test_image_names_are_distinct_for_distinct_ids():
-    ids = ["a/b", "a_b", "a:b", "..", ".", "x" * 300, "ok-id_1.2"]
+    ids = ["a/b", "a_b", "a:b", "..", ".", "x" * 300, "tab\there", "nul\x00", "/etc/passwd", "ok-id_1.2"]
     names = [image_name(i) for i in ids]
     assert len(set(names)) == len(ids)
     assert names[-1] == "ok-id_1.2"
-    assert all("/" not in n and not n.startswith(".") and len(n) < 140 for n in names)
+    assert all("/" not in n and not n.startswith(".") and len(n) < 140 and n.isprintable() for n in names)
 
 
 def test_fp16_variant_loads_the_fp16_files(tiny_root):

@@ -18,7 +18,7 @@ from jobs.storage import join, resolve, write_bytes
 from workers.common import ROW_COLUMNS, Batch, require_columns, to_uint8_hwc
 
 EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
-_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]|\.{2,}")  # anything outside a plain name, and any ".."
 
 
 def image_name(row_id: str) -> str:
