@@ -114,9 +114,9 @@ def work_left(out: str, shards: list[Shard], commits: dict[int, Commit], retry_e
         if commit is None:
             work.append(Work(shard, 0))
         elif retry_errors and commit.error:
-            table = pq.read_table(pa.BufferReader(read_bytes(join(out, commit.metadata))))
-            done = [r for r in table.to_pylist() if r["status"] == "ok"]
-            failed = tuple(r["row"] for r in table.to_pylist() if r["status"] != "ok")
+            rows = pq.read_table(pa.BufferReader(read_bytes(join(out, commit.metadata)))).to_pylist()
+            done = [r for r in rows if r["status"] == "ok"]
+            failed = tuple(r["row"] for r in rows if r["status"] != "ok")
             work.append(Work(replace(shard, only_rows=failed), commit.attempt + 1, carried=done))
     return work
 
