@@ -169,3 +169,11 @@ def test_s3_input_streams_from_a_real_s3_server(s3_server, tmp_path):
     rows = read_all(InputConfig(path="s3://inputs/prompts", shard_size=3))
     assert [r["prompt"] for r in rows] == PROMPTS + ["one more"]
     assert rows[-1]["source_file"] == "s3://inputs/prompts/part-1.txt"
+
+
+def test_explicit_format_overrides_the_extension(tmp_path):
+    path = tmp_path / "prompts.dat"
+    path.write_text('{"prompt": "a"}\n{"prompt": "b"}\n')
+    with pytest.raises(InputError, match="cannot tell the format from the extension.*set input.format"):
+        plan_shards(InputConfig(path=str(path)))
+    assert [r["prompt"] for r in read_all(InputConfig(path=str(path), format="jsonl"))] == ["a", "b"]

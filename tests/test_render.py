@@ -342,3 +342,26 @@ def test_hostile_rows_all_accounted_for_and_keys_stay_inside(ray_local, tiny_roo
         if r["image_key"]:
             assert (out / r["image_key"]).resolve().is_relative_to(out / "images")
             assert r["image_key"].isprintable() and ".." not in r["image_key"]
+
+
+def test_overwrite_empties_the_output_first(tmp_path, prompts, tiny_root):
+    from jobs.render import prepare_output
+
+    out = tmp_path / "old"
+    (out / "images" / "000000-x").mkdir(parents=True)
+    (out / "images" / "000000-x" / "a.png").write_bytes(b"old")
+    (out / "commits").mkdir()
+    (out / "commits" / "000000-000.json").write_text("{}")
+    manifest = manifest_for(tiny_root, f"input.path={prompts}", output=str(out))
+    prepare_output(manifest, overwrite=False)
+    assert (out / "commits" / "000000-000.json").exists()  # resuming keeps everything
+    prepare_output(manifest, overwrite=True)
+    assert not [p for p in out.rglob("*") if p.is_file()]
+
+
+def test_unknown_tiny_model_is_named(prompts, tiny_root, tmp_path):
+    from jobs.render import resolve_models
+
+    manifest = manifest_for(tiny_root, f"input.path={prompts}", "stage2.model=tiny:IF-III", output=str(tmp_path / "o"))
+    with pytest.raises(ValueError, match="stage2.model: unknown tiny model 'IF-III'; expected one of"):
+        resolve_models(manifest)
