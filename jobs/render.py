@@ -384,6 +384,7 @@ def run(
         run_id = uuid.uuid4().hex[:8]
         o = manifest.output
         pending = {w.shard.index: w for w in work}
+        open_rows = 0  # rendered rows whose shard is not committed yet
         last_report = time.perf_counter()
         for block in build_dataset(manifest, work, run_id).iter_batches(batch_size=None, batch_format="pyarrow"):
             table = to_metadata(block, manifest.last_stage)
@@ -393,13 +394,14 @@ def run(
                 w = pending.get(row["shard"])
                 if w is None:
                     continue  # a retried task's repeat of a shard already committed
+                open_rows += row["row"] not in w.rows
                 w.rows[row["row"]] = row  # keyed by row: a repeated row counts once
                 if encoded and encoded[i] is not None:
                     w.images[row["row"]] = encoded[i]
                 if len(w.rows) == (len(w.shard.only_rows) or w.shard.num_rows):
                     won = commit_shard(out, pending.pop(row["shard"]), run_id, o.embed_images, o.webdataset)
                     summary.committed_shards += won
-                open_rows = sum(len(p.rows) for p in pending.values())
+                    open_rows -= len(w.rows)
                 summary.max_uncommitted_rows = max(summary.max_uncommitted_rows, open_rows)
             if time.perf_counter() - last_report > 5 or not pending:
                 last_report = time.perf_counter()

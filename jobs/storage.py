@@ -1,4 +1,7 @@
-"""Local paths and s3:// URIs behind one small interface (pyarrow filesystems), plus fail-fast checks."""
+"""Local paths and s3:// URIs behind one small interface, plus fail-fast checks.
+
+Objects are written and read through one cached boto3 client per process on S3; pyarrow
+filesystems stream the input files."""
 
 from __future__ import annotations
 
@@ -51,22 +54,19 @@ def join(uri: str, *parts: str) -> str:
     return "/".join([uri.rstrip("/"), *parts])
 
 
-def write_bytes(uri: str, data: bytes, fs: pafs.FileSystem | None = None) -> None:
+def write_bytes(uri: str, data: bytes) -> None:
     """Write a whole object. Locally through a temporary name and a rename, so a reader never
-    sees a half-written file; on S3 a single PUT is atomic already."""
-    if fs is None:
-        fs, path = resolve(uri)
-    else:
-        path = resolve(uri)[1]
-    if isinstance(fs, pafs.LocalFileSystem):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
+    sees a half-written file; on S3 one PUT (atomic already) through the process's client."""
+    if is_s3(uri):
+        bucket, key = _bucket_key(uri)
+        s3_client().put_object(Bucket=bucket, Key=key, Body=data)
         return
-    with fs.open_output_stream(path) as f:
+    path = resolve(uri)[1]
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+    with open(tmp, "wb") as f:
         f.write(data)
+    os.replace(tmp, path)
 
 
 def check_output_writable(uri: str) -> None:

@@ -14,7 +14,7 @@ import time
 import numpy as np
 from PIL import Image
 
-from jobs.storage import join, resolve, write_bytes
+from jobs.storage import join, write_bytes
 from workers.common import ROW_COLUMNS, Batch, require_columns, to_uint8_hwc
 
 EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
@@ -62,7 +62,6 @@ class WriteWorker:
         self.image_column = image_column
         self.image_format = image_format
         self.quality = quality
-        self.fs, _ = resolve(output)
 
     def __call__(self, batch: Batch) -> Batch:
         require_columns(self.stage, batch, ROW_COLUMNS + ("shard", self.image_column))
@@ -80,7 +79,7 @@ class WriteWorker:
             key = f"{image_dir(int(batch['shard'][i]), self.run)}/{image_name(str(batch['id'][i]))}.{EXTENSIONS[self.image_format]}"
             try:
                 data = encode_image(images[i], self.image_format, self.quality)
-                write_bytes(join(self.output, key), data, self.fs)
+                write_bytes(join(self.output, key), data)
             except Exception as err:  # noqa: BLE001 - one unwritable image fails its row only
                 status[i], error[i] = "error", f"write: {type(err).__name__}: {err}"
                 continue
