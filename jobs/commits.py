@@ -21,7 +21,7 @@ from jobs.storage import create_exclusive, is_s3, join, list_prefix, read_bytes,
 
 _MARKER = re.compile(r"(\d{6})-(\d{3})\.json$")
 # Settings that change no pixel and no row: free to differ between a run and its resume.
-_RUNTIME_FIELDS = ("pool_size", "batch_size", "num_gpus", "num_cpus", "device", "watchdog_s")
+_RUNTIME_FIELDS = ("pool_size", "batch_size", "num_gpus", "num_cpus", "device", "watchdog_s", "resources")
 
 
 class ChangedManifestError(RuntimeError):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -63,6 +65,11 @@ class PoolConfig(Strict):
     batch_size: int = Field(4, ge=1, description="Rows per call of this stage's worker.")
     num_gpus: float = Field(0, ge=0, description="GPUs reserved per actor (fractions share a GPU).")
     num_cpus: float = Field(1, gt=0, description="Logical CPUs reserved per actor.")
+    resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Custom Ray resources reserved per actor, e.g. {ifrender_heavy: 1}: steers this "
+        "stage's pool to the nodes (worker groups) that declare them.",
+    )
 
 
 class ModelStageConfig(PoolConfig):
@@ -186,8 +193,52 @@ def _format_errors(source: str, err: ValidationError) -> str:
     return "\n".join(lines)
 
 
-def load_manifest(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Manifest:
-    """Read, override and validate a manifest; local input paths become absolute."""
+# Placeholders that input.path and output.path may hold, so that a scheduled job writes each
+# night to its own output and a re-run of the same night resumes it.
+PATH_FIELDS = ("input", "output")
+
+
+def template_values(run_date: str | None = None, run_id: str | None = None) -> dict[str, str]:
+    """{run_date} (YYYY-MM-DD, default today in UTC) and {run_id} (only when given)."""
+    import datetime as dt
+
+    run_date = run_date or os.environ.get("IFRENDER_RUN_DATE") or dt.datetime.now(dt.UTC).date().isoformat()
+    try:
+        dt.date.fromisoformat(run_date)
+    except ValueError:
+        raise ManifestError(f"--run-date {run_date!r}: expected a date as YYYY-MM-DD, e.g. 2026-11-22") from None
+    values = {"run_date": run_date}
+    run_id = run_id or os.environ.get("IFRENDER_RUN_ID")
+    if run_id:
+        if not re.fullmatch(r"[A-Za-z0-9._-]+", run_id):
+            raise ManifestError(f"--run-id {run_id!r}: expected letters, digits, '.', '_' or '-' only")
+        values["run_id"] = run_id
+    return values
+
+
+def _fill_paths(source: str, data: dict[str, Any], values: dict[str, str]) -> None:
+    for section in PATH_FIELDS:
+        node = data.get(section)
+        if not isinstance(node, dict) or not isinstance(node.get("path"), str):
+            continue
+        for name in re.findall(r"\{([^{}]*)\}", node["path"]):
+            if name not in values:
+                hint = "pass --run-id ID (or set IFRENDER_RUN_ID)" if name == "run_id" else "use {run_date} or {run_id}"
+                raise ManifestError(
+                    f"{source}: {section}.path {node['path']!r} holds the placeholder {{{name}}} but no value "
+                    f"for it; expected one of {sorted(values)}. Fix: {hint}."
+                )
+        node["path"] = re.sub(r"\{([^{}]*)\}", lambda m: values[m.group(1)], node["path"])
+
+
+def load_manifest(
+    path: str | Path | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    run_date: str | None = None,
+    run_id: str | None = None,
+) -> Manifest:
+    """Read, override and validate a manifest; fill {run_date}/{run_id} in paths; local input
+    paths become absolute."""
     path = Path(path) if path else DEFAULT_MANIFEST
     if not path.is_file():
         raise ManifestError(f"{path}: manifest not found. Fix: pass an existing YAML file, e.g. {DEFAULT_MANIFEST}")
@@ -199,6 +250,7 @@ def load_manifest(path: str | Path | None = None, overrides: list[str] | tuple[s
         raise ManifestError(f"{path}: expected a mapping of fields at the top level, found {type(data).__name__}")
     for assignment in overrides:
         _apply_override(data, assignment)
+    _fill_paths(str(path), data, template_values(run_date, run_id))
     source_path = data.get("input", {}).get("path") if isinstance(data.get("input"), dict) else None
     if isinstance(source_path, str) and "://" not in source_path and not Path(source_path).expanduser().is_absolute():
         data["input"]["path"] = str((path.parent / source_path).resolve())

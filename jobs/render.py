@@ -67,26 +67,33 @@ def tiny_models_dir() -> Path:
     return Path(os.environ.get("IFRENDER_CACHE", Path.home() / ".cache" / "ifrender")) / "tiny-models"
 
 
-def resolve_models(manifest: Manifest) -> Manifest:
-    """Turn `tiny:NAME` references into built local directories; check every model is on disk."""
+def resolve_tiny(manifest: Manifest) -> Manifest:
+    """Turn `tiny:NAME` references into built local directories."""
     from workers.tiny import TINY_REPOS, build_tiny_models
 
     updates = {}
     for stage in manifest.stages():
         cfg = getattr(manifest, stage)
-        model = cfg.model
-        if model.startswith("tiny:"):
-            name = model[len("tiny:") :]
+        if cfg.model.startswith("tiny:"):
+            name = cfg.model[len("tiny:") :]
             if name not in TINY_REPOS.values():
                 raise ValueError(
                     f"{stage}.model: unknown tiny model '{name}'; expected one of {sorted(TINY_REPOS.values())}"
                 )
             build_tiny_models(tiny_models_dir())
-            model = str(tiny_models_dir() / name)
-            updates[stage] = cfg.model_copy(update={"model": model})
-        if not cluster_address(manifest):  # on a cluster the workers, not the driver, hold weights
-            check_model_available(stage, model)
+            updates[stage] = cfg.model_copy(update={"model": str(tiny_models_dir() / name)})
     return manifest.model_copy(update=updates)
+
+
+def resolve_models(manifest: Manifest) -> Manifest:
+    """Build tiny models where named; check every model is on disk or on its S3 mirror."""
+    manifest = resolve_tiny(manifest)
+    for stage in manifest.stages():
+        model = getattr(manifest, stage).model
+        # On a cluster the workers, not the driver, hold weights; a mirror is checked from anywhere.
+        if not cluster_address(manifest) or model.startswith("s3://"):
+            check_model_available(stage, model)
+    return manifest
 
 
 def prepare_output(manifest: Manifest, overwrite: bool) -> None:
@@ -165,6 +172,16 @@ def check_resources(manifest: Manifest) -> None:
                 f"{stage}: asks for {cfg.num_gpus:g} GPU(s) per actor but this local Ray has {gpus:g}. "
                 f"Fix: --set {stage}.num_gpus=0 for a CPU run, or set ray.address to a GPU cluster."
             )
+    if not cluster_address(manifest):  # an autoscaling cluster adds nodes with them on demand
+        have = ray.cluster_resources()
+        for stage, cfg in pools(manifest).items():
+            missing = {k: v for k, v in cfg.resources.items() if have.get(k, 0) < v}
+            if missing:
+                raise RuntimeError(
+                    f"{stage}.resources: asks for {missing} per actor but this local Ray has "
+                    f"{ {k: have.get(k, 0) for k in missing} }. Fix: remove {stage}.resources for a local run "
+                    f"(they steer pools to worker groups on a cluster), or set ray.address to that cluster."
+                )
     wanted = sum(cfg.pool_size * cfg.num_gpus for cfg in pools(manifest).values())
     if wanted > gpus and not cluster_address(manifest):
         raise RuntimeError(
@@ -205,6 +222,7 @@ def build_dataset(manifest: Manifest, work: list[Work], run_id: str):
             batch_size=resources.batch_size,
             num_gpus=resources.num_gpus,
             num_cpus=resources.num_cpus,
+            resources=resources.resources or None,
             fn_constructor_kwargs=kwargs,
         )
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,8 @@ from jobs.manifest import DEFAULT_MANIFEST, load_manifest
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# Where workers sync S3 model mirrors: set before Ray starts so its workers inherit it.
+os.environ.setdefault("IFRENDER_MODEL_CACHE", tempfile.mkdtemp(prefix="ifrender-models-"))
 
 
 @pytest.fixture(scope="session")

@@ -78,3 +78,24 @@ def test_every_field_is_described():
             yield name
 
     assert len(list(walk(Manifest, ""))) > 50
+
+
+def test_paths_template_the_run_date_and_run_id(tmp_path):
+    m = load_manifest(None, ["output.path=s3://renders/nightly/{run_date}/{run_id}"], "2026-11-22", "night-7")
+    assert m.output.path == "s3://renders/nightly/2026-11-22/night-7"
+    # Without --run-id, {run_id} is an error that says how to give it; {run_date} defaults to today.
+    with pytest.raises(ManifestError, match=r"output.path .* placeholder \{run_id\} .* --run-id"):
+        load_manifest(None, ["output.path=/out/{run_id}"])
+    with pytest.raises(ManifestError, match=r"placeholder \{date\}.*use \{run_date\} or \{run_id\}"):
+        load_manifest(None, ["output.path=/out/{date}"], "2026-11-22")
+    with pytest.raises(ManifestError, match=r"--run-date '22/11/2026': expected a date as YYYY-MM-DD"):
+        load_manifest(None, ["output.path=/out/{run_date}"], "22/11/2026")
+
+
+def test_pool_resources_are_runtime_settings_not_part_of_the_images(tmp_path):
+    from jobs.commits import fingerprint
+
+    plain = load_manifest(None, ["output.path=/o"])
+    steered = load_manifest(None, ["output.path=/o", "stage1.resources={ifrender_heavy: 1}"])
+    assert steered.stage1.resources == {"ifrender_heavy": 1.0}
+    assert fingerprint(plain) == fingerprint(steered)  # moving a pool to other nodes resumes the job

@@ -263,6 +263,14 @@ def test_gpu_pools_without_gpus_fail_before_rendering(ray_local, prompts, tiny_r
         run(manifest, progress=False)
 
 
+def test_pools_steered_to_resources_this_ray_lacks_fail_before_rendering(ray_local, prompts, tiny_root, tmp_path):
+    manifest = manifest_for(
+        tiny_root, f"input.path={prompts}", "stage2.resources={ifrender_light: 1}", output=str(tmp_path / "o")
+    )
+    with pytest.raises(RuntimeError, match=r"stage2.resources: asks for \{'ifrender_light': 1.0\} per actor"):
+        run(manifest, progress=False)
+
+
 @pytest.mark.slow
 def test_outputs_load_with_datasets_and_webdataset(ray_local, prompts, tiny_root, tmp_path):
     import datasets

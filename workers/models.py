@@ -42,7 +42,17 @@ def is_local_path(source: str) -> bool:
 
 
 def check_model_available(stage: str, source: str) -> None:
-    """Fail before any GPU work when a model's files are not on this machine."""
+    """Fail before any GPU work when a model's files are not on this machine (or its mirror)."""
+    if source.startswith("s3://"):
+        from jobs.weights import mirror_has_checkpoint
+
+        if not mirror_has_checkpoint(source):
+            raise ModelLoadError(
+                f"{stage}: no staged checkpoint at {source} (expected {source.rstrip('/')}/model_index.json). "
+                f"Fix: stage it with `ifrender stage-models MANIFEST --to s3://BUCKET/PREFIX` and point "
+                f"{stage}.model at the printed location."
+            )
+        return
     path = Path(source).expanduser()
     if path.is_dir():
         if not (path / "model_index.json").is_file():
@@ -78,8 +88,18 @@ def quiet_progress_bars() -> None:
     transformers_logging.disable_progress_bar()
 
 
+def local_source(source: str) -> str:
+    """An s3:// mirror is synced to this node's disk first (once per node); the rest load as given."""
+    if source.startswith("s3://"):
+        from jobs.weights import sync_mirror
+
+        return str(sync_mirror(source))
+    return source
+
+
 def _load(stage: str, cls: Any, source: str, **kwargs: Any) -> Any:
     quiet_progress_bars()
+    source = local_source(source)
     try:
         return cls.from_pretrained(source, local_files_only=True, **kwargs)
     except (OSError, ValueError) as err:

@@ -1,0 +1,218 @@
+"""Stage the checkpoints a manifest names, and sync an S3 mirror of them to a worker's disk.
+
+`ifrender stage-models` copies, from the hub (with a token) or a local directory, only the files
+the manifest's stages load: the components each stage uses, in the weights variant it asks for,
+safetensors before pickles. Renders then load that copy offline (HF_HUB_OFFLINE=1): from a
+mounted directory, or from an s3:// mirror that each worker syncs to local disk when it starts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+from jobs.manifest import Manifest
+from jobs.storage import _bucket_key, is_s3, join, read_bytes, s3_client
+
+log = logging.getLogger("ifrender.weights")
+
+# Components a stage loads from its repo (upscale: all of them). The safety checker, its
+# feature extractor and the watermarker go with the image stages that apply them.
+SAFETY_COMPONENTS = ("safety_checker", "feature_extractor", "watermarker")
+ENCODE_COMPONENTS = ("text_encoder", "tokenizer")
+
+_WEIGHTS = re.compile(r"\.(safetensors|bin|ckpt|msgpack|h5|onnx|pb|pt|pth)$")
+_SHARD = r"(-\d{5}-of-\d{5})?"
+
+
+class StagingError(RuntimeError):
+    """Checkpoints that cannot be staged or synced; the message names the source and the fix."""
+
+
+def stage_components(stage: str, cfg, components: set[str]) -> set[str]:
+    """The component folders of a repo that `stage` loads."""
+    if stage == "encode":
+        return components & set(ENCODE_COMPONENTS)
+    if stage == "upscale":
+        return set(components)
+    keep = components - set(ENCODE_COMPONENTS)
+    if not getattr(cfg, "safety", False):
+        keep -= set(SAFETY_COMPONENTS)
+    return keep
+
+
+def _pick_weights(names: list[str], variant: str | None) -> list[str]:
+    """One set of weight files of one component folder: the variant's if it has one, else the
+    plain ones; safetensors over .bin; other frameworks' formats never."""
+
+    def of(v: str | None) -> list[str]:
+        if v:
+            pat = rf"^[\w]+\.{re.escape(v)}{_SHARD}\.(safetensors|bin)$|^[\w]+\.(safetensors|bin)\.index\.{re.escape(v)}\.json$"
+        else:
+            pat = rf"^[\w]+{_SHARD}\.(safetensors|bin)$|^[\w]+\.(safetensors|bin)\.index\.json$"
+        return [n for n in names if re.match(pat, n)]
+
+    chosen = (of(variant) if variant else []) or of(None)
+    if any(n.endswith(".safetensors") or ".safetensors.index" in n for n in chosen):
+        chosen = [n for n in chosen if n.endswith(".safetensors") or ".safetensors.index" in n]
+    return chosen
+
+
+def needed_files(listing: list[str], wanted: dict[str, str | None]) -> list[str]:
+    """Files of a repo listing (paths relative to its root) that the stages need.
+    `wanted` maps component folder -> weights variant (None: plain weights)."""
+    by_folder: dict[str, list[str]] = {}
+    for path in listing:
+        folder, _, name = path.rpartition("/")
+        by_folder.setdefault(folder, []).append(name)
+    keep = [p for p in listing if p == "model_index.json" or p.upper().startswith("LICENSE")]
+    for folder, variant in sorted(wanted.items()):
+        names = by_folder.get(folder, [])
+        other = [n for n in names if not _WEIGHTS.search(n) and ".index." not in n]
+        keep += [f"{folder}/{n}" for n in sorted(other + _pick_weights(names, variant))]
+    return keep
+
+
+def repo_plan(manifest: Manifest, token: str | None = None) -> dict[str, dict[str, str | None]]:
+    """source -> {component folder: variant}, over the stages the manifest runs."""
+    plan: dict[str, dict[str, str | None]] = {}
+    for stage in manifest.stages():
+        cfg = getattr(manifest, stage)
+        listing = _listing(cfg.model, token, folders_only=True)
+        for component in stage_components(stage, cfg, set(listing)):
+            plan.setdefault(cfg.model, {})[component] = cfg.variant
+    return plan
+
+
+def _is_local(source: str) -> bool:
+    return source.startswith((".", "/", "~")) or Path(source).expanduser().is_dir()
+
+
+def _listing(source: str, token: str | None, folders_only: bool = False) -> list[str]:
+    """Files of a checkpoint (relative paths), or its top-level folders."""
+    if _is_local(source):
+        root = Path(source).expanduser()
+        if not (root / "model_index.json").is_file():
+            raise StagingError(f"{source}: expected a checkpoint directory with model_index.json; found none there")
+        files = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+    else:
+        from huggingface_hub import HfApi
+
+        try:
+            files = sorted(HfApi(token=token).list_repo_files(source))
+        except Exception as err:  # network, auth, gating: all end the same way for the user
+            raise StagingError(
+                f"{source}: could not list the repo on the hub ({type(err).__name__}: {err}). Fix: set HF_TOKEN "
+                f"to a token whose account accepted the model's licence, on a machine that reaches the hub."
+            ) from err
+    if folders_only:
+        return sorted({f.split("/")[0] for f in files if "/" in f})
+    return files
+
+
+def destination(dest: str, source: str) -> str:
+    """Where a source lands: a hub id keeps its owner/name; a directory keeps its name."""
+    name = Path(source).expanduser().resolve().name if _is_local(source) else source
+    return join(dest, name) if is_s3(dest) else str(Path(dest) / name)
+
+
+def stage_models(manifest: Manifest, dest: str, token: str | None = None) -> dict[str, str]:
+    """Copy what the manifest's stages load to `dest` (directory or s3://); stage -> new model."""
+    copied: dict[str, str] = {}
+    for source, wanted in repo_plan(manifest, token).items():
+        files = needed_files(_listing(source, token), wanted)
+        target = destination(dest, source)
+        with tempfile.TemporaryDirectory() as tmp:
+            if _is_local(source):
+                root = Path(source).expanduser()
+            else:
+                from huggingface_hub import snapshot_download
+
+                root = Path(snapshot_download(source, allow_patterns=files, token=token, local_dir=tmp))
+            size = sum((root / f).stat().st_size for f in files)
+            log.info("staging %s: %d files, %.1f MB -> %s", source, len(files), size / 1e6, target)
+            for f in files:
+                _put(root / f, f"{target}/{f}" if is_s3(target) else str(Path(target) / f))
+        copied[source] = target
+    return {s: copied[getattr(manifest, s).model] for s in manifest.stages()}
+
+
+def _put(src: Path, uri: str) -> None:
+    if is_s3(uri):
+        bucket, key = _bucket_key(uri)
+        s3_client().upload_file(str(src), bucket, key)  # multipart for large files
+        return
+    path = Path(uri)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.part")
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, path)
+
+
+# ---- workers: an S3 mirror to local disk ---------------------------------------------------
+
+
+def model_cache_dir() -> Path:
+    return Path(os.environ.get("IFRENDER_MODEL_CACHE", Path.home() / ".cache" / "ifrender" / "models"))
+
+
+def mirror_has_checkpoint(uri: str) -> bool:
+    return read_bytes(join(uri, "model_index.json")) is not None
+
+
+def sync_mirror(uri: str, cache: Path | None = None) -> Path:
+    """Make a local copy of s3://bucket/prefix (a staged checkpoint) and return its directory.
+    Actors on one node share the copy: a file lock lets one download while the others wait,
+    and a stamp of (key, size, ETag) skips the download when the copy is current."""
+    bucket, prefix = _bucket_key(uri.rstrip("/") + "/")
+    target = (cache or model_cache_dir()) / bucket / prefix.rstrip("/")
+    target.mkdir(parents=True, exist_ok=True)
+    client = s3_client()
+    objects = []
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        objects += [(o["Key"][len(prefix) :], o["Size"], o["ETag"]) for o in page.get("Contents", [])]
+    if not any(name == "model_index.json" for name, _, _ in objects):
+        raise StagingError(
+            f"{uri}: no staged checkpoint there (expected {uri.rstrip('/')}/model_index.json). "
+            f"Fix: stage it with `ifrender stage-models MANIFEST --to s3://BUCKET/PREFIX`."
+        )
+    stamp = target / ".ifrender-sync.json"
+    wanted = json.dumps(sorted(objects))
+    with open(target.parent / f".{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if stamp.is_file() and stamp.read_text() == wanted:
+            return target
+        stamp.unlink(missing_ok=True)
+        for name, size, _ in objects:
+            path = target / name
+            if path.is_file() and path.stat().st_size == size and _etag_matches(path, name, objects):
+                continue
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.part")
+            client.download_file(bucket, prefix + name, str(tmp))
+            os.replace(tmp, path)
+        stamp.write_text(wanted)
+    log.info("synced %s -> %s (%d files)", uri, target, len(objects))
+    return target
+
+
+def _etag_matches(path: Path, name: str, objects: list) -> bool:
+    """A single-part ETag is the MD5 of the bytes; a multipart one can't be checked cheaply, so a
+    file of the right size is kept (a half-written file never has its final name)."""
+    import hashlib
+
+    etag = next(e for n, _, e in objects if n == name).strip('"')
+    if "-" in etag:
+        return True
+    md5 = hashlib.md5()
+    with open(path, "rb") as f, contextlib.suppress(OSError):
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            md5.update(chunk)
+    return md5.hexdigest() == etag
