@@ -21,7 +21,18 @@ from jobs.storage import create_exclusive, is_s3, join, list_prefix, read_bytes,
 
 _MARKER = re.compile(r"(\d{6})-(\d{3})\.json$")
 # Settings that change no pixel and no row: free to differ between a run and its resume.
-_RUNTIME_FIELDS = ("pool_size", "batch_size", "num_gpus", "num_cpus", "device", "watchdog_s", "resources")
+_RUNTIME_FIELDS = (
+    "pool_size",
+    "batch_size",
+    "num_gpus",
+    "num_cpus",
+    "device",
+    "watchdog_s",
+    "resources",
+    "offload",
+    "attention",
+    "compile",
+)
 
 
 class ChangedManifestError(RuntimeError):
@@ -98,7 +109,7 @@ def fingerprint(manifest: Manifest) -> dict[str, Any]:
     for stage in MODEL_STAGES:
         for name in _RUNTIME_FIELDS:
             data[stage].pop(name)
-    for name in ("name", "write", "ray"):
+    for name in ("name", "write", "ray", "contact_sheets"):
         data.pop(name)
     # webdataset is left out on purpose: turned on later, it derives tars for committed shards
     data["output"] = {k: data["output"][k] for k in ("image_format", "quality", "embed_images")}

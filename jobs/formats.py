@@ -13,6 +13,7 @@ import tarfile
 
 import pyarrow as pa
 
+from jobs.inputs import item_key
 from jobs.storage import join, list_prefix, read_bytes, write_bytes
 
 IMAGE_TYPE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
@@ -53,8 +54,9 @@ def write_tar(out: str, shard: int, attempt: int, rows: list[dict], images: dict
         for r in rows:
             if r["status"] != "ok":
                 continue
-            data = images.get(r["row"]) or read_bytes(join(out, r["image_key"]))
-            key = f"{r['row']:09d}"
+            index = r.get("image_index") or 0
+            data = images.get(item_key(r["row"], index)) or read_bytes(join(out, r["image_key"]))
+            key = f"{r['row']:09d}" + (f"_{index:02d}" if index else "")
             ext = r["image_key"].rsplit(".", 1)[-1]
             sample = {f: r.get(f) for f in SAMPLE_FIELDS}
             for name, payload in (

@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 from jobs.manifest import InputConfig
 from jobs.storage import StorageError, is_s3, resolve
 from workers.common import derive_seed
+from workers.params import MAX_IMAGES, OVERRIDE_COLUMNS, STAGE_PREFIXES, parse_overrides, row_mode
 
 EXTENSIONS = {
     ".parquet": "parquet",
@@ -33,7 +34,7 @@ EXTENSIONS = {
     ".txt": "text",
     ".text": "text",
 }
-COLUMNS = ("prompt", "negative_prompt", "seed", "id")
+COLUMNS = ("prompt", "negative_prompt", "seed", "id", "image", "mask_image") + OVERRIDE_COLUMNS
 MAX_SEED = 2**63
 
 
@@ -142,7 +143,8 @@ def _check_columns(uri: str, found: list[str]) -> None:
     if "prompt" not in found:
         raise InputError(
             f"{uri}: no 'prompt' column. Expected a column named prompt "
-            f"(optional: id, negative_prompt, seed); found {found[:20]}."
+            f"(optional: id, negative_prompt, seed, image, mask_image, num_images and per-row settings "
+            f"such as stage1_guidance_scale); found {found[:20]}."
         )
 
 
@@ -221,7 +223,7 @@ def _raw_records(shard: Shard) -> Iterator[tuple[int, dict[str, Any] | str]]:
     fs, path = resolve(shard.uri)
     if shard.format == "parquet":
         pf = pq.ParquetFile(fs.open_input_file(path))
-        columns = [c for c in COLUMNS if c in pf.schema_arrow.names]
+        columns = [c for c in pf.schema_arrow.names if c in COLUMNS or c.startswith(STAGE_PREFIXES)]
         stop, offset = shard.start + shard.num_rows, 0
         for rg in range(pf.num_row_groups):
             n = pf.metadata.row_group(rg).num_rows
@@ -285,7 +287,41 @@ def parse_seed(value: Any) -> int:
     return value
 
 
-def validate_row(record: dict[str, Any] | str, global_row: int, job_seed: int) -> dict[str, Any]:
+def load_image(field: str, value: Any, source: str) -> tuple[bytes | None, str]:
+    """An init image or mask as encoded bytes, from bytes, a datasets Image struct, a local path
+    (relative to the input file's directory) or an s3:// URI; (None, problem) when unusable."""
+    from PIL import Image, UnidentifiedImageError
+
+    where = "the row's bytes"
+    if isinstance(value, dict):  # a datasets Image column: {"bytes": ..., "path": ...}
+        value = value.get("bytes") or value.get("path")
+    if isinstance(value, (bytes, bytearray)):
+        data = bytes(value)
+    elif isinstance(value, str):
+        uri = value.strip()
+        if "://" not in uri and not uri.startswith("/"):
+            base = source.rsplit("/", 1)[0] if "/" in source else "."
+            uri = f"{base}/{uri}"
+        where = uri
+        try:
+            from jobs.storage import read_bytes
+
+            data = read_bytes(uri)
+        except Exception as err:  # noqa: BLE001 - any unreadable location fails the row only
+            return None, f"{field}: cannot read {uri} ({type(err).__name__}: {err})"
+        if data is None:
+            return None, f"{field}: {uri} not found; expected an image file (local path, s3:// URI) or bytes"
+    else:
+        return None, f"{field}: expected an image path, s3:// URI or bytes, found {_short(value)}"
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+    except (UnidentifiedImageError, OSError, ValueError) as err:
+        return None, f"{field}: {where} is not a readable image ({err}); expected PNG, JPEG or WebP"
+    return data, ""
+
+
+def validate_row(record: dict[str, Any] | str, global_row: int, job_seed: int, source: str = "") -> dict[str, Any]:
     """One output row from one input record; problems go into `error`, never raised."""
     errors: list[str] = []
     if isinstance(record, str):
@@ -311,6 +347,19 @@ def validate_row(record: dict[str, Any] | str, global_row: int, job_seed: int) -
         except (ValueError, TypeError, OverflowError):
             errors.append(f"seed: expected an integer in [0, 2**63), found {_short(seed)}")
             seed_value = 0
+
+    overrides, problems = parse_overrides(record)
+    errors += problems
+    images: dict[str, bytes | None] = {}
+    for field in ("image", "mask_image"):
+        value = record.get(field)
+        images[field] = None
+        if value is not None and value != "" and not errors:
+            images[field], problem = load_image(field, value, source)
+            if problem:
+                errors.append(problem)
+    if images["mask_image"] is not None and images["image"] is None and not errors:
+        errors.append("mask_image: given without image; inpainting needs both (or drop the mask for img2img)")
     return {
         "id": row_id,
         "prompt": prompt if isinstance(prompt, str) else ("" if prompt is None else str(prompt)),
@@ -318,11 +367,36 @@ def validate_row(record: dict[str, Any] | str, global_row: int, job_seed: int) -
         "seed": seed_value,
         "status": "error" if errors else "ok",
         "error": "; ".join(errors),
+        "params": json.dumps(overrides, sort_keys=True) if overrides else "",
+        "image": images["image"],
+        "mask_image": images["mask_image"],
+        "mode": row_mode(images["image"], images["mask_image"]),
+        "num_images": overrides.get("num_images"),
     }
 
 
-def read_shards(batch: dict[str, np.ndarray], job_seed: int) -> dict[str, np.ndarray]:
-    """Ray map_batches UDF: a batch of shard descriptions in, their validated rows out."""
+def item_key(row: int, image_index: int) -> int:
+    """One int per output: a row's images are items row * MAX_IMAGES + 0, 1, ..."""
+    return row * MAX_IMAGES + image_index
+
+
+def expand(row: dict[str, Any], num_images: int) -> list[dict[str, Any]]:
+    """A row's outputs: num_images copies with ids ID-0, ID-1, ... and distinct seeds. Image 0
+    keeps the row's seed, so raising num_images later keeps the first image as it was."""
+    k = 1 if row["status"] != "ok" else (row.pop("num_images") or num_images)
+    row.pop("num_images", None)
+    if k == 1:
+        return [row | {"image_index": 0}]
+    return [
+        row | {"id": f"{row['id']}-{i}", "seed": row["seed"] if i == 0 else derive_seed(row["seed"], f"image:{i}"),
+               "image_index": i}
+        for i in range(k)
+    ]  # fmt: skip
+
+
+def read_shards(batch: dict[str, np.ndarray], job_seed: int, num_images: int = 1) -> dict[str, np.ndarray]:
+    """Ray map_batches UDF: a batch of shard descriptions in, their validated rows out (a row
+    with num_images > 1 becomes that many output rows)."""
     rows = []
     for i in range(len(batch["index"])):
         fields = {k: _plain(batch[k][i]) for k in Shard.__dataclass_fields__}
@@ -330,20 +404,25 @@ def read_shards(batch: dict[str, np.ndarray], job_seed: int) -> dict[str, np.nda
         shard = Shard(**fields)
         wanted = set(shard.only_rows)
         first_seen: dict[str, int] = {}
+        shard_rows = []
         for n, (source_row, record) in enumerate(_raw_records(shard)):
             global_row = shard.first_row + n
-            row = validate_row(record, global_row, job_seed)
-            # Two rows with one id would share an image: the later one fails, the earlier renders.
-            earlier = first_seen.setdefault(row["id"], global_row)
-            if earlier != global_row and row["status"] == "ok":
-                row["status"] = "error"
-                row["error"] = f"id: {_short(row['id'])} is also the id of row {earlier}; ids must be unique"
-            if wanted and global_row not in wanted:
-                continue
-            row.update(row=global_row, shard=shard.index, source_file=shard.uri, source_row=source_row)
-            rows.append(row)
+            for row in expand(validate_row(record, global_row, job_seed, shard.uri), num_images):
+                # Two rows with one id would share an image: the later one fails, the earlier renders.
+                earlier = first_seen.setdefault(row["id"], global_row)
+                if earlier != global_row and row["status"] == "ok":
+                    row["status"] = "error"
+                    row["error"] = f"id: {_short(row['id'])} is also the id of row {earlier}; ids must be unique"
+                item = item_key(global_row, row["image_index"])
+                if wanted and item not in wanted:
+                    continue
+                row.update(row=global_row, item=item, shard=shard.index, source_file=shard.uri, source_row=source_row)
+                shard_rows.append(row)
+        for row in shard_rows:
+            row["shard_items"] = len(shard_rows)  # what the driver waits for before committing
+        rows += shard_rows
     columns = list(rows[0]) if rows else []
-    ints = ("seed", "row", "shard", "source_row")
+    ints = ("seed", "row", "item", "shard", "source_row", "image_index", "shard_items")
     return {c: np.array([r[c] for r in rows], dtype=np.int64 if c in ints else object) for c in columns}
 
 

@@ -95,6 +95,17 @@ class ModelStageConfig(PoolConfig):
     device: Literal["auto", "cuda", "cpu"] = Field(
         "auto", description="auto: CUDA when num_gpus > 0, else CPU. cuda without a GPU is an error."
     )
+    offload: Literal["none", "model", "sequential"] = Field(
+        "none",
+        description="CPU offload for small GPUs: model (whole models move to the GPU when used; "
+        "little slower) or sequential (layer by layer; least memory, much slower). CUDA only.",
+    )
+    attention: Literal["sdpa", "eager", "xformers"] = Field(
+        "sdpa",
+        description="Attention kernels: sdpa (PyTorch scaled_dot_product_attention), eager (plain "
+        "matmuls, the reference), xformers (needs the xformers package).",
+    )
+    compile: bool = Field(False, description="torch.compile the stage's UNet: slower start, faster steps on GPUs.")
 
 
 class EncodeConfig(ModelStageConfig):
@@ -113,12 +124,22 @@ class DiffusionStageConfig(ModelStageConfig):
 class Stage1Config(DiffusionStageConfig):
     num_inference_steps: int = Field(100, ge=1, description="Denoising steps (ignored when timesteps is set).")
     guidance_scale: float = Field(7.0, ge=0, description="Classifier-free guidance scale.")
+    strength: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="How far img2img/inpainting rows move from their image; none: the diffusers "
+        "default (0.7 img2img, 1.0 inpainting).",
+    )
 
 
 class Stage2Config(DiffusionStageConfig):
     num_inference_steps: int = Field(50, ge=1, description="Denoising steps (ignored when timesteps is set).")
     guidance_scale: float = Field(4.0, ge=0, description="Classifier-free guidance scale.")
     noise_level: int = Field(250, ge=0, le=1000, description="Noise added to the stage I image.")
+    strength: float | None = Field(
+        None, gt=0, le=1, description="img2img/inpainting strength at stage II; none: the diffusers default (0.8)."
+    )
 
 
 class UpscaleConfig(ModelStageConfig):
@@ -130,6 +151,29 @@ class UpscaleConfig(ModelStageConfig):
 class WriteConfig(PoolConfig):
     batch_size: int = Field(8, ge=1, description="Images encoded and stored per call.")
     num_cpus: float = Field(0.5, gt=0, description="Logical CPUs reserved per writer actor.")
+
+
+class SafetyConfig(Strict):
+    checker: bool | Literal["auto"] = Field(
+        "auto",
+        description="Run IF's safety checker on each final image and record its verdicts "
+        "(nsfw_detected, watermark_detected). auto: when the weights provide one; true: required.",
+    )
+    watermark: bool | Literal["auto"] = Field(
+        "auto", description="Apply IF's watermarker to each final image, as the IF pipelines do. auto: when provided."
+    )
+    model: str | None = Field(
+        None,
+        description="Checkpoint holding safety_checker/, feature_extractor/ and watermarker/ "
+        "(default: stage1.model, the IF-I repo).",
+    )
+    nsfw_threshold: float = Field(0.5, description="NSFW head score above which an image is flagged.")
+    watermark_threshold: float = Field(0.5, description="Watermark head score above which an image is flagged.")
+    on_flagged: Literal["blank", "error"] = Field(
+        "blank",
+        description="A flagged image: blank (black image, as the IF pipelines return) or error (no "
+        "image; the row fails with the verdict).",
+    )
 
 
 class RayConfig(Strict):
@@ -160,6 +204,17 @@ class Manifest(Strict):
     stage1: Stage1Config = Field(description="IF stage I: text to 64 px.")
     stage2: Stage2Config = Field(description="IF stage II: 64 px to 256 px.")
     upscale: UpscaleConfig = Field(description="Stable Diffusion x4 upscaler: 256 px to 1024 px.")
+    num_images: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Images per prompt row (a row's num_images column overrides it): each is its "
+        "own output row, id ID-N, with its own seed.",
+    )
+    safety: SafetyConfig = Field(default_factory=SafetyConfig, description="Safety checker and watermark.")
+    contact_sheets: bool = Field(
+        True, description="Write contact/NNNNNN.jpg per shard and contact/job.jpg: thumbnails with ids."
+    )
     write: WriteConfig = Field(default_factory=WriteConfig, description="Image encoding and storage.")
     ray: RayConfig = Field(default_factory=RayConfig, description="Ray cluster settings.")
 

@@ -24,11 +24,12 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from jobs.commits import Commit, check_job, list_commits, try_commit, write_index
+from jobs.contact import write_job_sheet, write_shard_sheet
 from jobs.formats import stale_tars, with_image_column, write_tar
-from jobs.inputs import Shard, plan_shards, read_shards, shard_items
+from jobs.inputs import Shard, item_key, plan_shards, read_shards, shard_items
 from jobs.manifest import MODEL_STAGES, Manifest
 from jobs.storage import check_output_writable, delete, join, list_prefix, read_bytes, write_bytes
-from workers.models import check_model_available
+from workers.models import ModelLoadError, check_model_available
 from workers.write import image_dir
 
 log = logging.getLogger("ifrender")
@@ -47,6 +48,11 @@ METADATA_SCHEMA = pa.schema(
         ("height", pa.int32()),
         ("last_stage", pa.string()),
         ("row", pa.int64()),
+        ("image_index", pa.int32()),
+        ("mode", pa.string()),
+        ("nsfw_detected", pa.bool_()),
+        ("watermark_detected", pa.bool_()),
+        ("watermarked", pa.bool_()),
         ("shard", pa.int64()),
         ("source_file", pa.string()),
         ("source_row", pa.int64()),
@@ -85,9 +91,37 @@ def resolve_tiny(manifest: Manifest) -> Manifest:
     return manifest.model_copy(update=updates)
 
 
+def safety_wanted(cfg) -> bool:
+    return cfg.checker is not False or cfg.watermark is not False
+
+
+def resolve_safety(manifest: Manifest) -> Manifest:
+    """safety.model defaults to stage1's checkpoint (IF-I carries the checker and watermarker);
+    where the driver can see that checkpoint, `auto` becomes on or off here, and a required
+    component that is missing fails the job before any model work."""
+    cfg = manifest.safety
+    model = cfg.model or manifest.stage1.model
+    if model.startswith("tiny:"):
+        model = str(tiny_models_dir() / model[len("tiny:") :])
+    updates: dict = {"model": model}
+    path = Path(model).expanduser()
+    if path.is_dir():
+        for field, folder in (("checker", "safety_checker"), ("watermark", "watermarker")):
+            have = (path / folder / "config.json").is_file()
+            value = getattr(cfg, field)
+            if value is True and not have:
+                raise ModelLoadError(
+                    f"safety.{field}: true, but {model} has no {folder}/. Fix: point safety.model at the IF-I "
+                    f"checkpoint, stage it with its {folder}/ (ifrender stage-models), or set safety.{field}: false."
+                )
+            if value == "auto":
+                updates[field] = have
+    return manifest.model_copy(update={"safety": cfg.model_copy(update=updates)})
+
+
 def resolve_models(manifest: Manifest) -> Manifest:
     """Build tiny models where named; check every model is on disk or on its S3 mirror."""
-    manifest = resolve_tiny(manifest)
+    manifest = resolve_safety(resolve_tiny(manifest))
     for stage in manifest.stages():
         model = getattr(manifest, stage).model
         # On a cluster the workers, not the driver, hold weights; a mirror is checked from anywhere.
@@ -112,6 +146,7 @@ class Work:
     carried: list[dict] = field(default_factory=list)  # committed ok rows kept by a retry
     rows: dict[int, dict] = field(default_factory=dict)  # results so far, by global row
     images: dict[int, bytes] = field(default_factory=dict)  # encoded images, when an output format needs them
+    thumbs: dict[int, bytes] = field(default_factory=dict)  # thumbnails for the contact sheet
 
 
 def work_left(out: str, shards: list[Shard], commits: dict[int, Commit], retry_errors: bool) -> list[Work]:
@@ -123,7 +158,7 @@ def work_left(out: str, shards: list[Shard], commits: dict[int, Commit], retry_e
         elif retry_errors and commit.error:
             rows = pq.read_table(pa.BufferReader(read_bytes(join(out, commit.metadata)))).to_pylist()
             done = [r for r in rows if r["status"] == "ok"]
-            failed = tuple(r["row"] for r in rows if r["status"] != "ok")
+            failed = tuple(item_key(r["row"], r["image_index"] or 0) for r in rows if r["status"] != "ok")
             work.append(Work(replace(shard, only_rows=failed), commit.attempt + 1, carried=done))
     return work
 
@@ -206,10 +241,11 @@ def build_dataset(manifest: Manifest, work: list[Work], run_id: str):
     embeds = ("prompt_embeds", "negative_prompt_embeds")
     last = manifest.last_stage
     # Each stage drops the tensors no later stage reads, so they leave the object store early.
+    inits = ("image", "mask_image")  # init images and masks: read by stages I and II only
     plan = {
         "encode": (EncodeWorker, ()),
-        "stage1": (Stage1Worker, embeds if last == "stage1" else ()),
-        "stage2": (Stage2Worker, embeds + ("stage1_image",)),
+        "stage1": (Stage1Worker, embeds + inits if last == "stage1" else ()),
+        "stage2": (Stage2Worker, embeds + inits + ("stage1_image",)),
         "upscale": (UpscaleWorker, ("stage2_image",)),
     }
     stages = manifest.stages()
@@ -227,12 +263,16 @@ def build_dataset(manifest: Manifest, work: list[Work], run_id: str):
         )
 
     ds = ray.data.from_items(shard_items([w.shard for w in work]), override_num_blocks=len(work))
-    ds = ds.map_batches(read_shards, batch_size=1, num_cpus=0.25, fn_kwargs={"job_seed": manifest.seed})
+    ds = ds.map_batches(
+        read_shards, batch_size=1, num_cpus=0.25, fn_kwargs={"job_seed": manifest.seed, "num_images": manifest.num_images}
+    )
     # Small blocks give each stage several tasks, so the stages overlap instead of taking turns.
     ds = ds.repartition(target_num_rows_per_block=block_rows)
     for stage in stages:
         worker, drop = plan[stage]
-        ds = pool(ds, worker, getattr(manifest, stage), cfg=getattr(manifest, stage), drop=drop)
+        # The last stage finishes its images with the safety checker and watermark.
+        safety = manifest.safety if stage == last and safety_wanted(manifest.safety) else None
+        ds = pool(ds, worker, getattr(manifest, stage), cfg=getattr(manifest, stage), drop=drop, safety=safety)
     out = manifest.output
     return pool(
         ds,
@@ -244,6 +284,7 @@ def build_dataset(manifest: Manifest, work: list[Work], run_id: str):
         image_format=out.image_format,
         quality=out.quality,
         keep_bytes=out.embed_images or out.webdataset,
+        thumbnails=manifest.contact_sheets,
     )
 
 
@@ -265,6 +306,8 @@ class Summary:
     skipped_shards: int = 0  # committed by an earlier run
     committed_shards: int = 0  # committed by this run
     uncommitted_shards: int = 0  # left incomplete by this run (rerun to finish them)
+    encodes: float = 0.0  # T5 encoder inputs actually encoded (distinct texts, per batch)
+    encode_texts: int = 0  # texts the rows asked to encode (prompt + negative per row)
     max_uncommitted_rows: int = 0  # most rendered rows waiting for their shard: what a kill loses
     output_rows: int = 0  # rows in the output's committed shards, all runs together
     output_ok: int = 0
@@ -300,6 +343,8 @@ class Summary:
             f"left incomplete {self.uncommitted_shards}; at most {self.max_uncommitted_rows} rendered rows "
             "awaited their shard's commit (what a kill would have lost)",
             f"  output: {self.output_rows} rows committed, {self.output_ok} ok",
+            f"  T5: {self.encode_texts} texts, {self.encodes:.0f} encoded, "
+            f"{self.encode_texts - round(self.encodes)} saved by deduplication",
             "  busy seconds per image by stage: "
             + ", ".join(f"{k} {v:.3f}" for k, v in self.stage_seconds_per_image.items()),
         ]
@@ -333,13 +378,13 @@ def commit_shard(out: str, work: Work, run_id: str, embed_images: bool = False, 
     """Write the shard's metadata, then its marker. The winner removes what killed runs left of
     this shard and derives its tar; a loser removes its own files. Returns whether this run
     committed it."""
-    rows = sorted(work.carried + list(work.rows.values()), key=lambda r: r["row"])
+    rows = sorted(work.carried + list(work.rows.values()), key=lambda r: (r["row"], r["image_index"] or 0))
     shard, attempt = work.shard.index, work.attempt
     metadata = f"shards/{shard:06d}-{attempt:03d}-{run_id}.parquet"
     table = pa.Table.from_pylist(rows, schema=METADATA_SCHEMA)
     if embed_images:
         images = [
-            work.images.get(r["row"]) or (r["image_key"] and read_bytes(join(out, r["image_key"]))) or None
+            work.images.get(item_key(r["row"], r["image_index"] or 0)) or (r["image_key"] and read_bytes(join(out, r["image_key"]))) or None
             for r in rows
         ]
         table = with_image_column(table, images)
@@ -408,16 +453,26 @@ def run(
             table = to_metadata(block, manifest.last_stage)
             summary.add(table)
             encoded = block.column("image_bytes").to_pylist() if "image_bytes" in block.column_names else None
+            thumbs = block.column("thumbnail").to_pylist() if "thumbnail" in block.column_names else None
+            expected = block.column("shard_items").to_pylist()
+            if "encode_encoded" in block.column_names:
+                summary.encodes += sum(block.column("encode_encoded").to_pylist())
+                summary.encode_texts += sum(block.column("encode_texts").to_pylist())
             for i, row in enumerate(table.to_pylist()):
                 w = pending.get(row["shard"])
                 if w is None:
                     continue  # a retried task's repeat of a shard already committed
-                open_rows += row["row"] not in w.rows
-                w.rows[row["row"]] = row  # keyed by row: a repeated row counts once
+                item = item_key(row["row"], row["image_index"])
+                open_rows += item not in w.rows
+                w.rows[item] = row  # keyed by output: a repeated row counts once
                 if encoded and encoded[i] is not None:
-                    w.images[row["row"]] = encoded[i]
-                if len(w.rows) == (len(w.shard.only_rows) or w.shard.num_rows):
+                    w.images[item] = encoded[i]
+                if thumbs and thumbs[i] is not None:
+                    w.thumbs[item] = thumbs[i]
+                if len(w.rows) == expected[i]:
                     won = commit_shard(out, pending.pop(row["shard"]), run_id, o.embed_images, o.webdataset)
+                    if won and manifest.contact_sheets:
+                        write_shard_sheet(out, w)
                     summary.committed_shards += won
                     open_rows -= len(w.rows)
                 summary.max_uncommitted_rows = max(summary.max_uncommitted_rows, open_rows)
@@ -441,6 +496,8 @@ def run(
         for shard in stale_tars(out, commits):
             done = pq.read_table(pa.BufferReader(read_bytes(join(out, commits[shard].metadata)))).to_pylist()
             write_tar(out, shard, commits[shard].attempt, done, {})
+    if manifest.contact_sheets and commits:
+        write_job_sheet(out, commits)
     summary.finish(time.perf_counter() - started)
     index = write_index(out, commits)
     summary.output_rows, summary.output_ok = index["rows"], index["ok"]

@@ -27,8 +27,9 @@ def status(out: str, show_all: bool = False, top_errors: int = 5) -> str:
     for shard in shards:
         commit = commits.get(shard.index)
         done, failed = (commit.ok, commit.error) if commit else (0, 0)
-        pending = shard.num_rows - done - failed
-        totals.update(rows=shard.num_rows, done=done, failed=failed, pending=pending)
+        # A committed shard has nothing pending (rows with num_images > 1 are several outputs).
+        pending = 0 if commit else shard.num_rows
+        totals.update(rows=done + failed + pending, done=done, failed=failed, pending=pending)
         if commit and commit.error:
             table = pq.read_table(pa.BufferReader(read_bytes(join(out, commit.metadata))), columns=["error"])
             errors.update(e[:160] for e in table.column("error").to_pylist() if e)

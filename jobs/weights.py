@@ -37,15 +37,10 @@ class StagingError(RuntimeError):
 
 
 def stage_components(stage: str, cfg, components: set[str]) -> set[str]:
-    """The component folders of a repo that `stage` loads."""
+    """The component folders of a repo that `stage` loads (the safety ones are planned apart)."""
     if stage == "encode":
         return components & set(ENCODE_COMPONENTS)
-    if stage == "upscale":
-        return set(components)
-    keep = components - set(ENCODE_COMPONENTS)
-    if not getattr(cfg, "safety", False):
-        keep -= set(SAFETY_COMPONENTS)
-    return keep
+    return components - set(ENCODE_COMPONENTS) - set(SAFETY_COMPONENTS)
 
 
 def _pick_weights(names: list[str], variant: str | None) -> list[str]:
@@ -88,6 +83,15 @@ def repo_plan(manifest: Manifest, token: str | None = None) -> dict[str, dict[st
         listing = _listing(cfg.model, token, folders_only=True)
         for component in stage_components(stage, cfg, set(listing)):
             plan.setdefault(cfg.model, {})[component] = cfg.variant
+    safety = manifest.safety
+    wanted = (("safety_checker", "feature_extractor") if safety.checker is not False else ()) + (
+        ("watermarker",) if safety.watermark is not False else ()
+    )
+    if wanted:  # the last stage's checker and watermarker, from the IF-I checkpoint by default
+        source = safety.model or manifest.stage1.model
+        listing = _listing(source, token, folders_only=True)
+        for component in set(wanted) & set(listing):
+            plan.setdefault(source, {})[component] = manifest.stage1.variant
     return plan
 
 

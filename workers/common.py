@@ -96,7 +96,7 @@ class StageWorker:
     stage: str = ""
     needs: tuple[str, ...] = ()
 
-    def __init__(self, cfg: Any, params: dict[str, Any], drop: tuple[str, ...] = ()) -> None:
+    def __init__(self, cfg: Any, params: dict[str, Any], drop: tuple[str, ...] = (), safety: Any = None) -> None:
         from workers.models import pick_device
 
         self.cfg = cfg
@@ -105,14 +105,28 @@ class StageWorker:
         self.drop = drop
         self.device = pick_device(self.stage, cfg.device, cfg.num_gpus)
         # Recorded with every row: what rendered it, with which settings, on which device.
-        common = {
+        self.common = {
             "dtype": cfg.dtype,
             "variant": cfg.variant,
             "micro_batch": cfg.micro_batch,
             "device": str(self.device),
             "gpus": _ray_gpu_ids(),
-        }
-        self.params_json = json.dumps(common | params, sort_keys=True)
+            "offload": cfg.offload,
+            "attention": cfg.attention,
+            "compile": cfg.compile,
+        } | params
+        self.params_json = json.dumps(self.common, sort_keys=True)
+        # The last image stage finishes each image as the IF pipelines do: checker, watermark.
+        self.safety = None
+        if safety is not None:
+            from workers.safety import Safety
+
+            self.safety = Safety.load(safety, self.device)
+
+    def row_params(self, batch: Batch, row: int) -> dict[str, Any]:
+        """This stage's settings for one row (per-row overrides merged); rows with equal
+        settings run together."""
+        return {}
 
     def tensor(self, batch: Batch, column: str, rows: np.ndarray) -> torch.Tensor:
         """Rows of a column as a tensor on this stage's device and dtype."""
@@ -120,8 +134,8 @@ class StageWorker:
 
         return torch.from_numpy(batch[column][rows]).to(self.device, DTYPES[self.cfg.dtype])
 
-    def run(self, batch: Batch, rows: np.ndarray) -> Batch:
-        """Compute the new columns for `rows` (indexes of ok rows) of `batch`."""
+    def run(self, batch: Batch, rows: np.ndarray, params: dict[str, Any]) -> Batch:
+        """Compute the new columns for `rows` (indexes of ok rows, all with settings `params`)."""
         raise NotImplementedError
 
     def blank(self, batch: Batch, n: int) -> Batch:
@@ -147,19 +161,31 @@ class StageWorker:
         status = batch["status"].copy()
         error = batch["error"].copy()
         out = self.blank(batch, n)
+        if self.safety is not None:
+            out.update(self.safety.blank(n))
         seconds = np.zeros(n, dtype=np.float64)
-        self._run_isolating(batch, np.flatnonzero(status == "ok"), out, seconds, status, error)
+        params_json = np.full(n, self.params_json, dtype=object)
+        groups: dict[str, list[int]] = {}
+        settings: dict[str, dict[str, Any]] = {}
+        for row in np.flatnonzero(status == "ok"):
+            params = self.row_params(batch, int(row))
+            key = json.dumps(params, sort_keys=True)
+            groups.setdefault(key, []).append(int(row))
+            settings[key] = params
+        for key, rows in groups.items():
+            params_json[rows] = json.dumps(self.common | settings[key], sort_keys=True)
+            self._run_isolating(batch, np.array(rows), settings[key], out, seconds, status, error)
 
         result = {k: v for k, v in batch.items() if k not in self.drop}
         result.update(out)
         result["status"] = status
         result["error"] = error
         result[f"{self.stage}_model"] = np.full(n, self.model, dtype=object)
-        result[f"{self.stage}_params"] = np.full(n, self.params_json, dtype=object)
+        result[f"{self.stage}_params"] = params_json
         result[f"{self.stage}_seconds"] = seconds
         return result
 
-    def _run_micro_batches(self, batch: Batch, rows: np.ndarray) -> Batch:
+    def _run_micro_batches(self, batch: Batch, rows: np.ndarray, params: dict[str, Any]) -> Batch:
         """Call `run` on exactly `micro_batch` rows at a time, padding the last call with copies
         of its last row. Kernels pick their algorithm from the whole tensor shape, so one fixed
         shape per stage is what makes a row's pixels independent of batch size and neighbours."""
@@ -168,16 +194,19 @@ class StageWorker:
         for i in range(0, len(rows), mb):
             chunk = rows[i : i + mb]
             padded = np.concatenate([chunk, np.repeat(chunk[-1:], mb - len(chunk))])
-            parts.append({k: v[: len(chunk)] for k, v in self.run(batch, padded).items()})
+            values = self.run(batch, padded, params)
+            if self.safety is not None:
+                values = self.safety.finish(values, f"{self.stage}_image")
+            parts.append({k: v[: len(chunk)] for k, v in values.items()})
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
-    def _run_isolating(self, batch, rows, out, seconds, status, error) -> None:
+    def _run_isolating(self, batch, rows, params, out, seconds, status, error) -> None:
         """Run `rows` together; if that fails, run each alone so only the failing row errors."""
         if len(rows) == 0:
             return
         start = time.perf_counter()
         try:
-            values = self._run_micro_batches(batch, rows)
+            values = self._run_micro_batches(batch, rows, params)
         except MissingColumnsError:
             raise
         except Exception as err:  # noqa: BLE001 - a row's failure is recorded, never raised
@@ -189,7 +218,7 @@ class StageWorker:
             if len(rows) > 1:
                 log.warning("%s: batch of %d failed (%s); retrying row by row", self.stage, len(rows), err)
                 for row in rows:
-                    self._run_isolating(batch, np.array([row]), out, seconds, status, error)
+                    self._run_isolating(batch, np.array([row]), params, out, seconds, status, error)
                 return
             row = int(rows[0])
             status[row] = "error"
@@ -197,6 +226,11 @@ class StageWorker:
             log.warning("%s: row %s failed:\n%s", self.stage, batch["id"][row], traceback.format_exc())
             return
         elapsed = time.perf_counter() - start
+        flagged = values.pop("flagged", None)
         for column, value in values.items():
             out[column][rows] = value
         seconds[rows] = elapsed / len(rows)
+        if flagged is not None:  # on_flagged=error: the checker's verdict fails the row
+            for row, reason in zip(rows, flagged):
+                if reason:
+                    status[row], error[row] = "error", f"{self.stage}: safety checker: {reason}"

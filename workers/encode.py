@@ -1,6 +1,9 @@
-"""encode: `prompt`, `negative_prompt` in; T5-XXL `prompt_embeds`, `negative_prompt_embeds` out."""
+"""encode: `prompt`, `negative_prompt` in; T5-XXL `prompt_embeds`, `negative_prompt_embeds` out,
+plus `encode_texts` / `encode_encoded` per row: what deduplication saved."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import numpy as np
 import torch
@@ -9,15 +12,29 @@ from workers.common import Batch, StageWorker, to_numpy
 from workers.models import load_encode_pipeline
 
 
+def check_caption_cleaning() -> None:
+    """diffusers quietly skips IF's caption cleaning without bs4 and ftfy: refuse instead."""
+    from diffusers.utils import is_bs4_available, is_ftfy_available
+
+    missing = [name for name, ok in (("beautifulsoup4", is_bs4_available()), ("ftfy", is_ftfy_available())) if not ok]
+    if missing:
+        raise RuntimeError(
+            f"encode.clean_caption is on but {', '.join(missing)} is not installed, so IF's caption cleaning "
+            f"would be skipped. Fix: pip install {' '.join(missing)}, or set encode.clean_caption=false."
+        )
+
+
 class EncodeWorker(StageWorker):
     stage = "encode"
     needs = ("prompt", "negative_prompt")
 
-    def __init__(self, cfg, drop: tuple[str, ...] = ()) -> None:
+    def __init__(self, cfg, drop: tuple[str, ...] = (), safety: Any = None) -> None:
         super().__init__(cfg, {"load_in_8bit": cfg.load_in_8bit, "clean_caption": cfg.clean_caption}, drop)
+        if cfg.clean_caption:
+            check_caption_cleaning()
         self.pipe = load_encode_pipeline(cfg, self.device)
         # The default negative prompt is "": encode it once per actor, not once per row.
-        self.empty = self._encode([""])[0]
+        self.empty = self._encode([""] * self.micro_batch)[0]
         self.shape = self.empty.shape
 
     @torch.inference_mode()
@@ -27,25 +44,33 @@ class EncodeWorker(StageWorker):
         )
         return to_numpy(embeds)
 
-    def _encode_unique(self, texts: list[str]) -> np.ndarray:
-        """Encode each distinct text once; "" comes from the cached embedding. The encoder always
-        sees `micro_batch` texts (padded with ""), one shape whatever the mix of prompts."""
-        distinct = sorted({t for t in texts if t})
-        padded = distinct + [""] * (self.micro_batch - len(distinct))
-        table = dict(zip(distinct, self._encode(padded))) if distinct else {}
-        table[""] = self.empty
-        return np.stack([table[t] for t in texts])
+    def _run_micro_batches(self, batch: Batch, rows: np.ndarray, params: dict) -> Batch:
+        return self.run(batch, rows, params)  # run() makes its own fixed-shape encoder calls
 
-    def run(self, batch: Batch, rows: np.ndarray) -> Batch:
+    def run(self, batch: Batch, rows: np.ndarray, params: dict) -> Batch:
+        """Each distinct text of the batch (prompts and negatives together) is encoded once, in
+        calls of exactly `micro_batch` texts (padded with ""), so a text's embedding never depends
+        on its neighbours; "" comes from the actor's cached embedding."""
         prompts = [str(p) for p in batch["prompt"][rows]]
         negatives = [str(p or "") for p in batch["negative_prompt"][rows]]
+        distinct = sorted({t for t in prompts + negatives if t})
+        table = {"": self.empty}
+        mb = self.micro_batch
+        for i in range(0, len(distinct), mb):
+            chunk = distinct[i : i + mb]
+            table.update(zip(chunk, self._encode(chunk + [""] * (mb - len(chunk)))))
+        n = len(rows)
         return {
-            "prompt_embeds": self._encode_unique(prompts),
-            "negative_prompt_embeds": self._encode_unique(negatives),
+            "prompt_embeds": np.stack([table[t] for t in prompts]),
+            "negative_prompt_embeds": np.stack([table[t] for t in negatives]),
+            "encode_texts": np.full(n, 2, dtype=np.int64),
+            "encode_encoded": np.full(n, len(distinct) / n),
         }
 
     def blank(self, batch: Batch, n: int) -> Batch:
         return {
-            name: np.zeros((n, *self.shape), dtype=self.empty.dtype)
-            for name in ("prompt_embeds", "negative_prompt_embeds")
+            "prompt_embeds": np.zeros((n, *self.shape), dtype=self.empty.dtype),
+            "negative_prompt_embeds": np.zeros((n, *self.shape), dtype=self.empty.dtype),
+            "encode_texts": np.zeros(n, dtype=np.int64),
+            "encode_encoded": np.zeros(n),
         }

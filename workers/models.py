@@ -131,12 +131,41 @@ def load_encode_pipeline(cfg: Any, device: torch.device) -> Any:
 
 
 def load_pipeline(stage: str, pipeline_cls: Any, cfg: Any, device: torch.device, **components: Any) -> Any:
-    """A stage's diffusers pipeline (IFPipeline, IFSuperResolutionPipeline, the x4 upscaler)."""
+    """A stage's diffusers pipeline (IFPipeline, IFSuperResolutionPipeline, the x4 upscaler),
+    with the stage's attention kernels, offload and compile settings."""
     pipe = _load(
         stage, pipeline_cls, cfg.model, dtype=DTYPES[cfg.dtype], variant=cfg.variant, **components, **_NO_SAFETY
     )
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
+    set_attention(stage, pipe.unet, cfg.attention)
+    if cfg.compile:
+        pipe.unet = torch.compile(pipe.unet)
+    if cfg.offload == "none":
+        return pipe.to(device)
+    if device.type != "cuda":
+        raise ValueError(
+            f"{stage}.offload={cfg.offload} moves weights between CPU and a GPU, but this stage runs on "
+            f"{device}. Fix: set {stage}.offload=none, or give the stage a GPU (num_gpus > 0)."
+        )
+    gpu = device.index or 0
+    if cfg.offload == "model":
+        pipe.enable_model_cpu_offload(gpu_id=gpu)
+    else:
+        pipe.enable_sequential_cpu_offload(gpu_id=gpu)
+    return pipe
+
+
+def set_attention(stage: str, unet: Any, backend: str) -> None:
+    """sdpa is diffusers' default processor set; eager the plain-matmul reference ones."""
+    if backend == "eager":
+        unet.set_default_attn_processor()
+    elif backend == "xformers":
+        try:
+            unet.enable_xformers_memory_efficient_attention()
+        except (ModuleNotFoundError, ValueError) as err:
+            raise ValueError(
+                f"{stage}.attention=xformers: {err}. Fix: pip install xformers matching torch, or use sdpa."
+            ) from err
 
 
 def preset_timesteps(name: str | None) -> list[int] | None:

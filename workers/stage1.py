@@ -1,43 +1,73 @@
-"""stage1: T5 embeddings in; IF stage I image `stage1_image` (B, 3, 64, 64) in [-1, 1] out."""
+"""stage1: T5 embeddings (and, for img2img/inpainting rows, `image`/`mask_image`) in; IF stage I
+image `stage1_image` (B, 3, 64, 64) in [-1, 1] out."""
 
 from __future__ import annotations
 
+import io
+from typing import Any
+
 import numpy as np
 import torch
+from PIL import Image
 
 from workers.common import Batch, StageWorker, row_generators, to_numpy
 from workers.models import load_pipeline, preset_timesteps
+from workers.params import row_mode, stage_params
+
+
+def decode(batch: Batch, column: str, rows: np.ndarray, mode: str = "RGB") -> list[Image.Image]:
+    """A row's init image or mask, from the bytes the reader checked."""
+    return [Image.open(io.BytesIO(batch[column][r])).convert(mode) for r in rows]
+
+
+def modes_of(batch: Batch, row: int) -> str:
+    image = batch["image"][row] if "image" in batch else None
+    mask = batch["mask_image"][row] if "mask_image" in batch else None
+    return row_mode(image, mask)
 
 
 class Stage1Worker(StageWorker):
     stage = "stage1"
     needs = ("seed", "prompt_embeds", "negative_prompt_embeds")
 
-    def __init__(self, cfg, drop: tuple[str, ...] = ()) -> None:
-        params = {
-            "num_inference_steps": cfg.num_inference_steps,
-            "timesteps": cfg.timesteps,
-            "guidance_scale": cfg.guidance_scale,
-        }
-        super().__init__(cfg, params, drop)
-        from diffusers import IFPipeline
+    def __init__(self, cfg, drop: tuple[str, ...] = (), safety: Any = None) -> None:
+        super().__init__(cfg, {}, drop, safety)
+        from diffusers import IFImg2ImgPipeline, IFInpaintingPipeline, IFPipeline
 
         self.pipe = load_pipeline(self.stage, IFPipeline, cfg, self.device, text_encoder=None, tokenizer=None)
+        # img2img and inpainting run on the same modules: no second copy of the weights.
+        shared = self.pipe.components | {"requires_safety_checker": False}
+        self.pipes = {
+            "text2img": self.pipe,
+            "img2img": IFImg2ImgPipeline(**shared),
+            "inpaint": IFInpaintingPipeline(**shared),
+        }
+        for pipe in self.pipes.values():
+            pipe.set_progress_bar_config(disable=True)
         self.size = self.pipe.unet.config.sample_size
 
+    def row_params(self, batch: Batch, row: int) -> dict:
+        return stage_params(self.stage, self.cfg, batch["params"][row] if "params" in batch else "", modes_of(batch, row))
+
     @torch.inference_mode()
-    def run(self, batch: Batch, rows: np.ndarray) -> Batch:
-        images = self.pipe(
+    def run(self, batch: Batch, rows: np.ndarray, params: dict) -> Batch:
+        mode = params["mode"]
+        kwargs: dict[str, Any] = dict(
             prompt_embeds=self.tensor(batch, "prompt_embeds", rows),
             negative_prompt_embeds=self.tensor(batch, "negative_prompt_embeds", rows),
-            num_inference_steps=self.cfg.num_inference_steps,
-            timesteps=preset_timesteps(self.cfg.timesteps),
-            guidance_scale=self.cfg.guidance_scale,
-            height=self.size,
-            width=self.size,
+            num_inference_steps=params.get("num_inference_steps", 100),
+            timesteps=preset_timesteps(params.get("timesteps")),
+            guidance_scale=params["guidance_scale"],
             generator=row_generators(batch["seed"][rows], self.stage),
             output_type="pt",
-        ).images
+        )
+        if mode == "text2img":
+            kwargs.update(height=self.size, width=self.size)
+        else:
+            kwargs.update(image=decode(batch, "image", rows), strength=params["strength"])
+            if mode == "inpaint":
+                kwargs["mask_image"] = decode(batch, "mask_image", rows, "L")
+        images = self.pipes[mode](**kwargs).images
         return {"stage1_image": to_numpy(images.float())}
 
     def blank(self, batch: Batch, n: int) -> Batch:

@@ -1,48 +1,68 @@
-"""stage2: `stage1_image` and T5 embeddings in; IF stage II image `stage2_image` (B, 3, 256, 256) in [-1, 1] out."""
+"""stage2: `stage1_image` and T5 embeddings (plus `image`/`mask_image` for img2img/inpainting
+rows) in; IF stage II image `stage2_image` (B, 3, 256, 256) in [-1, 1] out."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import numpy as np
 import torch
 
 from workers.common import Batch, StageWorker, row_generators, to_numpy
 from workers.models import load_pipeline, preset_timesteps
+from workers.params import stage_params
+from workers.stage1 import decode, modes_of
 
 
 class Stage2Worker(StageWorker):
     stage = "stage2"
     needs = ("seed", "prompt_embeds", "negative_prompt_embeds", "stage1_image")
 
-    def __init__(self, cfg, drop: tuple[str, ...] = ()) -> None:
-        params = {
-            "num_inference_steps": cfg.num_inference_steps,
-            "timesteps": cfg.timesteps,
-            "guidance_scale": cfg.guidance_scale,
-            "noise_level": cfg.noise_level,
-        }
-        super().__init__(cfg, params, drop)
-        from diffusers import IFSuperResolutionPipeline
+    def __init__(self, cfg, drop: tuple[str, ...] = (), safety: Any = None) -> None:
+        super().__init__(cfg, {}, drop, safety)
+        from diffusers import (
+            IFImg2ImgSuperResolutionPipeline,
+            IFInpaintingSuperResolutionPipeline,
+            IFSuperResolutionPipeline,
+        )
 
         self.pipe = load_pipeline(
             self.stage, IFSuperResolutionPipeline, cfg, self.device, text_encoder=None, tokenizer=None
         )
+        shared = self.pipe.components | {"requires_safety_checker": False}
+        self.pipes = {
+            "text2img": self.pipe,
+            "img2img": IFImg2ImgSuperResolutionPipeline(**shared),
+            "inpaint": IFInpaintingSuperResolutionPipeline(**shared),
+        }
+        for pipe in self.pipes.values():
+            pipe.set_progress_bar_config(disable=True)
         self.size = self.pipe.unet.config.sample_size
 
+    def row_params(self, batch: Batch, row: int) -> dict:
+        return stage_params(self.stage, self.cfg, batch["params"][row] if "params" in batch else "", modes_of(batch, row))
+
     @torch.inference_mode()
-    def run(self, batch: Batch, rows: np.ndarray) -> Batch:
-        images = self.pipe(
+    def run(self, batch: Batch, rows: np.ndarray, params: dict) -> Batch:
+        mode = params["mode"]
+        kwargs: dict[str, Any] = dict(
             image=self.tensor(batch, "stage1_image", rows),
             prompt_embeds=self.tensor(batch, "prompt_embeds", rows),
             negative_prompt_embeds=self.tensor(batch, "negative_prompt_embeds", rows),
-            num_inference_steps=self.cfg.num_inference_steps,
-            timesteps=preset_timesteps(self.cfg.timesteps),
-            guidance_scale=self.cfg.guidance_scale,
-            noise_level=self.cfg.noise_level,
-            height=self.size,
-            width=self.size,
+            num_inference_steps=params.get("num_inference_steps", 50),
+            timesteps=preset_timesteps(params.get("timesteps")),
+            guidance_scale=params["guidance_scale"],
+            noise_level=params["noise_level"],
             generator=row_generators(batch["seed"][rows], self.stage),
             output_type="pt",
-        ).images
+        )
+        if mode == "text2img":
+            kwargs.update(height=self.size, width=self.size)
+        else:
+            kwargs.update(original_image=decode(batch, "image", rows), strength=params["strength"])
+            if mode == "inpaint":
+                kwargs["mask_image"] = decode(batch, "mask_image", rows, "L")
+        images = self.pipes[mode](**kwargs).images
         return {"stage2_image": to_numpy(images.float())}
 
     def blank(self, batch: Batch, n: int) -> Batch:

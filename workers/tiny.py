@@ -21,7 +21,7 @@ CONFIGS = Path(__file__).parent / "configs"
 TINY_REPOS = {"stage1": "IF-I-tiny", "stage2": "IF-II-tiny", "upscale": "x4-upscaler-tiny"}
 
 # Bumped whenever the tiny architectures change, so cached copies are rebuilt.
-TINY_VERSION = "4"
+TINY_VERSION = "5"
 
 # Reduced resolutions: stage I at 16 px, stage II at 64 px, the x4 upscaler to 256 px.
 STAGE1_SIZE = 16
@@ -178,6 +178,30 @@ def build_upscale_components(tokenizer):
     )
 
 
+def build_safety_components():
+    """IF-I's safety checker (a CLIP vision tower with NSFW and watermark heads), its image
+    processor, and the watermarker, tiny. The heads' biases sit far below the 0.5 threshold, so
+    random weights flag nothing unless a manifest lowers the thresholds; the watermark is an
+    opaque white square, so applying it is visible."""
+    from diffusers.pipelines.deepfloyd_if.safety_checker import IFSafetyChecker
+    from diffusers.pipelines.deepfloyd_if.watermark import IFWatermarker
+    from transformers import CLIPConfig, CLIPImageProcessor
+
+    vision = dict(
+        hidden_size=16, intermediate_size=32, num_attention_heads=2, num_hidden_layers=2,
+        image_size=32, patch_size=8, projection_dim=8,
+    )  # fmt: skip
+    checker = IFSafetyChecker(CLIPConfig(vision_config=vision, text_config=dict(hidden_size=16, projection_dim=8)))
+    with torch.no_grad():
+        for head in (checker.p_head, checker.w_head):
+            head.weight.mul_(0.01)
+            head.bias.fill_(-10.0)
+    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    watermarker = IFWatermarker()
+    watermarker.watermark_image.fill_(255.0)
+    return checker.eval(), processor, watermarker
+
+
 def _save(pipe, path: Path) -> None:
     """Full-precision weights plus an fp16 variant (`*.fp16.safetensors`), as the hub repos have.
     The variant goes first so the configs left behind are the fp32 ones."""
@@ -218,12 +242,17 @@ def build_tiny_models(root: str | Path, seed: int = 0) -> dict[str, Path]:
     t5 = build_t5_encoder(len(t5_tokenizer))
     no_safety = dict(safety_checker=None, feature_extractor=None, watermarker=None, requires_safety_checker=False)
 
+    # IF-I carries the safety checker, its feature extractor and the watermarker, as on the hub.
+    checker, processor, watermarker = build_safety_components()
     stage1 = IFPipeline(
         tokenizer=t5_tokenizer,
         text_encoder=t5,
         unet=build_stage1_unet(),
         scheduler=_scheduler(DDPMScheduler, "IF-I-XL-v1.0_scheduler_config.json"),
-        **no_safety,
+        safety_checker=checker,
+        feature_extractor=processor,
+        watermarker=watermarker,
+        requires_safety_checker=True,
     )
     _save(stage1, repos["stage1"])
 

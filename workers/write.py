@@ -14,6 +14,7 @@ import time
 import numpy as np
 from PIL import Image
 
+from jobs.contact import thumbnail
 from jobs.storage import join, write_bytes
 from workers.common import ROW_COLUMNS, Batch, require_columns, to_uint8_hwc
 
@@ -55,7 +56,9 @@ class WriteWorker:
         image_format: str = "png",
         quality: int = 95,
         keep_bytes: bool = False,
+        thumbnails: bool = False,
     ) -> None:
+        self.thumbnails = thumbnails  # small JPEGs for the contact sheets
         self.output = output
         self.run = run
         self.keep_bytes = keep_bytes  # hand the encoded bytes on (embedded images, WebDataset)
@@ -73,6 +76,7 @@ class WriteWorker:
         keys = np.full(n, None, dtype=object)
         digests = np.full(n, None, dtype=object)
         encoded = np.full(n, None, dtype=object)
+        thumbs = np.full(n, None, dtype=object)
         seconds = np.zeros(n)
         for i in np.flatnonzero(status == "ok"):
             start = time.perf_counter()
@@ -86,6 +90,8 @@ class WriteWorker:
             keys[i], digests[i] = key, hashlib.sha256(data).hexdigest()
             if self.keep_bytes:
                 encoded[i] = data
+            if self.thumbnails:
+                thumbs[i] = thumbnail(data)
             seconds[i] = time.perf_counter() - start
 
         result = {k: v for k, v in batch.items() if k != self.image_column}
@@ -100,4 +106,6 @@ class WriteWorker:
         )
         if self.keep_bytes:
             result["image_bytes"] = encoded
+        if self.thumbnails:
+            result["thumbnail"] = thumbs
         return result
