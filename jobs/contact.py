@@ -36,7 +36,9 @@ def _grid(tiles: list[tuple[Image.Image | None, str, bool]], tile: int, title: s
     for n, (img, label, ok) in enumerate(tiles):
         x, y = (n % cols) * tile, LABEL + (n // cols) * (tile + LABEL)
         if img is None:  # a failed row: a red tile, so failures stand out
-            draw.rectangle((x + 2, y + 2, x + tile - 3, y + tile - 3), fill=(200, 40, 40) if not ok else (220, 220, 220))
+            draw.rectangle(
+                (x + 2, y + 2, x + tile - 3, y + tile - 3), fill=(200, 40, 40) if not ok else (220, 220, 220)
+            )
             draw.text((x + 6, y + tile // 2 - 6), "error" if not ok else "missing", fill="white")
         else:
             img = img.copy()

@@ -264,7 +264,10 @@ def build_dataset(manifest: Manifest, work: list[Work], run_id: str):
 
     ds = ray.data.from_items(shard_items([w.shard for w in work]), override_num_blocks=len(work))
     ds = ds.map_batches(
-        read_shards, batch_size=1, num_cpus=0.25, fn_kwargs={"job_seed": manifest.seed, "num_images": manifest.num_images}
+        read_shards,
+        batch_size=1,
+        num_cpus=0.25,
+        fn_kwargs={"job_seed": manifest.seed, "num_images": manifest.num_images},
     )
     # Small blocks give each stage several tasks, so the stages overlap instead of taking turns.
     ds = ds.repartition(target_num_rows_per_block=block_rows)
@@ -384,7 +387,9 @@ def commit_shard(out: str, work: Work, run_id: str, embed_images: bool = False, 
     table = pa.Table.from_pylist(rows, schema=METADATA_SCHEMA)
     if embed_images:
         images = [
-            work.images.get(item_key(r["row"], r["image_index"] or 0)) or (r["image_key"] and read_bytes(join(out, r["image_key"]))) or None
+            work.images.get(item_key(r["row"], r["image_index"] or 0))
+            or (r["image_key"] and read_bytes(join(out, r["image_key"])))
+            or None
             for r in rows
         ]
         table = with_image_column(table, images)

@@ -239,7 +239,7 @@ from workers.common import StageWorker
 
 class Stuck(StageWorker):
     stage, needs = "stuck", ()
-    def run(self, batch, rows):
+    def run(self, batch, rows, params):
         if sys.argv[1] == "hang":
             time.sleep(60)
         raise RuntimeError("CUDA error: an illegal memory access was encountered")

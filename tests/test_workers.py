@@ -151,7 +151,7 @@ def test_a_failing_row_fails_alone():
     class Picky(StageWorker):
         stage, needs = "picky", ("prompt",)
 
-        def run(self, batch, rows):
+        def run(self, batch, rows, params):
             if any("bad" in p for p in batch["prompt"][rows]):
                 raise ValueError("cannot draw that")
             return {"out": np.ones(len(rows))}
@@ -159,7 +159,18 @@ def test_a_failing_row_fails_alone():
         def blank(self, batch, n):
             return {"out": np.zeros(n)}
 
-    cfg = SimpleNamespace(model="m", micro_batch=2, device="cpu", num_gpus=0, dtype="fp32", variant=None, watchdog_s=60)
+    cfg = SimpleNamespace(
+        model="m",
+        micro_batch=2,
+        device="cpu",
+        num_gpus=0,
+        dtype="fp32",
+        variant=None,
+        watchdog_s=60,
+        offload="none",
+        attention="sdpa",
+        compile=False,
+    )
     out = Picky(cfg, {})(rows(["good", "bad one", "fine"]))
     assert list(out["status"]) == ["ok", "error", "ok"]
     assert out["error"][1] == "picky: ValueError: cannot draw that"
@@ -237,13 +248,24 @@ def test_out_of_memory_fails_rows_with_advice():
     class Greedy(StageWorker):
         stage, needs = "greedy", ("prompt",)
 
-        def run(self, batch, rows):
+        def run(self, batch, rows, params):
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
         def blank(self, batch, n):
             return {}
 
-    cfg = SimpleNamespace(model="m", micro_batch=4, device="cpu", num_gpus=0, dtype="fp32", variant=None, watchdog_s=60)
+    cfg = SimpleNamespace(
+        model="m",
+        micro_batch=4,
+        device="cpu",
+        num_gpus=0,
+        dtype="fp32",
+        variant=None,
+        watchdog_s=60,
+        offload="none",
+        attention="sdpa",
+        compile=False,
+    )
     out = Greedy(cfg, {})(rows(["a", "b"]))
     assert list(out["status"]) == ["error", "error"]
     assert "out of GPU memory at micro_batch=4; lower micro_batch" in out["error"][0]

@@ -40,7 +40,9 @@ class Stage2Worker(StageWorker):
         self.size = self.pipe.unet.config.sample_size
 
     def row_params(self, batch: Batch, row: int) -> dict:
-        return stage_params(self.stage, self.cfg, batch["params"][row] if "params" in batch else "", modes_of(batch, row))
+        return stage_params(
+            self.stage, self.cfg, batch["params"][row] if "params" in batch else "", modes_of(batch, row)
+        )
 
     @torch.inference_mode()
     def run(self, batch: Batch, rows: np.ndarray, params: dict) -> Batch:
