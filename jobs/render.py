@@ -485,7 +485,7 @@ def run(
                 last_report = time.perf_counter()
                 elapsed = last_report - started
                 log.info(
-                    "progress: %d/%d rows (ok %d, error %d), %d/%d shards committed, %.2f images/s, %.0f s elapsed",
+                    "progress: %d outputs of %d input rows (ok %d, error %d), %d/%d shards committed, %.2f images/s, %.0f s elapsed",
                     summary.rows,
                     todo,
                     summary.ok,

@@ -294,3 +294,18 @@ def test_mixed_dataset_end_to_end_with_retry_and_contact_sheets(ray_local, tiny_
     assert {k: v["sha256"] for k, v in after.items() if k != "late"} == {
         k: v["sha256"] for k, v in meta.items() if k != "late"
     }
+
+
+def test_timestep_presets_run_per_row_and_per_job(stage_workers, tiny_root):
+    encode, stage1, _ = stage_workers
+    batch = encode(
+        rows(["a fox", "a fox"], params=np.array([json.dumps({"stage1_timesteps": "fast27"}), ""], dtype=object))
+    )
+    out = stage1(batch)
+    assert list(out["status"]) == ["ok", "ok"], out["error"]
+    preset = json.loads(out["stage1_params"][0])
+    assert preset["timesteps"] == "fast27" and "num_inference_steps" not in preset
+    assert not np.array_equal(out["stage1_image"][0], out["stage1_image"][1])
+    m = load_manifest(None, [f"stage1.model={tiny_root / 'IF-I-tiny'}", "stage1.timesteps=smart27"])
+    job = Stage1Worker(m.stage1)(batch)
+    assert json.loads(job["stage1_params"][1])["timesteps"] == "smart27" and job["status"][1] == "ok"

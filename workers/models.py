@@ -174,4 +174,4 @@ def preset_timesteps(name: str | None) -> list[int] | None:
         return None
     from diffusers.pipelines.deepfloyd_if import timesteps
 
-    return getattr(timesteps, name)
+    return list(getattr(timesteps, f"{name}_timesteps"))
