@@ -309,6 +309,7 @@ class Summary:
     skipped_shards: int = 0  # committed by an earlier run
     committed_shards: int = 0  # committed by this run
     uncommitted_shards: int = 0  # left incomplete by this run (rerun to finish them)
+    peak_gpu_gb: dict[str, float] = field(default_factory=dict)  # per stage, over its calls (CUDA only)
     encodes: float = 0.0  # T5 encoder inputs actually encoded (distinct texts, per batch)
     encode_texts: int = 0  # texts the rows asked to encode (prompt + negative per row)
     max_uncommitted_rows: int = 0  # most rendered rows waiting for their shard: what a kill loses
@@ -351,6 +352,11 @@ class Summary:
             "  busy seconds per image by stage: "
             + ", ".join(f"{k} {v:.3f}" for k, v in self.stage_seconds_per_image.items()),
         ]
+        if any(self.peak_gpu_gb.values()):
+            lines.append(
+                "  peak GPU memory per call by stage: "
+                + ", ".join(f"{k} {v:.2f} GiB" for k, v in self.peak_gpu_gb.items())
+            )
         for message, count in self.errors.items():
             lines.append(f"  error x{count}: {message}")
         return "\n".join(lines)
@@ -460,6 +466,10 @@ def run(
             encoded = block.column("image_bytes").to_pylist() if "image_bytes" in block.column_names else None
             thumbs = block.column("thumbnail").to_pylist() if "thumbnail" in block.column_names else None
             expected = block.column("shard_items").to_pylist()
+            for stage in manifest.stages():
+                if f"{stage}_peak_gpu_bytes" in block.column_names:
+                    peak = max(block.column(f"{stage}_peak_gpu_bytes").to_pylist(), default=0)
+                    summary.peak_gpu_gb[stage] = max(summary.peak_gpu_gb.get(stage, 0.0), round(peak / 2**30, 3))
             if "encode_encoded" in block.column_names:
                 summary.encodes += sum(block.column("encode_encoded").to_pylist())
                 summary.encode_texts += sum(block.column("encode_texts").to_pylist())

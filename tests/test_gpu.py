@@ -41,3 +41,24 @@ def test_local_tiny_runs_every_stage_on_cuda_in_fp16(tiny_root, tmp_path):
     for stage in ("encode", "stage1", "stage2", "upscale"):
         params = json.loads(rows[0][f"{stage}_params"])
         assert params["device"].startswith("cuda") and params["dtype"] == "fp16" and params["gpus"], (stage, params)
+
+
+def test_every_mode_in_fp16_with_8bit_t5_records_peak_memory(tiny_root, tmp_path):
+    """modes-tiny (text, img2img, inpainting, per-row settings) on CUDA, fp16 weights, 8-bit T5;
+    the summary's peak GPU memory per stage is the number to record for the GPU check."""
+    from jobs.manifest import MANIFESTS_DIR
+
+    out = tmp_path / "out"
+    sets = [f"output.path={out}", "encode.load_in_8bit=true"]
+    for stage, share in (("encode", 0.1), ("stage1", 0.3), ("stage2", 0.3), ("upscale", 0.3)):
+        sets += [f"{stage}.num_gpus={share}", f"{stage}.device=cuda", f"{stage}.dtype=fp16", f"{stage}.variant=fp16"]
+    result = ifrender(
+        "run", str(MANIFESTS_DIR / "modes-tiny.yaml"), *[a for s in sets for a in ("--set", s)], "--quiet"
+    )
+    print(result.stdout)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "peak GPU memory per call by stage: encode" in result.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["peak_gpu_gb"]) == {"encode", "stage1", "stage2", "upscale"}
+    rows = pq.read_table(out / "shards").to_pylist()
+    assert {r["mode"] for r in rows if r["status"] == "ok"} == {"text2img", "img2img", "inpaint"}

@@ -223,6 +223,10 @@ def test_safety_checker_records_verdicts_blanks_or_fails_and_watermarks(tiny_roo
     assert list(flagged["nsfw_detected"]) == [True, True] and (flagged["stage2_image"] == -1).all()  # black
     failing = Safety.load(strict.model_copy(update={"on_flagged": "error"}), torch.device("cpu"))
     assert "NSFW detected" in failing.finish(images, "stage2_image")["flagged"][0]
+    small = {"stage1_image": images["stage2_image"][:, :, :16, :16]}  # too small for a visible mark
+    assert list(
+        Safety.load(SafetyConfig(model=model), torch.device("cpu")).finish(small, "stage1_image")["watermarked"]
+    ) == [False, False]
     none = Safety.load(SafetyConfig(model=str(tiny_root / "IF-II-tiny")), torch.device("cpu"))
     assert none.checker is None and none.watermarker is None  # auto: IF-II provides neither
     with pytest.raises(RuntimeError, match="safety.safety_checker: .* has no usable safety_checker"):

@@ -150,10 +150,17 @@ class StageWorker:
         )
         watchdog.daemon = True
         watchdog.start()
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
         try:
-            return self._call(batch)
+            result = self._call(batch)
         finally:
             watchdog.cancel()
+        # Peak GPU memory of this call, for the summary: what a stage needs at this batch size.
+        peak = torch.cuda.max_memory_allocated(self.device) if cuda else 0
+        result[f"{self.stage}_peak_gpu_bytes"] = np.full(len(batch["id"]), peak, dtype=np.int64)
+        return result
 
     def _call(self, batch: Batch) -> Batch:
         require_columns(self.stage, batch, ROW_COLUMNS + self.needs)

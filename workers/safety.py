@@ -125,7 +125,9 @@ class Safety:
                     reason = " and ".join(r for r, hit in (("NSFW", a), ("watermark", b)) if hit)
                     flagged[i] = f"{reason} detected (on_flagged=error)"
                     pixels[i] = 0  # blanked as the IF pipelines return it
-        if self.watermarker is not None:
+        # IF's mark is 62 px at 1024x1024, scaled with the image: below ~17 px it would vanish
+        # (and PIL refuses a 0 px resize), so images that small stay unmarked, and say so.
+        if self.watermarker is not None and int(62 * (pixels.shape[1] * pixels.shape[2]) ** 0.5 / 1024) >= 1:
             pil = [Image.fromarray(p) for p in pixels]
             self.watermarker.apply_watermark(pil)
             pixels = np.stack([np.asarray(p) for p in pil])
