@@ -16,10 +16,22 @@ log = logging.getLogger("ifrender")
 EXIT_CONFIG, EXIT_ALL_FAILED, EXIT_INCOMPLETE = 1, 3, 4
 
 
+def _plan_overrides(path: str | None) -> list[str]:
+    """A saved plan's --set assignments (ifrender plan --save), applied before the user's own."""
+    if not path:
+        return []
+    from pathlib import Path
+
+    try:
+        return list(json.loads(Path(path).read_text())["overrides"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ManifestError(f"--plan {path}: expected a plan saved by `ifrender plan --save` ({err})") from None
+
+
 def _run(args: argparse.Namespace) -> int:
     from jobs.render import run
 
-    manifest = load_manifest(args.manifest, args.set, args.run_date, args.run_id)
+    manifest = load_manifest(args.manifest, _plan_overrides(args.plan) + args.set, args.run_date, args.run_id)
     summary = run(
         manifest,
         overwrite=args.overwrite,
@@ -51,6 +63,66 @@ def _tiny_models(args: argparse.Namespace) -> int:
 
     for stage, path in build_tiny_models(args.dir).items():
         print(f"{stage}: {path}")
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from jobs.plan import Profile, flops_profile, naive, plan
+
+    manifest = load_manifest(args.manifest, args.set)
+    if args.profile:
+        profile = Profile.load(args.profile)
+    else:
+        profile = flops_profile(manifest, args.tflops, args.utilisation)
+    chosen = plan(profile, args.gpus, args.gpu_memory)
+    print(chosen.table(args.images))
+    base = naive(profile, args.gpus, args.gpu_memory)
+    print(
+        f"  one pool per stage with equal shares: {base.images_per_hour:,.0f} images/hour "
+        f"(the plan is {chosen.images_per_second / base.images_per_second:.2f}x)"
+    )
+    print("apply with: ifrender run MANIFEST " + " ".join(f"--set {o}" for o in chosen.overrides()))
+    if args.save:
+        from dataclasses import asdict
+        from pathlib import Path
+
+        record = {
+            "plan": asdict(chosen),
+            "overrides": chosen.overrides(),
+            "naive_images_per_second": base.images_per_second,
+        }
+        Path(args.save).write_text(json.dumps(record, indent=2))
+        print(f"saved; apply with: ifrender run MANIFEST --plan {args.save}")
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from jobs.bench import bench, report
+    from jobs.manifest import MANIFESTS_DIR
+
+    manifest = load_manifest(args.manifest or MANIFESTS_DIR / "bench-tiny.yaml", args.set)
+    result = bench(manifest, args.images, Path(args.workdir))
+    print(report(result))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _profile(args: argparse.Namespace) -> int:
+    from jobs.profile import profile_stages
+    from jobs.render import resolve_models
+
+    manifest = resolve_models(load_manifest(args.manifest, args.set))
+    profile, measurements = profile_stages(manifest, args.batch_sizes)
+    for m in measurements:
+        print(
+            f"{m['stage']:8} batch {m['batch_size']:3d}: {m['seconds_per_image']:.4f} s/image, peak {m['peak_gb']:.2f} GB"
+        )
+    profile.save(args.out)
+    print(f"saved {args.out}; plan with: ifrender plan MANIFEST --gpus N --profile {args.out}")
     return 0
 
 
@@ -113,7 +185,37 @@ def main(argv: list[str] | None = None) -> int:
         "--allow-changed", action="store_true", help="continue an output made with other settings, using the new ones"
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--plan", metavar="PLAN.json", help="apply pool sizes, GPU shares, batches from `ifrender plan --save`"
+    )
     p.set_defaults(func=_run)
+
+    p = sub.add_parser("bench", help="the Ray pipeline against the sequential baseline, side by side")
+    p.add_argument("manifest", nargs="?", help="default: manifests/bench-tiny.yaml")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a manifest field")
+    p.add_argument("--images", type=int, default=48, help="distinct prompts to render each way (default 48)")
+    p.add_argument("--workdir", default="out/bench", help="where both ways write their images")
+    p.add_argument("--out", default="benchmarks/results/bench.json", help="where to write the numbers")
+    p.set_defaults(func=_bench)
+
+    p = sub.add_parser("profile", help="measure each stage's seconds per image and peak memory at a few batch sizes")
+    manifest_args(p)
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 4], metavar="B")
+    p.add_argument("--out", default="profile.json", help="where to write the profile (default profile.json)")
+    p.set_defaults(func=_profile)
+
+    p = sub.add_parser("plan", help="choose pool sizes and GPU shares per stage for a cluster")
+    manifest_args(p)
+    p.add_argument("--gpus", type=int, required=True, help="number of GPUs")
+    p.add_argument("--gpu-memory", type=float, default=80.0, metavar="GB", help="memory per GPU (default 80)")
+    p.add_argument(
+        "--profile", metavar="PROFILE.json", help="measured profile (ifrender profile); default: FLOP counts"
+    )
+    p.add_argument("--tflops", type=float, default=800.0, help="peak dense TFLOP/s per GPU for the FLOP profile")
+    p.add_argument("--utilisation", type=float, default=0.4, help="fraction of peak reached, for the FLOP profile")
+    p.add_argument("--images", type=int, help="dataset size, for GPU-hours")
+    p.add_argument("--save", metavar="PLAN.json", help="write the plan for `ifrender run --plan`")
+    p.set_defaults(func=_plan)
 
     p = sub.add_parser("status", help="done / pending / failed rows per shard of an output")
     p.add_argument("output", help="the job's output.path (directory or s3://bucket/prefix)")

@@ -17,7 +17,13 @@ from jobs.inputs import item_key
 from jobs.storage import join, list_prefix, read_bytes, write_bytes
 
 IMAGE_TYPE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
-_VALUE_TYPES = {pa.string(): "string", pa.int64(): "int64", pa.int32(): "int32", pa.float64(): "float64"}
+_VALUE_TYPES = {
+    pa.string(): "string",
+    pa.int64(): "int64",
+    pa.int32(): "int32",
+    pa.float64(): "float64",
+    pa.bool_(): "bool",
+}
 # Per-row fields a WebDataset sample's KEY.json carries.
 SAMPLE_FIELDS = ("id", "row", "prompt", "negative_prompt", "seed", "width", "height", "sha256") + tuple(
     f"{s}_{k}" for s in ("encode", "stage1", "stage2", "upscale") for k in ("model", "params")

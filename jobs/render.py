@@ -60,7 +60,13 @@ METADATA_SCHEMA = pa.schema(
     + [
         (f"{s}_{k}", t)
         for s in MODEL_STAGES
-        for k, t in (("model", pa.string()), ("params", pa.string()), ("seconds", pa.float64()))
+        for k, t in (
+            ("model", pa.string()),
+            ("params", pa.string()),
+            ("seconds", pa.float64()),
+            ("started", pa.float64()),
+            ("finished", pa.float64()),
+        )
     ]
     + [("write_seconds", pa.float64())]
 )
@@ -75,18 +81,16 @@ def tiny_models_dir() -> Path:
 
 def resolve_tiny(manifest: Manifest) -> Manifest:
     """Turn `tiny:NAME` references into built local directories."""
-    from workers.tiny import TINY_REPOS, build_tiny_models
+    from workers.tiny import ALL_REPOS, build_tiny_models
 
     updates = {}
     for stage in manifest.stages():
         cfg = getattr(manifest, stage)
         if cfg.model.startswith("tiny:"):
             name = cfg.model[len("tiny:") :]
-            if name not in TINY_REPOS.values():
-                raise ValueError(
-                    f"{stage}.model: unknown tiny model '{name}'; expected one of {sorted(TINY_REPOS.values())}"
-                )
-            build_tiny_models(tiny_models_dir())
+            if name not in ALL_REPOS:
+                raise ValueError(f"{stage}.model: unknown tiny model '{name}'; expected one of {sorted(ALL_REPOS)}")
+            build_tiny_models(tiny_models_dir(), preset=ALL_REPOS[name])
             updates[stage] = cfg.model_copy(update={"model": str(tiny_models_dir() / name)})
     return manifest.model_copy(update=updates)
 

@@ -246,7 +246,8 @@ class Stuck(StageWorker):
     def blank(self, batch, n):
         return {}
 
-cfg = types.SimpleNamespace(model="m", micro_batch=1, device="cpu", num_gpus=0, dtype="fp32", variant=None, watchdog_s=1)
+cfg = types.SimpleNamespace(model="m", micro_batch=1, device="cpu", num_gpus=0, dtype="fp32", variant=None, watchdog_s=1,
+                            offload="none", attention="sdpa", compile=False)
 row = {k: np.array([v], dtype=object) for k, v in dict(id="a", prompt="p", negative_prompt="", seed=1, status="ok", error="").items()}
 Stuck(cfg, {})(row)
 print("returned")

@@ -153,13 +153,18 @@ class StageWorker:
         cuda = self.device.type == "cuda"
         if cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
+        started = time.time()
         try:
             result = self._call(batch)
         finally:
             watchdog.cancel()
         # Peak GPU memory of this call, for the summary: what a stage needs at this batch size.
         peak = torch.cuda.max_memory_allocated(self.device) if cuda else 0
-        result[f"{self.stage}_peak_gpu_bytes"] = np.full(len(batch["id"]), peak, dtype=np.int64)
+        n = len(batch["id"])
+        result[f"{self.stage}_peak_gpu_bytes"] = np.full(n, peak, dtype=np.int64)
+        # When this row's call ran (wall clock): busy fractions and the time between stages.
+        result[f"{self.stage}_started"] = np.full(n, started)
+        result[f"{self.stage}_finished"] = np.full(n, time.time())
         return result
 
     def _call(self, batch: Batch) -> Batch:

@@ -18,7 +18,7 @@ CONFIGS = Path(__file__).parent / "configs"
 
 # Folder names of the tiny repos, mirroring DeepFloyd/IF-I-XL-v1.0, DeepFloyd/IF-II-L-v1.0 and
 # stabilityai/stable-diffusion-x4-upscaler.
-TINY_REPOS = {"stage1": "IF-I-tiny", "stage2": "IF-II-tiny", "upscale": "x4-upscaler-tiny"}
+TINY_REPOS = {"stage1": "IF-I-tiny", "stage2": "IF-II-tiny", "upscale": "x4-upscaler-tiny"}  # the tiny preset
 
 # Bumped whenever the tiny architectures change, so cached copies are rebuilt.
 TINY_VERSION = "5"
@@ -28,6 +28,20 @@ STAGE1_SIZE = 16
 STAGE2_SIZE = 64
 
 T5_DIM = 32
+
+# Presets: `tiny` for tests and the demo; `bench` with a T5 wide enough that the encoder does real
+# work per batch, so a benchmark measures the engine rather than start-up.
+T5_PRESETS = {
+    "tiny": dict(d_model=T5_DIM, d_ff=64, d_kv=8, num_heads=4, num_layers=2),
+    "bench": dict(d_model=384, d_ff=1536, d_kv=48, num_heads=8, num_layers=8),
+}
+
+
+def repo_names(preset: str = "tiny") -> dict[str, str]:
+    return {"stage1": f"IF-I-{preset}", "stage2": f"IF-II-{preset}", "upscale": f"x4-upscaler-{preset}"}
+
+
+ALL_REPOS = {name: preset for preset in T5_PRESETS for name in repo_names(preset).values()}
 CLIP_DIM = 32
 
 _CORPUS = """a photo of a red fox sitting in the snow at dawn
@@ -98,16 +112,16 @@ def build_clip_tokenizer():
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
 
 
-def build_t5_encoder(vocab_size: int):
+def build_t5_encoder(vocab_size: int, preset: str = "tiny"):
     from transformers import T5Config, T5EncoderModel
 
     cfg = _config("t5-v1_1-xxl_encoder_config.json")
     cfg.pop("architectures", None)
-    cfg.update(d_model=T5_DIM, d_ff=64, d_kv=8, num_heads=4, num_layers=2, vocab_size=vocab_size)
+    cfg.update(**T5_PRESETS[preset], vocab_size=vocab_size)
     return T5EncoderModel(T5Config(**cfg)).eval()
 
 
-def build_stage1_unet():
+def build_stage1_unet(t5_dim: int = T5_DIM):
     from diffusers import UNet2DConditionModel
 
     cfg = _config("IF-I-XL-v1.0_unet_config.json")
@@ -117,14 +131,14 @@ def build_stage1_unet():
         attention_head_dim=8,
         addition_embed_type_num_heads=2,
         cross_attention_dim=64,
-        encoder_hid_dim=T5_DIM,
+        encoder_hid_dim=t5_dim,
         norm_num_groups=8,
         sample_size=STAGE1_SIZE,
     )
     return UNet2DConditionModel(**cfg).eval()
 
 
-def build_stage2_unet():
+def build_stage2_unet(t5_dim: int = T5_DIM):
     from diffusers import UNet2DConditionModel
 
     cfg = _config("IF-II-L-v1.0_unet_config.json")
@@ -134,7 +148,7 @@ def build_stage2_unet():
         attention_head_dim=8,
         addition_embed_type_num_heads=2,
         cross_attention_dim=64,
-        encoder_hid_dim=T5_DIM,
+        encoder_hid_dim=t5_dim,
         time_embedding_dim=64,
         norm_num_groups=8,
         sample_size=STAGE2_SIZE,
@@ -213,8 +227,8 @@ def _scheduler(cls, name: str):
     return cls.from_config(_config(name))
 
 
-def build_tiny_models(root: str | Path, seed: int = 0) -> dict[str, Path]:
-    """Write the three tiny repos under `root`; returns {stage: repo dir}. Idempotent."""
+def build_tiny_models(root: str | Path, seed: int = 0, preset: str = "tiny") -> dict[str, Path]:
+    """Write the three repos of a preset under `root`; returns {stage: repo dir}. Idempotent."""
     from diffusers import (
         DDIMScheduler,
         DDPMScheduler,
@@ -224,8 +238,8 @@ def build_tiny_models(root: str | Path, seed: int = 0) -> dict[str, Path]:
     )
 
     root = Path(root)
-    repos = {stage: root / name for stage, name in TINY_REPOS.items()}
-    stamp = root / "TINY_VERSION"
+    repos = {stage: root / name for stage, name in repo_names(preset).items()}
+    stamp = root / ("TINY_VERSION" if preset == "tiny" else f"TINY_VERSION.{preset}")
     if (
         stamp.exists()
         and stamp.read_text().strip() == TINY_VERSION
@@ -239,7 +253,8 @@ def build_tiny_models(root: str | Path, seed: int = 0) -> dict[str, Path]:
     logging.getLogger("ifrender").info("building tiny models in %s", root)
     torch.manual_seed(seed)
     t5_tokenizer = build_t5_tokenizer()
-    t5 = build_t5_encoder(len(t5_tokenizer))
+    t5 = build_t5_encoder(len(t5_tokenizer), preset)
+    t5_dim = T5_PRESETS[preset]["d_model"]
     no_safety = dict(safety_checker=None, feature_extractor=None, watermarker=None, requires_safety_checker=False)
 
     # IF-I carries the safety checker, its feature extractor and the watermarker, as on the hub.
@@ -247,7 +262,7 @@ def build_tiny_models(root: str | Path, seed: int = 0) -> dict[str, Path]:
     stage1 = IFPipeline(
         tokenizer=t5_tokenizer,
         text_encoder=t5,
-        unet=build_stage1_unet(),
+        unet=build_stage1_unet(t5_dim),
         scheduler=_scheduler(DDPMScheduler, "IF-I-XL-v1.0_scheduler_config.json"),
         safety_checker=checker,
         feature_extractor=processor,
@@ -261,7 +276,7 @@ def build_tiny_models(root: str | Path, seed: int = 0) -> dict[str, Path]:
     stage2 = IFSuperResolutionPipeline(
         tokenizer=t5_tokenizer,
         text_encoder=t5,
-        unet=build_stage2_unet(),
+        unet=build_stage2_unet(t5_dim),
         scheduler=_scheduler(DDPMScheduler, "IF-II-L-v1.0_scheduler_config.DERIVED.json"),
         image_noising_scheduler=_scheduler(DDPMScheduler, "IF-II-L-v1.0_image_noising_scheduler_config.DERIVED.json"),
         **no_safety,

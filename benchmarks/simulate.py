@@ -1,0 +1,178 @@
+"""Scale by simulation: the planned allocation and one-pool-per-stage on N logical GPUs.
+
+Each model is replaced by a stand-in (workers/simulated.py) that holds its logical GPU share for
+the profiled time per image and passes tensors of the real sizes, through the same Ray Data
+streaming chain of actor pools. For each N, the planned and the naive allocation run side by
+side; measured throughput is compared with the planner's prediction.
+
+Times are scaled so that every run predicts about RATE images/s: the ratio measured/predicted
+does not depend on the scale, and a 2-core machine can carry the traffic (full-size tensors).
+
+    .venv/bin/python benchmarks/simulate.py [--profile PROFILE.json] [--gpus 1 2 4 8 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from jobs.manifest import MANIFESTS_DIR, load_manifest  # noqa: E402
+from jobs.plan import Plan, Profile, flops_profile, naive, plan  # noqa: E402
+
+RATE = 5.0  # predicted images/s of every simulated run, after time scaling
+SECONDS = 15.0  # steady-state length aimed at per run
+
+
+def simulate(profile: Profile, chosen: Plan, time_scale: float, images: int) -> dict:
+    """Run `images` rows through stand-ins allocated as `chosen`; steady-state images/s."""
+    import ray
+    from ray.data import ActorPoolStrategy, DataContext
+
+    from workers.simulated import SimulatedStage, sink
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    # Few logical CPUs for the plain tasks (each is a process on this machine); the stand-in
+    # actors take 0.1 each, so the CPUs never limit them.
+    actors = sum(a.pool_size for a in chosen.stages.values())
+    ray.init(num_cpus=2 + int(0.1 * actors + 1), num_gpus=chosen.gpus, include_dashboard=False, log_to_driver=False)
+    try:
+        DataContext.get_current().enable_progress_bars = False
+        ds = ray.data.range(images, override_num_blocks=max(1, images // 2))
+        ds = ds.map_batches(lambda b: {"id": b["id"]}, batch_size=None, num_cpus=1)
+        for stage, a in chosen.stages.items():
+            ds = ds.map_batches(
+                SimulatedStage,
+                compute=ActorPoolStrategy(size=a.pool_size),
+                batch_size=a.batch_size,
+                num_gpus=a.num_gpus,
+                num_cpus=0.1,
+                fn_constructor_kwargs=dict(
+                    stage=stage,
+                    seconds_per_image=profile.stages[stage].seconds_per_image,
+                    gpu_share=a.num_gpus,
+                    time_scale=time_scale,
+                ),
+            )
+        ds = ds.map_batches(sink, batch_size=None, num_cpus=1)
+        started = time.time()
+        arrivals = []  # when each image left the last stage, from the actors' own clocks
+        gaps = {}
+        stages = list(chosen.stages)
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            arrivals += (batch[f"{stages[-1]}_finished"] - started).tolist()
+            for prev, nxt in zip(stages, stages[1:]):
+                gap = batch[f"{nxt}_started"] - batch[f"{prev}_finished"]
+                gaps.setdefault(f"{prev}->{nxt}", []).extend(gap.tolist())
+    finally:
+        ray.shutdown()
+    arrivals.sort()
+    # Steady state: between the 25% and 90% marks, past the fill and before the drain.
+    lo, hi = int(0.25 * len(arrivals)), int(0.9 * len(arrivals)) - 1
+    steady = (hi - lo) / (arrivals[hi] - arrivals[lo])
+    return {
+        "images": len(arrivals),
+        "seconds": round(arrivals[-1], 2),
+        "steady_images_per_second": round(steady, 3),
+        "mean_gap_seconds": {k: round(float(np.mean(v)), 3) for k, v in gaps.items()},
+    }
+
+
+def run(profile: Profile, gpu_counts: list[int], gpu_memory: float, images: int | None = None) -> list[dict]:
+    results = []
+    for n in gpu_counts:
+        for kind, chosen in (("planned", plan(profile, n, gpu_memory)), ("naive", naive(profile, n, gpu_memory))):
+            time_scale = chosen.images_per_second / RATE  # predicted RATE images/s after scaling
+            measured = simulate(profile, chosen, time_scale, images or int(RATE * SECONDS / 0.65))
+            real = measured["steady_images_per_second"] * time_scale  # back to unscaled images/s
+            row = {
+                "gpus": n,
+                "allocation": kind,
+                "predicted_images_per_hour": round(chosen.images_per_hour),
+                "measured_images_per_hour": round(real * 3600),
+                "measured_over_predicted": round(real / chosen.images_per_second, 3),
+                "bottleneck": chosen.bottleneck,
+                "stages": {s: [a.pool_size, a.num_gpus] for s, a in chosen.stages.items()},
+                "time_scale": round(time_scale, 5),
+            } | measured
+            print(json.dumps(row), flush=True)
+            results.append(row)
+    return results
+
+
+def plot(results: list[dict], path: Path, title: str) -> None:
+    """Images per hour against N: planned prediction, planned measured, naive measured (log-log)."""
+    from PIL import Image, ImageDraw
+
+    w, h, m = 760, 480, 70
+    img = Image.new("RGB", (w, h), "white")
+    d = ImageDraw.Draw(img)
+    ns = sorted({r["gpus"] for r in results})
+    ys = [r[k] for r in results for k in ("predicted_images_per_hour", "measured_images_per_hour")]
+    lx0, lx1 = np.log2(min(ns)), np.log2(max(ns))
+    ly0, ly1 = np.log10(min(ys) * 0.8), np.log10(max(ys) * 1.25)
+
+    def xy(n, y):
+        x = m + (np.log2(n) - lx0) / max(lx1 - lx0, 1e-9) * (w - 2 * m)
+        return x, h - m - (np.log10(y) - ly0) / (ly1 - ly0) * (h - 2 * m)
+
+    d.rectangle((m, m, w - m, h - m), outline="black")
+    for n in ns:
+        x, _ = xy(n, 10**ly0)
+        d.line((x, h - m, x, h - m + 5), fill="black")
+        d.text((x - 5, h - m + 8), str(n), fill="black")
+    for e in range(int(np.floor(ly0)), int(np.ceil(ly1)) + 1):
+        for mult in (1, 2, 5):
+            y = mult * 10**e
+            if ly0 <= np.log10(y) <= ly1:
+                _, py = xy(ns[0], y)
+                d.line((m - 5, py, m, py), fill="black")
+                d.line((m, py, w - m, py), fill=(235, 235, 235))
+                d.text((4, py - 6), f"{y:,.0f}", fill="black")
+    series = [
+        ("planned, predicted", "planned", "predicted_images_per_hour", (120, 120, 120)),
+        ("planned, measured", "planned", "measured_images_per_hour", (20, 90, 200)),
+        ("one pool per stage, measured", "naive", "measured_images_per_hour", (210, 80, 30)),
+    ]
+    for i, (label, kind, key, color) in enumerate(series):
+        pts = [xy(r["gpus"], r[key]) for r in sorted(results, key=lambda r: r["gpus"]) if r["allocation"] == kind]
+        d.line(pts, fill=color, width=2)
+        for x, y in pts:
+            d.ellipse((x - 3, y - 3, x + 3, y + 3), fill=color)
+        d.line((m + 10, m + 12 + 16 * i, m + 40, m + 12 + 16 * i), fill=color, width=3)
+        d.text((m + 46, m + 6 + 16 * i), label, fill="black")
+    d.text((m, 20), title, fill="black")
+    d.text((w // 2 - 40, h - 30), "GPUs (N)", fill="black")
+    d.text((4, m - 20), "images/hour", fill="black")
+    img.save(path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--profile", help="measured profile JSON; default: FLOP counts of manifests/production.yaml")
+    parser.add_argument("--gpus", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    parser.add_argument("--gpu-memory", type=float, default=80.0)
+    parser.add_argument("--out", default="benchmarks/results/simulation.json")
+    parser.add_argument("--plot", default="docs/simulation.png")
+    parser.add_argument("--images", type=int, help="images per run (default: enough for ~15 s of steady state)")
+    args = parser.parse_args()
+    profile = (
+        Profile.load(args.profile) if args.profile else flops_profile(load_manifest(MANIFESTS_DIR / "production.yaml"))
+    )
+    results = run(profile, args.gpus, args.gpu_memory, args.images)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"profile": profile.source, "device": profile.device, "results": results}, indent=1))
+    plot(results, Path(args.plot), f"Images/hour vs GPUs ({profile.source}, {profile.device})")
+    print(f"wrote {out} and {args.plot}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,109 @@
+"""The planner, the profiler and the simulation's machinery (their throughput numbers are the
+benchmarks' business: benchmarks/simulate.py, docs/benchmarks.md)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from jobs.manifest import MANIFESTS_DIR, load_manifest
+from jobs.plan import PlanError, Profile, StageProfile, flops_profile, naive, packs, plan
+from tests.conftest import manifest_for
+from tests.test_cli import ifrender
+
+
+@pytest.fixture(scope="module")
+def production():
+    return flops_profile(load_manifest(MANIFESTS_DIR / "production.yaml"))
+
+
+def test_flop_profile_matches_the_published_counts(production):
+    # ~1,584 TFLOP per 1024 px image at default steps with guidance: stage I 36%, II 20%, x4 43%.
+    tflop = {s: p.seconds_per_image * 800 * 0.4 for s, p in production.stages.items()}
+    assert sum(tflop.values()) == pytest.approx(1584, rel=0.01)
+    assert tflop["stage1"] / sum(tflop.values()) == pytest.approx(0.36, abs=0.01)
+    assert tflop["upscale"] / sum(tflop.values()) == pytest.approx(0.44, abs=0.01)
+    fast = flops_profile(load_manifest(None, ["stage1.timesteps=smart27", "stage1.batch_size=8"]))
+    assert fast.stages["stage1"].seconds_per_image == pytest.approx(
+        production.stages["stage1"].seconds_per_image * 27 / 100
+    )
+
+
+@pytest.mark.parametrize("gpus", [1, 2, 3, 4, 8, 16])
+def test_plans_fit_the_gpus_and_come_close_to_the_ideal(production, gpus):
+    chosen = plan(production, gpus, 80)
+    shares = [a.num_gpus for a in chosen.stages.values() for _ in range(a.pool_size)]
+    assert packs(shares, gpus) and sum(shares) <= gpus + 1e-9
+    for stage, a in chosen.stages.items():
+        assert production.stages[stage].memory_gb <= a.num_gpus * 80 + 1e-6  # any packing fits memory
+    ideal = gpus / sum(p.seconds_per_image for p in production.stages.values())
+    assert ideal * 0.85 <= chosen.images_per_second <= ideal * (1 + 1e-9)
+    assert chosen.images_per_second > 1.15 * naive(production, gpus, 80).images_per_second
+    rates = {s: a.gpus / production.stages[s].seconds_per_image for s, a in chosen.stages.items()}
+    assert chosen.bottleneck == min(rates, key=rates.get)
+    assert chosen.gpu_hours(1_000_000) == pytest.approx(1_000_000 / chosen.images_per_hour * gpus)
+
+
+def test_packing_and_memory_limits():
+    assert packs([0.7, 0.3, 0.5, 0.5], 2) and not packs([0.7, 0.7, 0.7], 2)
+    big = Profile("t", "x", {"stage1": StageProfile(1.0, 30.0, 8)})
+    with pytest.raises(PlanError, match="stage1: needs about 30 GB per actor at batch_size=8 but a GPU has 24 GB"):
+        plan(big, 4, 24)
+    # Memory, not compute, sets a light stage's share: 20 GB on 24 GB GPUs takes 0.8334 of one.
+    light = Profile("t", "x", {"encode": StageProfile(0.01, 20.0, 8), "stage1": StageProfile(1.0, 4.0, 8)})
+    assert plan(light, 2, 24).stages["encode"].num_gpus >= 20 / 24 - 1e-4
+
+
+def test_plan_command_saves_a_plan_that_run_applies(tmp_path):
+    saved = tmp_path / "plan.json"
+    result = ifrender(
+        "plan", str(MANIFESTS_DIR / "production.yaml"), "--gpus", "8", "--images", "1000000", "--save", str(saved)
+    )
+    assert result.returncode == 0, result.stderr
+    assert "images/hour; bottleneck:" in result.stdout and "GPU-hours" in result.stdout
+    record = json.loads(saved.read_text())
+    from jobs.cli import _plan_overrides
+
+    m = load_manifest(MANIFESTS_DIR / "production.yaml", _plan_overrides(str(saved)))
+    for stage, a in record["plan"]["stages"].items():
+        cfg = getattr(m, stage)
+        assert (cfg.pool_size, cfg.num_gpus, cfg.batch_size) == (a["pool_size"], a["num_gpus"], a["batch_size"])
+    bad = ifrender("run", "--plan", str(tmp_path / "nope.json"))
+    assert bad.returncode == 1 and "expected a plan saved by `ifrender plan --save`" in bad.stderr
+
+
+def test_profiler_measures_every_stage_at_each_batch_size(tiny_root, tmp_path):
+    from jobs.profile import profile_stages
+
+    m = manifest_for(tiny_root, "last_stage=stage2", output=str(tmp_path / "o"))
+    profile, measurements = profile_stages(m, [1, 2], repeats=1)
+    assert {(x["stage"], x["batch_size"]) for x in measurements} == {
+        (s, b) for s in ("encode", "stage1", "stage2") for b in (1, 2)
+    }
+    assert all(x["seconds_per_image"] > 0 and x["peak_gb"] > 0 for x in measurements)
+    profile.save(tmp_path / "p.json")
+    again = Profile.load(tmp_path / "p.json")
+    assert again.stages == profile.stages
+    assert plan(again, 1, 80).images_per_second > 0
+
+
+def test_simulation_runs_every_image_through_stand_ins(tmp_path):
+    """In its own process: the simulation starts a Ray with N logical GPUs of its own."""
+    import subprocess
+    import sys
+
+    from jobs.manifest import MANIFESTS_DIR as M
+
+    script = M.parent / "benchmarks" / "simulate.py"
+    out, png = tmp_path / "sim.json", tmp_path / "sim.png"
+    args = [sys.executable, str(script), "--gpus", "2", "--images", "24", "--out", str(out), "--plot", str(png)]
+    result = subprocess.run(args, capture_output=True, text=True, timeout=600, cwd=M.parent)
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = json.loads(out.read_text())["results"]
+    assert [(r["gpus"], r["allocation"], r["images"]) for r in runs] == [(2, "planned", 24), (2, "naive", 24)]
+    assert all(r["steady_images_per_second"] > 0 for r in runs)
+    assert set(runs[0]["mean_gap_seconds"]) == {"encode->stage1", "stage1->stage2", "stage2->upscale"}
+    from PIL import Image
+
+    assert Image.open(png).size == (760, 480)

@@ -1,0 +1,48 @@
+"""Stand-in stage workers for simulation: each holds its (logical) GPU share for the time its
+stage takes per batch in a profile, and hands on tensors of the real sizes, so a cluster's
+scheduling, pools, object store traffic and backpressure can be measured without the models."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+# What each stage adds (shape per row, dtype) and drops, as the real chain does at full size.
+OUTPUTS = {
+    "encode": {"prompt_embeds": ((77, 4096), np.float16), "negative_prompt_embeds": ((77, 4096), np.float16)},
+    "stage1": {"stage1_image": ((3, 64, 64), np.float32)},
+    "stage2": {"stage2_image": ((3, 256, 256), np.float32)},
+    "upscale": {"upscale_image": ((1024, 1024, 3), np.uint8)},
+}
+DROPS = {
+    "encode": (),
+    "stage1": (),
+    "stage2": ("prompt_embeds", "negative_prompt_embeds", "stage1_image"),
+    "upscale": ("stage2_image",),
+}
+
+
+class SimulatedStage:
+    """`seconds_per_image` of one whole GPU; an actor with share f of a GPU takes 1/f as long
+    (co-located actors time-slice the GPU), scaled by `time_scale`."""
+
+    def __init__(self, stage: str, seconds_per_image: float, gpu_share: float, time_scale: float = 1.0) -> None:
+        self.stage = stage
+        self.seconds = seconds_per_image / gpu_share * time_scale
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        n = len(batch["id"])
+        start = time.time()
+        time.sleep(self.seconds * n)
+        out = {k: v for k, v in batch.items() if k not in DROPS[self.stage]}
+        for column, (shape, dtype) in OUTPUTS[self.stage].items():
+            out[column] = np.zeros((n, *shape), dtype=dtype)
+        out[f"{self.stage}_started"] = np.full(n, start)
+        out[f"{self.stage}_finished"] = np.full(n, time.time())
+        return out
+
+
+def sink(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The writer's place: the final image stops here, as it goes to storage, not to the driver."""
+    return {k: v for k, v in batch.items() if k != "upscale_image"}
