@@ -177,7 +177,7 @@ def plan(profile: Profile, gpus: int, gpu_memory_gb: float) -> Plan:
     # shrunk a little at a time until the actors fit on the GPUs; the fastest that fits wins.
     names = list(stages)
     for extra in itertools.product(range(3), repeat=len(names)):
-        for shrink in [1 - 0.01 * k for k in range(50)]:
+        for shrink in [1 - 0.01 * k for k in range(50)] + [0.5 - 0.02 * k for k in range(20)]:
             alloc = {}
             for stage, more in zip(names, extra):
                 p = stages[stage]
