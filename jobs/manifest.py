@@ -306,6 +306,11 @@ def load_manifest(
     for assignment in overrides:
         _apply_override(data, assignment)
     _fill_paths(str(path), data, template_values(run_date, run_id))
+    # A relative local output is relative to the working directory: fix it now, so every later
+    # comparison of object paths (cleanup of stale files) sees one absolute form.
+    out = data.get("output")
+    if isinstance(out, dict) and isinstance(out.get("path"), str) and "://" not in out["path"]:
+        out["path"] = str(Path(out["path"]).expanduser().resolve())
     source_path = data.get("input", {}).get("path") if isinstance(data.get("input"), dict) else None
     if isinstance(source_path, str) and "://" not in source_path and not Path(source_path).expanduser().is_absolute():
         data["input"]["path"] = str((path.parent / source_path).resolve())

@@ -28,7 +28,7 @@ from jobs.contact import write_job_sheet, write_shard_sheet
 from jobs.formats import stale_tars, with_image_column, write_tar
 from jobs.inputs import Shard, item_key, plan_shards, read_shards, shard_items
 from jobs.manifest import MODEL_STAGES, Manifest
-from jobs.storage import check_output_writable, delete, join, list_prefix, read_bytes, write_bytes
+from jobs.storage import check_output_writable, delete, join, list_prefix, read_bytes, resolve, write_bytes
 from workers.models import ModelLoadError, check_model_available
 from workers.write import image_dir
 
@@ -416,7 +416,8 @@ def commit_shard(out: str, work: Work, run_id: str, embed_images: bool = False, 
     if won:
         keep = {metadata} | {r["image_key"] for r in rows if r["image_key"]}
         stale = list_prefix(join(out, f"images/{shard:06d}-")) + list_prefix(join(out, f"shards/{shard:06d}-"))
-        delete([u for u in stale if u[len(out.rstrip("/")) + 1 :] not in keep])
+        base = out.rstrip("/") if out.startswith("s3://") else resolve(out)[1]  # the form list_prefix returns
+        delete([u for u in stale if u[len(base) + 1 :] not in keep])
         if webdataset:
             write_tar(out, shard, attempt, rows, work.images)
     else:

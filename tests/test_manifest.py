@@ -99,3 +99,9 @@ def test_pool_resources_are_runtime_settings_not_part_of_the_images(tmp_path):
     steered = load_manifest(None, ["output.path=/o", "stage1.resources={ifrender_heavy: 1}"])
     assert steered.stage1.resources == {"ifrender_heavy": 1.0}
     assert fingerprint(plain) == fingerprint(steered)  # moving a pool to other nodes resumes the job
+
+
+def test_a_relative_output_is_made_absolute_against_the_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert load_manifest(None, ["output.path=out/x"]).output.path == str(tmp_path / "out" / "x")
+    assert load_manifest(None, ["output.path=s3://b/p"]).output.path == "s3://b/p"
