@@ -61,14 +61,21 @@ def pipeline_stats(rows: list[dict], manifest: Manifest) -> dict:
     rate, window = steady_rate([r[f"{last}_finished"] for r in rows], getattr(manifest, last).batch_size)
     begin = min(r[f"{stages[0]}_started"] for r in rows)
     end = max(r[f"{last}_finished"] for r in rows)
-    busy, gaps = {}, {}
+    busy, gaps, per_batch = {}, {}, {}
     for stage in stages:
         calls = {(r[f"{stage}_started"], r[f"{stage}_finished"]) for r in rows}
         cfg = getattr(manifest, stage)
         busy[stage] = round(sum(b - a for a, b in calls) / (cfg.pool_size * (end - begin)), 3)
+        per_batch[stage] = round(sum(b - a for a, b in calls) / len(calls), 3)
     for prev, nxt in zip(stages, stages[1:]):
         gaps[f"{prev}->{nxt}"] = round(float(np.mean([r[f"{nxt}_started"] - r[f"{prev}_finished"] for r in rows])), 3)
-    return {"images_per_second": round(rate, 3), "window_s": round(window, 2), "busy_fraction": busy, "gap_s": gaps}
+    return {
+        "images_per_second": round(rate, 3),
+        "window_s": round(window, 2),
+        "busy_fraction": busy,
+        "seconds_per_batch": per_batch,
+        "gap_s": gaps,
+    }
 
 
 def run_pipeline(manifest: Manifest) -> tuple[dict, list[dict]]:
@@ -84,7 +91,7 @@ def run_pipeline(manifest: Manifest) -> tuple[dict, list[dict]]:
     return pipeline_stats(ok, manifest) | {"images": len(ok), "wall_s": summary.seconds}, ok
 
 
-def run_sequential(manifest: Manifest, rows: dict[str, np.ndarray], out: str) -> dict:
+def run_sequential(manifest: Manifest, rows: dict[str, np.ndarray], out: str) -> tuple[dict, dict[str, str]]:
     """The four pipelines in this process, batch by batch: each batch goes through every stage
     (each stage called on its own batch size) before the next batch starts."""
     import torch
@@ -110,7 +117,9 @@ def run_sequential(manifest: Manifest, rows: dict[str, np.ndarray], out: str) ->
     n = len(rows["id"])
     chunk = max(getattr(manifest, s).batch_size for s in stages)
     finished: list[float] = []
+    digests: dict[str, str] = {}
     busy = dict.fromkeys(stages, 0.0)
+    calls = dict.fromkeys(stages, 0)
     start = time.perf_counter()
     for lo in range(0, n, chunk):
         batch = {k: v[lo : lo + chunk] for k, v in rows.items()}
@@ -122,17 +131,23 @@ def run_sequential(manifest: Manifest, rows: dict[str, np.ndarray], out: str) ->
             ]
             batch = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
             busy[stage] += time.perf_counter() - t
-        writer(batch)
+            calls[stage] += len(parts)
+        written = writer(batch)
+        digests.update(zip(written["id"], written["sha256"]))
         finished += [time.perf_counter()] * len(batch["id"])
     total = time.perf_counter() - start
     rate, window = steady_rate(finished, chunk)
-    return {
-        "images": n,
-        "images_per_second": round(rate, 3),
-        "window_s": round(window, 2),
-        "busy_fraction": {s: round(b / total, 3) for s, b in busy.items()},  # of the one process
-        "gap_s": {f"{a}->{b}": 0.0 for a, b in zip(stages, stages[1:])},
-    }
+    return (
+        {
+            "images": n,
+            "images_per_second": round(rate, 3),
+            "window_s": round(window, 2),
+            "busy_fraction": {s: round(b / total, 3) for s, b in busy.items()},  # of the one process
+            "seconds_per_batch": {s: round(busy[s] / calls[s], 3) for s in stages},
+            "gap_s": {f"{a}->{b}": 0.0 for a, b in zip(stages, stages[1:])},
+        },
+        digests,
+    )
 
 
 def bench(manifest: Manifest, images: int, workdir: Path) -> dict:
@@ -151,12 +166,14 @@ def bench(manifest: Manifest, images: int, workdir: Path) -> dict:
     )
     manifest = resolve_models(manifest)
     log.info("bench: %d images, (a) Ray pipeline", images)
-    pipeline, _ = run_pipeline(manifest)
+    pipeline, done = run_pipeline(manifest)
     log.info("bench: (b) sequential, one process")
     items = shard_items(plan_shards(manifest.input))
     batches = [read_shards({k: np.array([s[k]], dtype=object) for k in s}, job_seed=manifest.seed) for s in items]
     rows = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
-    sequential = run_sequential(manifest, rows, str(workdir / "sequential"))
+    sequential, digests = run_sequential(manifest, rows, str(workdir / "sequential"))
+    # Both ways must render the very same images, or the comparison means nothing.
+    same = sum(digests.get(r["id"]) == r["sha256"] for r in done)
     import torch
 
     return {
@@ -166,6 +183,7 @@ def bench(manifest: Manifest, images: int, workdir: Path) -> dict:
         "pipeline": pipeline,
         "sequential": sequential,
         "ratio": round(pipeline["images_per_second"] / sequential["images_per_second"], 3),
+        "identical_images": same,
     }
 
 
@@ -174,11 +192,16 @@ def report(result: dict) -> str:
     lines = [
         f"bench {result['manifest']}: {result['images']} images, steady state after the first output batch",
         f"  Ray pipeline: {p['images_per_second']:.3f} images/s   sequential (one process): "
-        f"{s['images_per_second']:.3f} images/s   ratio {result['ratio']:.2f}x",
+        f"{s['images_per_second']:.3f} images/s   ratio {result['ratio']:.2f}x   "
+        f"(identical images both ways: {result['identical_images']}/{result['images']})",
         "  busy fraction per stage (pipeline, of its pool's time): "
         + ", ".join(f"{k} {v:.0%}" for k, v in p["busy_fraction"].items()),
         "  share of the sequential process per stage: "
         + ", ".join(f"{k} {v:.0%}" for k, v in s["busy_fraction"].items()),
+        "  seconds per batch (pipeline actors, 1 thread each): "
+        + ", ".join(f"{k} {v:.2f}" for k, v in p["seconds_per_batch"].items())
+        + "; (sequential, all threads): "
+        + ", ".join(f"{k} {v:.2f}" for k, v in s["seconds_per_batch"].items()),
         "  mean time between stages (pipeline): " + ", ".join(f"{k} {v:.2f} s" for k, v in p["gap_s"].items()),
     ]
     return "\n".join(lines)

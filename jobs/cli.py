@@ -81,14 +81,15 @@ def _plan(args: argparse.Namespace) -> int:
         f"  one pool per stage with equal shares: {base.images_per_hour:,.0f} images/hour "
         f"(the plan is {chosen.images_per_second / base.images_per_second:.2f}x)"
     )
-    print("apply with: ifrender run MANIFEST " + " ".join(f"--set {o}" for o in chosen.overrides()))
+    overrides = chosen.overrides(manifest)
+    print("apply with: ifrender run MANIFEST " + " ".join(f"--set '{o}'" for o in overrides))
     if args.save:
         from dataclasses import asdict
         from pathlib import Path
 
         record = {
             "plan": asdict(chosen),
-            "overrides": chosen.overrides(),
+            "overrides": overrides,
             "naive_images_per_second": base.images_per_second,
         }
         Path(args.save).write_text(json.dumps(record, indent=2))

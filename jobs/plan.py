@@ -112,8 +112,9 @@ class Plan:
     def gpu_hours(self, images: int) -> float:
         return images / self.images_per_hour * self.gpus if self.images_per_second else math.inf
 
-    def overrides(self) -> list[str]:
-        """--set assignments that apply this plan to a manifest."""
+    def overrides(self, manifest: Manifest | None = None) -> list[str]:
+        """--set assignments that apply this plan to a manifest; a stage steered to a worker group
+        by custom resources asks for as much of them as of GPUs (one GPU per group node)."""
         out = []
         for stage, a in self.stages.items():
             out += [
@@ -121,6 +122,9 @@ class Plan:
                 f"{stage}.num_gpus={a.num_gpus:g}",
                 f"{stage}.batch_size={a.batch_size}",
             ]
+            resources = getattr(manifest, stage).resources if manifest else {}
+            if resources:
+                out.append(f"{stage}.resources={{{', '.join(f'{k}: {a.num_gpus:g}' for k in resources)}}}")
         return out
 
     def table(self, images: int | None = None) -> str:

@@ -107,3 +107,27 @@ def test_simulation_runs_every_image_through_stand_ins(tmp_path):
     from PIL import Image
 
     assert Image.open(png).size == (760, 480)
+
+
+def test_bench_renders_the_same_images_both_ways_and_reports_both(ray_local, tiny_root, tmp_path):
+    from jobs.bench import bench, report
+
+    m = manifest_for(
+        tiny_root, "last_stage=stage2", "stage1.batch_size=2", "stage2.batch_size=2", output=str(tmp_path / "o")
+    )
+    result = bench(m, 6, tmp_path / "bench")
+    assert result["pipeline"]["images"] == result["sequential"]["images"] == 6
+    assert result["identical_images"] == 6  # same rows, seeds, steps and compute shapes: same pixels
+    assert result["ratio"] > 0 and set(result["pipeline"]["busy_fraction"]) == {"encode", "stage1", "stage2"}
+    assert set(result["pipeline"]["gap_s"]) == {"encode->stage1", "stage1->stage2"}
+    text = report(result)
+    assert "Ray pipeline:" in text and "sequential (one process):" in text and "identical images both ways: 6/6" in text
+
+
+def test_a_plan_moves_group_resources_with_gpu_shares():
+    cluster = load_manifest(MANIFESTS_DIR / "cluster.yaml", run_date="2026-11-22")
+    chosen = plan(flops_profile(cluster), 8, 48)
+    applied = load_manifest(MANIFESTS_DIR / "cluster.yaml", chosen.overrides(cluster), run_date="2026-11-22")
+    for stage, a in chosen.stages.items():
+        cfg = getattr(applied, stage)
+        assert cfg.num_gpus == a.num_gpus and set(cfg.resources.values()) == {a.num_gpus}

@@ -1,0 +1,182 @@
+"""Full size on one GPU: the real architectures (workers/configs, copied from the reference
+configs) with random weights in fp16, no hub. Measures, in one run:
+
+1. each stage's seconds per image and peak memory against batch size (`ifrender profile`);
+2. end-to-end images/hour at 1024 px through the Ray pipeline and the sequential baseline
+   (`ifrender bench`, same prompts, steps and batches);
+3. model FLOP utilisation: achieved TFLOP/s from the FLOP counts of the steps used, against the
+   GPU's peak dense fp16 TFLOP/s;
+
+then feeds the measured profile to the planner and the simulation.
+
+    python benchmarks/fullsize_gpu.py --root /tmp/ifrender-full [--images 32] [--peak-tflops 989]
+
+Writes benchmarks/results/fullsize-*.json and prints the numbers for docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+
+def build_full_models(root: Path) -> dict[str, Path]:
+    """IF-I-XL (T5-XXL encoder + UNet), IF-II-L and the x4 upscaler at full size, random weights,
+    saved as fp16 variants in the hub layout. Tokenizers are the tiny ones (random embeddings
+    do not care which ids they look up)."""
+    import torch
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        DDPMScheduler,
+        IFPipeline,
+        IFSuperResolutionPipeline,
+        StableDiffusionUpscalePipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    from workers.tiny import _config, build_clip_tokenizer, build_t5_tokenizer
+
+    repos = {"stage1": root / "IF-I-full", "stage2": root / "IF-II-full", "upscale": root / "x4-upscaler-full"}
+    if all((p / "model_index.json").exists() for p in repos.values()):
+        return repos
+    torch.manual_seed(0)
+    none = dict(safety_checker=None, feature_extractor=None, watermarker=None, requires_safety_checker=False)
+
+    def save(pipe, path):
+        pipe.to(torch.float16).save_pretrained(path, variant="fp16", safe_serialization=True)
+
+    t5_cfg = _config("t5-v1_1-xxl_encoder_config.json")
+    t5_cfg.pop("architectures", None)
+    t5 = T5EncoderModel(T5Config(**t5_cfg)).to(torch.float16)
+    t5_tok = build_t5_tokenizer()
+    unet1 = UNet2DConditionModel(**_config("IF-I-XL-v1.0_unet_config.json")).to(torch.float16)
+    save(
+        IFPipeline(
+            tokenizer=t5_tok,
+            text_encoder=t5,
+            unet=unet1,
+            scheduler=DDPMScheduler.from_config(_config("IF-I-XL-v1.0_scheduler_config.json")),
+            **none,
+        ),
+        repos["stage1"],
+    )
+    del unet1
+    unet2 = UNet2DConditionModel(**_config("IF-II-L-v1.0_unet_config.json")).to(torch.float16)
+    save(
+        IFSuperResolutionPipeline(
+            tokenizer=t5_tok,
+            text_encoder=t5,
+            unet=unet2,
+            scheduler=DDPMScheduler.from_config(_config("IF-II-L-v1.0_scheduler_config.DERIVED.json")),
+            image_noising_scheduler=DDPMScheduler.from_config(
+                _config("IF-II-L-v1.0_image_noising_scheduler_config.DERIVED.json")
+            ),
+            **none,
+        ),
+        repos["stage2"],
+    )
+    del unet2, t5
+    clip_cfg = _config("sd-x4-upscaler_text_encoder_config.json")
+    for key in ("architectures", "torch_dtype", "transformers_version"):
+        clip_cfg.pop(key, None)
+    save(
+        StableDiffusionUpscalePipeline(
+            vae=AutoencoderKL(**_config("sd-x4-upscaler_vae_config.json")),
+            text_encoder=CLIPTextModel(CLIPTextConfig(**clip_cfg)),
+            tokenizer=build_clip_tokenizer(),
+            unet=UNet2DConditionModel(**_config("sd-x4-upscaler_unet_config.json")),
+            low_res_scheduler=DDPMScheduler.from_config(_config("sd-x4-upscaler_low_res_scheduler_config.json")),
+            scheduler=DDIMScheduler.from_config(_config("sd-x4-upscaler_scheduler_config.json")),
+            max_noise_level=350,
+        ),
+        repos["upscale"],
+    )
+    return repos
+
+
+def ifrender(*args: str) -> str:
+    result = subprocess.run([sys.executable, "-m", "jobs.cli", *args], cwd=REPO, capture_output=True, text=True)
+    print(result.stdout)
+    if result.returncode:
+        raise SystemExit(result.stderr[-4000:])
+    return result.stdout
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--root", default="/tmp/ifrender-full")
+    parser.add_argument("--images", type=int, default=32)
+    parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense fp16 TFLOP/s of the GPU (H100 SXM: 989)")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 4, 8])
+    args = parser.parse_args()
+
+    import torch
+
+    assert torch.cuda.is_available(), "this benchmark needs a CUDA GPU"
+    gpu = torch.cuda.get_device_name(0)
+    memory_gb = torch.cuda.get_device_properties(0).total_memory / 2**30
+    started = time.time()
+    repos = build_full_models(Path(args.root))
+    print(f"models ready in {time.time() - started:.0f} s on {gpu} ({memory_gb:.0f} GB)")
+    out = REPO / "benchmarks" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+
+    # One GPU shared by the four pools; fp16 weights; safety off (random checkpoints carry none).
+    sets = ["ray.num_gpus=1", "safety.checker=false", "safety.watermark=false", "contact_sheets=false"]
+    shares = {"encode": 0.1, "stage1": 0.4, "stage2": 0.2, "upscale": 0.3}
+    for stage, repo in (("encode", "stage1"), ("stage1", "stage1"), ("stage2", "stage2"), ("upscale", "upscale")):
+        sets += [
+            f"{stage}.model={repos[repo]}",
+            f"{stage}.dtype=fp16",
+            f"{stage}.variant=fp16",
+            f"{stage}.device=cuda",
+            f"{stage}.num_gpus={shares[stage]}",
+        ]
+    overrides = [a for s in sets for a in ("--set", s)]
+    manifest = str(REPO / "manifests" / "production.yaml")
+
+    # 1. Per-stage throughput and memory against batch size.
+    profile = out / "fullsize-profile.json"
+    ifrender("profile", manifest, *overrides, "--batch-sizes", *map(str, args.batch_sizes), "--out", str(profile))
+
+    # 2. Pipeline against the sequential baseline, same run.
+    bench = out / "fullsize-bench.json"
+    ifrender("bench", manifest, *overrides, "--images", str(args.images), "--out", str(bench), "--workdir", "/tmp/ifr-bench")
+    result = json.loads(bench.read_text())
+
+    # 3. Utilisation against the FLOP counts of the steps used.
+    from jobs.manifest import load_manifest
+    from jobs.plan import flops_profile
+
+    m = load_manifest(manifest, sets)
+    tflop_per_image = sum(p.seconds_per_image for p in flops_profile(m, 1.0, 1.0).stages.values())
+    for way in ("pipeline", "sequential"):
+        rate = result[way]["images_per_second"]
+        result[way]["images_per_hour"] = round(rate * 3600)
+        result[way]["mfu"] = round(rate * tflop_per_image / args.peak_tflops, 3)
+    result |= {"gpu": gpu, "tflop_per_image": round(tflop_per_image, 1), "peak_tflops": args.peak_tflops}
+    bench.write_text(json.dumps(result, indent=1))
+    print(json.dumps({k: result[k] for k in ("gpu", "tflop_per_image", "ratio")}, indent=1))
+    for way in ("pipeline", "sequential"):
+        print(f"{way}: {result[way]['images_per_hour']} images/hour, MFU {result[way]['mfu']:.1%}")
+
+    # 4. The measured profile into the planner and the simulation.
+    ifrender("plan", manifest, "--gpus", "8", "--gpu-memory", f"{memory_gb:.0f}", "--profile", str(profile))
+    subprocess.run(
+        [sys.executable, "benchmarks/simulate.py", "--profile", str(profile), "--gpu-memory", f"{memory_gb:.0f}",
+         "--out", str(out / "simulation-measured.json"), "--plot", "docs/simulation-measured.png"],
+        cwd=REPO, check=True,
+    )  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
