@@ -5,8 +5,9 @@ the profiled time per image and passes tensors of the real sizes, through the sa
 streaming chain of actor pools. For each N, the planned and the naive allocation run side by
 side; measured throughput is compared with the planner's prediction.
 
-Times are scaled so that every run predicts about RATE images/s: the ratio measured/predicted
-does not depend on the scale, and a 2-core machine can carry the traffic (full-size tensors).
+Times are scaled so that every run predicts RATE images/s, with enough images to fill the pools
+DEPTH times over: the ratio measured/predicted does not depend on the scale, and a 2-core machine
+can carry the traffic of full-size tensors at that rate (at 15 images/s it could not).
 
     .venv/bin/python benchmarks/simulate.py [--profile PROFILE.json] [--gpus 1 2 4 8 16]
 """
@@ -28,7 +29,8 @@ from jobs.manifest import MANIFESTS_DIR, load_manifest  # noqa: E402
 from jobs.plan import Plan, Profile, flops_profile, naive, plan  # noqa: E402
 
 RATE = 5.0  # predicted images/s of every simulated run, after time scaling
-SECONDS = 15.0  # steady-state length aimed at per run
+SECONDS = 20.0  # steady-state length aimed at per run
+DEPTH = 5  # images per run, at least this many times the rows the pools hold in flight
 
 
 def simulate(profile: Profile, chosen: Plan, time_scale: float, images: int) -> dict:
@@ -89,8 +91,12 @@ def run(profile: Profile, gpu_counts: list[int], gpu_memory: float, images: int 
     results = []
     for n in gpu_counts:
         for kind, chosen in (("planned", plan(profile, n, gpu_memory)), ("naive", naive(profile, n, gpu_memory))):
+            # Enough images that the steady state is not just the pipeline filling (big clusters
+            # hold many rows in flight); the rate stays low enough for this machine to carry.
+            in_flight = sum(a.pool_size * a.batch_size for a in chosen.stages.values())
+            count = images or max(int(RATE * SECONDS / 0.65), DEPTH * in_flight)
             time_scale = chosen.images_per_second / RATE  # predicted RATE images/s after scaling
-            measured = simulate(profile, chosen, time_scale, images or int(RATE * SECONDS / 0.65))
+            measured = simulate(profile, chosen, time_scale, count)
             real = measured["steady_images_per_second"] * time_scale  # back to unscaled images/s
             row = {
                 "gpus": n,
