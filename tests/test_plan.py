@@ -8,7 +8,7 @@ import json
 import pytest
 
 from jobs.manifest import MANIFESTS_DIR, load_manifest
-from jobs.plan import PlanError, Profile, StageProfile, flops_profile, naive, packs, plan
+from jobs.plan import HEADROOM, PlanError, Profile, StageProfile, flops_profile, naive, packs, plan
 from tests.conftest import manifest_for
 from tests.test_cli import ifrender
 
@@ -38,7 +38,10 @@ def test_plans_fit_the_gpus_and_come_close_to_the_ideal(production, gpus):
     for stage, a in chosen.stages.items():
         assert production.stages[stage].memory_gb <= a.num_gpus * 80 + 1e-6  # any packing fits memory
     ideal = gpus / sum(p.seconds_per_image for p in production.stages.values())
-    assert ideal * 0.85 <= chosen.images_per_second <= ideal * (1 + 1e-9)
+    # Within 20% of the ideal, giving up at most the headroom it keeps on the other stages.
+    assert ideal * 0.8 <= chosen.images_per_second <= ideal * (1 + 1e-9)
+    ordered = sorted(chosen.rates.values())
+    assert ordered[1] >= ordered[0] * (1 + HEADROOM) * 0.999
     assert chosen.images_per_second > 1.15 * naive(production, gpus, 80).images_per_second
     rates = {s: a.gpus / production.stages[s].seconds_per_image for s, a in chosen.stages.items()}
     assert chosen.bottleneck == min(rates, key=rates.get)
