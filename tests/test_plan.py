@@ -120,11 +120,16 @@ def test_bench_renders_the_same_images_both_ways_and_reports_both(ray_local, tin
     )
     result = bench(m, 6, tmp_path / "bench")
     assert result["pipeline"]["images"] == result["sequential"]["images"] == 6
-    assert result["identical_images"] == 6  # same rows, seeds, steps and compute shapes: same pixels
+    # Same rows, seeds, steps and compute shapes: the same images, up to thread-count rounding.
+    assert result["images_compared"] == 6 and result["max_pixel_diff"] <= 2
     assert result["ratio"] > 0 and set(result["pipeline"]["busy_fraction"]) == {"encode", "stage1", "stage2"}
     assert set(result["pipeline"]["gap_s"]) == {"encode->stage1", "stage1->stage2"}
     text = report(result)
-    assert "Ray pipeline:" in text and "sequential (one process):" in text and "identical images both ways: 6/6" in text
+    assert (
+        "Ray pipeline:" in text
+        and "sequential (one process):" in text
+        and "same images both ways: 6/6 compared" in text
+    )
 
 
 def test_a_plan_moves_group_resources_with_gpu_shares():
