@@ -115,7 +115,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", default="/tmp/ifrender-full")
     parser.add_argument("--images", type=int, default=32)
-    parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense fp16 TFLOP/s of the GPU (H100 SXM: 989)")
+    parser.add_argument(
+        "--peak-tflops", type=float, default=989.0, help="dense fp16 TFLOP/s of the GPU (H100 SXM: 989)"
+    )
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 4, 8])
     args = parser.parse_args()
 
@@ -150,7 +152,9 @@ def main() -> None:
 
     # 2. Pipeline against the sequential baseline, same run.
     bench = out / "fullsize-bench.json"
-    ifrender("bench", manifest, *overrides, "--images", str(args.images), "--out", str(bench), "--workdir", "/tmp/ifr-bench")
+    ifrender(
+        "bench", manifest, *overrides, "--images", str(args.images), "--out", str(bench), "--workdir", "/tmp/ifr-bench"
+    )
     result = json.loads(bench.read_text())
 
     # 3. Utilisation against the FLOP counts of the steps used.

@@ -35,6 +35,14 @@ def rows(prompts, seeds=None, **extra):
     return batch
 
 
+def stage_cfg(micro_batch: int) -> SimpleNamespace:
+    """The fields StageWorker reads, for test stages without a model."""
+    return SimpleNamespace(
+        model="m", micro_batch=micro_batch, device="cpu", num_gpus=0, dtype="fp32", variant=None,
+        watchdog_s=60, offload="none", attention="sdpa", compile=False,
+    )  # fmt: skip
+
+
 def take(batch, idx):
     return {k: v[idx] for k, v in batch.items()}
 
@@ -159,18 +167,7 @@ def test_a_failing_row_fails_alone():
         def blank(self, batch, n):
             return {"out": np.zeros(n)}
 
-    cfg = SimpleNamespace(
-        model="m",
-        micro_batch=2,
-        device="cpu",
-        num_gpus=0,
-        dtype="fp32",
-        variant=None,
-        watchdog_s=60,
-        offload="none",
-        attention="sdpa",
-        compile=False,
-    )
+    cfg = stage_cfg(micro_batch=2)
     out = Picky(cfg, {})(rows(["good", "bad one", "fine"]))
     assert list(out["status"]) == ["ok", "error", "ok"]
     assert out["error"][1] == "picky: ValueError: cannot draw that"
@@ -254,18 +251,7 @@ def test_out_of_memory_fails_rows_with_advice():
         def blank(self, batch, n):
             return {}
 
-    cfg = SimpleNamespace(
-        model="m",
-        micro_batch=4,
-        device="cpu",
-        num_gpus=0,
-        dtype="fp32",
-        variant=None,
-        watchdog_s=60,
-        offload="none",
-        attention="sdpa",
-        compile=False,
-    )
+    cfg = stage_cfg(micro_batch=4)
     out = Greedy(cfg, {})(rows(["a", "b"]))
     assert list(out["status"]) == ["error", "error"]
     assert "out of GPU memory at micro_batch=4; lower micro_batch" in out["error"][0]

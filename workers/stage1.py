@@ -26,6 +26,16 @@ def modes_of(batch: Batch, row: int) -> str:
     return row_mode(image, mask)
 
 
+def mode_pipelines(pipe, img2img_cls, inpaint_cls) -> dict:
+    """{mode: pipeline}; img2img and inpainting run on the text-to-image pipeline's own modules,
+    so the weights are in memory once."""
+    shared = pipe.components | {"requires_safety_checker": False}
+    pipes = {"text2img": pipe, "img2img": img2img_cls(**shared), "inpaint": inpaint_cls(**shared)}
+    for p in pipes.values():
+        p.set_progress_bar_config(disable=True)
+    return pipes
+
+
 class Stage1Worker(StageWorker):
     stage = "stage1"
     needs = ("seed", "prompt_embeds", "negative_prompt_embeds")
@@ -35,15 +45,7 @@ class Stage1Worker(StageWorker):
         from diffusers import IFImg2ImgPipeline, IFInpaintingPipeline, IFPipeline
 
         self.pipe = load_pipeline(self.stage, IFPipeline, cfg, self.device, text_encoder=None, tokenizer=None)
-        # img2img and inpainting run on the same modules: no second copy of the weights.
-        shared = self.pipe.components | {"requires_safety_checker": False}
-        self.pipes = {
-            "text2img": self.pipe,
-            "img2img": IFImg2ImgPipeline(**shared),
-            "inpaint": IFInpaintingPipeline(**shared),
-        }
-        for pipe in self.pipes.values():
-            pipe.set_progress_bar_config(disable=True)
+        self.pipes = mode_pipelines(self.pipe, IFImg2ImgPipeline, IFInpaintingPipeline)
         self.size = self.pipe.unet.config.sample_size
 
     def row_params(self, batch: Batch, row: int) -> dict:

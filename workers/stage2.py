@@ -11,7 +11,7 @@ import torch
 from workers.common import Batch, StageWorker, row_generators, to_numpy
 from workers.models import load_pipeline, preset_timesteps
 from workers.params import stage_params
-from workers.stage1 import decode, modes_of
+from workers.stage1 import decode, mode_pipelines, modes_of
 
 
 class Stage2Worker(StageWorker):
@@ -29,14 +29,7 @@ class Stage2Worker(StageWorker):
         self.pipe = load_pipeline(
             self.stage, IFSuperResolutionPipeline, cfg, self.device, text_encoder=None, tokenizer=None
         )
-        shared = self.pipe.components | {"requires_safety_checker": False}
-        self.pipes = {
-            "text2img": self.pipe,
-            "img2img": IFImg2ImgSuperResolutionPipeline(**shared),
-            "inpaint": IFInpaintingSuperResolutionPipeline(**shared),
-        }
-        for pipe in self.pipes.values():
-            pipe.set_progress_bar_config(disable=True)
+        self.pipes = mode_pipelines(self.pipe, IFImg2ImgSuperResolutionPipeline, IFInpaintingSuperResolutionPipeline)
         self.size = self.pipe.unet.config.sample_size
 
     def row_params(self, batch: Batch, row: int) -> dict:
