@@ -26,7 +26,15 @@ from tests.conftest import _free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 INFRA = ROOT / "infra"
-CRDS = ROOT.parent / "shared" / "reference" / "kuberay-crds"
+# The KubeRay CRDs ship in shared/, beside the checkout or inside it.
+CRDS = (
+    next(
+        (p for p in (ROOT.parent / "shared", ROOT / "shared") if (p / "reference" / "kuberay-crds").is_dir()),
+        ROOT.parent / "shared",
+    )
+    / "reference"
+    / "kuberay-crds"
+)
 K8S_VERSION = "1.33.0"  # the oldest Kubernetes the manifests target (CronJob timeZone is GA since 1.27)
 
 
