@@ -26,6 +26,17 @@ def modes_of(batch: Batch, row: int) -> str:
     return row_mode(image, mask)
 
 
+def mode_kwargs(batch: Batch, rows: np.ndarray, params: dict, image_arg: str, size: int) -> dict[str, Any]:
+    """The pipeline arguments a mode adds: the output size for text-to-image; the init image
+    (`image` at stage I, `original_image` at stage II), strength and mask otherwise."""
+    if params["mode"] == "text2img":
+        return {"height": size, "width": size}
+    extra = {image_arg: decode(batch, "image", rows), "strength": params["strength"]}
+    if params["mode"] == "inpaint":
+        extra["mask_image"] = decode(batch, "mask_image", rows, "L")
+    return extra
+
+
 def mode_pipelines(pipe, img2img_cls, inpaint_cls) -> dict:
     """{mode: pipeline}; img2img and inpainting run on the text-to-image pipeline's own modules,
     so the weights are in memory once."""
@@ -65,12 +76,7 @@ class Stage1Worker(StageWorker):
             generator=row_generators(batch["seed"][rows], self.stage),
             output_type="pt",
         )
-        if mode == "text2img":
-            kwargs.update(height=self.size, width=self.size)
-        else:
-            kwargs.update(image=decode(batch, "image", rows), strength=params["strength"])
-            if mode == "inpaint":
-                kwargs["mask_image"] = decode(batch, "mask_image", rows, "L")
+        kwargs |= mode_kwargs(batch, rows, params, "image", self.size)
         images = self.pipes[mode](**kwargs).images
         return {"stage1_image": to_numpy(images.float())}
 

@@ -11,7 +11,7 @@ import torch
 from workers.common import Batch, StageWorker, row_generators, to_numpy
 from workers.models import load_pipeline, preset_timesteps
 from workers.params import stage_params
-from workers.stage1 import decode, mode_pipelines, modes_of
+from workers.stage1 import mode_kwargs, mode_pipelines, modes_of
 
 
 class Stage2Worker(StageWorker):
@@ -51,12 +51,7 @@ class Stage2Worker(StageWorker):
             generator=row_generators(batch["seed"][rows], self.stage),
             output_type="pt",
         )
-        if mode == "text2img":
-            kwargs.update(height=self.size, width=self.size)
-        else:
-            kwargs.update(original_image=decode(batch, "image", rows), strength=params["strength"])
-            if mode == "inpaint":
-                kwargs["mask_image"] = decode(batch, "mask_image", rows, "L")
+        kwargs |= mode_kwargs(batch, rows, params, "original_image", self.size)
         images = self.pipes[mode](**kwargs).images
         return {"stage2_image": to_numpy(images.float())}
 
