@@ -36,8 +36,10 @@ DEPTH = 5  # images per run, at least this many times the rows the pools hold in
 def simulate(profile: Profile, chosen: Plan, time_scale: float, images: int) -> dict:
     """Run `images` rows through stand-ins allocated as `chosen`; steady-state images/s."""
     import ray
-    from ray.data import ActorPoolStrategy, DataContext
+    from ray.data import DataContext
 
+    from jobs.manifest import PoolConfig
+    from jobs.pools import map_pool, release, reserve
     from workers.simulated import SimulatedStage, sink
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -47,43 +49,61 @@ def simulate(profile: Profile, chosen: Plan, time_scale: float, images: int) -> 
     ray.init(num_cpus=2 + int(0.1 * actors + 1), num_gpus=chosen.gpus, include_dashboard=False, log_to_driver=False)
     try:
         DataContext.get_current().enable_progress_bars = False
+        # The same pool layout as a render (jobs/pools.py): reserved shares, re-cut blocks.
+        pools = {
+            s: PoolConfig(pool_size=a.pool_size, batch_size=a.batch_size, num_gpus=a.num_gpus, num_cpus=0.1)
+            for s, a in chosen.stages.items()
+        }
+        placed, groups = reserve(pools, timeout_s=60)
         ds = ray.data.range(images, override_num_blocks=max(1, images // 2))
         ds = ds.map_batches(lambda b: {"id": b["id"]}, batch_size=None, num_cpus=1)
-        for stage, a in chosen.stages.items():
-            ds = ds.map_batches(
+        rows = 2
+        for stage, pool in pools.items():
+            ds, rows = map_pool(
+                ds,
                 SimulatedStage,
-                compute=ActorPoolStrategy(size=a.pool_size),
-                batch_size=a.batch_size,
-                num_gpus=a.num_gpus,
-                num_cpus=0.1,
-                fn_constructor_kwargs=dict(
-                    stage=stage,
-                    seconds_per_image=profile.stages[stage].seconds_per_image,
-                    gpu_share=a.num_gpus,
-                    time_scale=time_scale,
-                ),
+                pool,
+                rows,
+                placed.get(stage),
+                stage=stage,
+                seconds_per_image=profile.stages[stage].seconds_per_image,
+                gpu_share=pool.num_gpus,
+                time_scale=time_scale,
             )
         ds = ds.map_batches(sink, batch_size=None, num_cpus=1)
         started = time.time()
-        arrivals = []  # when each image left the last stage, from the actors' own clocks
-        gaps = {}
         stages = list(chosen.stages)
+        columns = [f"{s}_{k}" for s in stages for k in ("started", "finished", "actor")]
+        calls = {c: [] for c in columns}  # per image: each stage's call and the actor that made it
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            arrivals += (batch[f"{stages[-1]}_finished"] - started).tolist()
-            for prev, nxt in zip(stages, stages[1:]):
-                gap = batch[f"{nxt}_started"] - batch[f"{prev}_finished"]
-                gaps.setdefault(f"{prev}->{nxt}", []).extend(gap.tolist())
+            for c in columns:
+                calls[c].extend(batch[c].tolist())
+        release(groups)
     finally:
         ray.shutdown()
-    arrivals.sort()
+    calls = {c: np.array(v) for c, v in calls.items()}
+    arrivals = np.sort(calls[f"{stages[-1]}_finished"] - started)  # from the actors' own clocks
     # Steady state: between the 25% and 90% marks, past the fill and before the drain.
     lo, hi = int(0.25 * len(arrivals)), int(0.9 * len(arrivals)) - 1
-    steady = (hi - lo) / (arrivals[hi] - arrivals[lo])
+    t0, t1 = arrivals[lo] + started, arrivals[hi] + started
+    steady = (hi - lo) / (t1 - t0)
+    busy = {}  # per stage: each actor's busy fraction of the steady window, lowest first
+    for stage in stages:
+        spans = {}
+        for actor, a, b in zip(calls[f"{stage}_actor"], calls[f"{stage}_started"], calls[f"{stage}_finished"]):
+            spans.setdefault(actor, set()).add((a, b))
+        busy[stage] = sorted(
+            round(sum(max(0.0, min(b, t1) - max(a, t0)) for a, b in s) / (t1 - t0), 2) for s in spans.values()
+        )
     return {
         "images": len(arrivals),
-        "seconds": round(arrivals[-1], 2),
+        "seconds": round(float(arrivals[-1]), 2),
         "steady_images_per_second": round(steady, 3),
-        "mean_gap_seconds": {k: round(float(np.mean(v)), 3) for k, v in gaps.items()},
+        "busy_in_steady_state": busy,
+        "mean_gap_seconds": {
+            f"{p}->{n}": round(float(np.mean(calls[f"{n}_started"] - calls[f"{p}_finished"])), 3)
+            for p, n in zip(stages, stages[1:])
+        },
     }
 
 

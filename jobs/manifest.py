@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 MANIFESTS_DIR = Path(__file__).resolve().parent.parent / "manifests"
 DEFAULT_MANIFEST = MANIFESTS_DIR / "local-tiny.yaml"
@@ -70,6 +70,17 @@ class PoolConfig(Strict):
         description="Custom Ray resources reserved per actor, e.g. {ifrender_heavy: 1}: steers this "
         "stage's pool to the nodes (worker groups) that declare them.",
     )
+
+    @field_validator("num_gpus")
+    @classmethod
+    def _whole_or_share(cls, value: float) -> float:
+        # Ray refuses a fractional request above one GPU: it cannot split an actor across GPUs.
+        if value > 1 and value != int(value):
+            raise ValueError(
+                f"expected a share of one GPU (below 1) or a whole number of GPUs, found {value:g}. "
+                f"Fix: {int(value)} or {int(value) + 1}, or more actors of a smaller share"
+            )
+        return value
 
 
 class ModelStageConfig(PoolConfig):
@@ -186,7 +197,16 @@ class RayConfig(Strict):
         "More than it has declares logical GPUs (scheduling tests with device=cpu).",
     )
     block_rows: int | None = Field(
-        None, ge=1, description="Rows per block between stages; default: the smallest batch size."
+        None,
+        ge=1,
+        description="Rows per block into the first stage; default: the smallest batch size. Blocks "
+        "are re-cut before any pool whose batch is smaller than the blocks arriving.",
+    )
+    reserve_timeout_s: float = Field(
+        600,
+        gt=0,
+        description="Seconds to wait for the cluster to have room for the pools with fractional GPU "
+        "shares, which are reserved (largest share first) before any model loads.",
     )
 
 

@@ -153,16 +153,23 @@ def _rate(profile: Profile, stages: dict[str, Allocation]) -> tuple[float, str, 
 
 
 def packs(shares: list[float], gpus: int) -> bool:
-    """Whether actors with these GPU shares fit on `gpus` GPUs (first-fit decreasing, as whole
-    GPUs take one each and fractions share)."""
-    bins = [0.0] * gpus
+    """Whether actors with these GPU shares fit on `gpus` GPUs, placed as Ray places them once
+    jobs.pools.reserve orders them: largest first, each fraction on the GPU it fits best (the
+    least room left over), each whole number on that many unshared GPUs."""
+    free = [1.0] * gpus
     for share in sorted(shares, reverse=True):
-        for i, used in enumerate(bins):
-            if used + share <= 1.0 + 1e-9:
-                bins[i] += share
-                break
-        else:
+        if share >= 1:
+            whole = [i for i, room in enumerate(free) if room == 1.0][: int(share)]
+            if len(whole) < share:
+                return False
+            for i in whole:
+                free[i] = 0.0
+            continue
+        fits = [i for i, room in enumerate(free) if room >= share - 1e-9]
+        if not fits:
             return False
+        best = min(fits, key=lambda i: free[i] - share)
+        free[best] -= share
     return True
 
 

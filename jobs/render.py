@@ -28,6 +28,8 @@ from jobs.contact import write_job_sheet, write_shard_sheet
 from jobs.formats import stale_tars, with_image_column, write_tar
 from jobs.inputs import Shard, item_key, plan_shards, read_shards, shard_items
 from jobs.manifest import MODEL_STAGES, Manifest
+from jobs.plan import packs
+from jobs.pools import map_pool, release, reserve
 from jobs.storage import check_output_writable, delete, join, list_prefix, read_bytes, resolve, write_bytes
 from workers.models import ModelLoadError, check_model_available
 from workers.write import image_dir
@@ -227,14 +229,22 @@ def check_resources(manifest: Manifest) -> None:
             f"the stage pools ask for {wanted:g} GPUs in all but this local Ray has {gpus:g}. "
             f"Fix: lower pool_size or num_gpus per stage."
         )
+    shares = [cfg.num_gpus for cfg in pools(manifest).values() if cfg.num_gpus > 0 for _ in range(cfg.pool_size)]
+    if not cluster_address(manifest) and not packs(shares, int(gpus)):
+        asked = ", ".join(f"{s} {c.pool_size} x {c.num_gpus:g}" for s, c in pools(manifest).items() if c.num_gpus > 0)
+        raise RuntimeError(
+            f"the stage pools' GPU shares ({asked}) add up to {wanted:g} but do not pack onto this local "
+            f"Ray's {gpus:g} GPUs: an actor's share cannot span two GPUs. Fix: shares that fill whole GPUs "
+            f"together (`ifrender plan MANIFEST --gpus {gpus:g}` finds some), or fewer actors."
+        )
 
 
 # ---- 3. the chain --------------------------------------------------------------------------
 
 
-def build_dataset(manifest: Manifest, work: list[Work], run_id: str):
+def build_dataset(manifest: Manifest, work: list[Work], run_id: str, placed: dict[str, dict] | None = None):
+    """The Ray Data chain; `placed` holds the pools' placement groups (jobs.pools.reserve)."""
     import ray
-    from ray.data import ActorPoolStrategy
 
     from workers.encode import EncodeWorker
     from workers.stage1 import Stage1Worker
@@ -244,6 +254,7 @@ def build_dataset(manifest: Manifest, work: list[Work], run_id: str):
 
     embeds = ("prompt_embeds", "negative_prompt_embeds")
     last = manifest.last_stage
+    placed = placed or {}
     # Each stage drops the tensors no later stage reads, so they leave the object store early.
     inits = ("image", "mask_image")  # init images and masks: read by stages I and II only
     plan = {
@@ -253,18 +264,7 @@ def build_dataset(manifest: Manifest, work: list[Work], run_id: str):
         "upscale": (UpscaleWorker, ("stage2_image",)),
     }
     stages = manifest.stages()
-    block_rows = manifest.ray.block_rows or min(getattr(manifest, s).batch_size for s in stages)
-
-    def pool(ds, worker, resources, **kwargs):
-        return ds.map_batches(
-            worker,
-            compute=ActorPoolStrategy(size=resources.pool_size),
-            batch_size=resources.batch_size,
-            num_gpus=resources.num_gpus,
-            num_cpus=resources.num_cpus,
-            resources=resources.resources or None,
-            fn_constructor_kwargs=kwargs,
-        )
+    rows = manifest.ray.block_rows or min(getattr(manifest, s).batch_size for s in stages)
 
     ds = ray.data.from_items(shard_items([w.shard for w in work]), override_num_blocks=len(work))
     ds = ds.map_batches(
@@ -274,17 +274,20 @@ def build_dataset(manifest: Manifest, work: list[Work], run_id: str):
         fn_kwargs={"job_seed": manifest.seed, "num_images": manifest.num_images},
     )
     # Small blocks give each stage several tasks, so the stages overlap instead of taking turns.
-    ds = ds.repartition(target_num_rows_per_block=block_rows)
+    ds = ds.repartition(target_num_rows_per_block=rows)
     for stage in stages:
         worker, drop = plan[stage]
+        cfg = getattr(manifest, stage)
         # The last stage finishes its images with the safety checker and watermark.
         safety = manifest.safety if stage == last and safety_wanted(manifest.safety) else None
-        ds = pool(ds, worker, getattr(manifest, stage), cfg=getattr(manifest, stage), drop=drop, safety=safety)
+        ds, rows = map_pool(ds, worker, cfg, rows, placed.get(stage), cfg=cfg, drop=drop, safety=safety)
     out = manifest.output
-    return pool(
+    ds, _ = map_pool(
         ds,
         WriteWorker,
         manifest.write,
+        rows,
+        placed.get("write"),
         output=out.path,
         run=run_id,
         image_column=f"{last}_image",
@@ -293,6 +296,7 @@ def build_dataset(manifest: Manifest, work: list[Work], run_id: str):
         keep_bytes=out.embed_images or out.webdataset,
         thumbnails=manifest.contact_sheets,
     )
+    return ds
 
 
 # ---- 4. results ----------------------------------------------------------------------------
@@ -456,6 +460,7 @@ def run(
         # 2. Ray, local or joined.
         init_ray(manifest)
         check_resources(manifest)
+        placed, groups = reserve(pools(manifest), manifest.ray.reserve_timeout_s)
         from ray.data import DataContext
 
         DataContext.get_current().enable_progress_bars = progress
@@ -465,51 +470,56 @@ def run(
         pending = {w.shard.index: w for w in work}
         open_rows = 0  # rendered rows whose shard is not committed yet
         last_report = time.perf_counter()
-        for block in build_dataset(manifest, work, run_id).iter_batches(batch_size=None, batch_format="pyarrow"):
-            table = to_metadata(block, manifest.last_stage)
-            summary.add(table)
-            encoded = block.column("image_bytes").to_pylist() if "image_bytes" in block.column_names else None
-            thumbs = block.column("thumbnail").to_pylist() if "thumbnail" in block.column_names else None
-            expected = block.column("shard_items").to_pylist()
-            for stage in manifest.stages():
-                if f"{stage}_peak_gpu_bytes" in block.column_names:
-                    peak = max(block.column(f"{stage}_peak_gpu_bytes").to_pylist(), default=0)
-                    summary.peak_gpu_gb[stage] = max(summary.peak_gpu_gb.get(stage, 0.0), round(peak / 2**30, 3))
-            if "encode_encoded" in block.column_names:
-                summary.encodes += sum(block.column("encode_encoded").to_pylist())
-                summary.encode_texts += sum(block.column("encode_texts").to_pylist())
-            for i, row in enumerate(table.to_pylist()):
-                w = pending.get(row["shard"])
-                if w is None:
-                    continue  # a retried task's repeat of a shard already committed
-                item = item_key(row["row"], row["image_index"])
-                open_rows += item not in w.rows
-                w.rows[item] = row  # keyed by output: a repeated row counts once
-                if encoded and encoded[i] is not None:
-                    w.images[item] = encoded[i]
-                if thumbs and thumbs[i] is not None:
-                    w.thumbs[item] = thumbs[i]
-                if len(w.rows) == expected[i]:
-                    won = commit_shard(out, pending.pop(row["shard"]), run_id, o.embed_images, o.webdataset)
-                    if won and manifest.contact_sheets:
-                        write_shard_sheet(out, w)
-                    summary.committed_shards += won
-                    open_rows -= len(w.rows)
-                summary.max_uncommitted_rows = max(summary.max_uncommitted_rows, open_rows)
-            if time.perf_counter() - last_report > 5 or not pending:
-                last_report = time.perf_counter()
-                elapsed = last_report - started
-                log.info(
-                    "progress: %d outputs of %d input rows (ok %d, error %d), %d/%d shards committed, %.2f images/s, %.0f s elapsed",
-                    summary.rows,
-                    todo,
-                    summary.ok,
-                    summary.error,
-                    summary.committed_shards,
-                    len(work),
-                    summary.ok / elapsed,
-                    elapsed,
-                )
+        try:
+            for block in build_dataset(manifest, work, run_id, placed).iter_batches(
+                batch_size=None, batch_format="pyarrow"
+            ):
+                table = to_metadata(block, manifest.last_stage)
+                summary.add(table)
+                encoded = block.column("image_bytes").to_pylist() if "image_bytes" in block.column_names else None
+                thumbs = block.column("thumbnail").to_pylist() if "thumbnail" in block.column_names else None
+                expected = block.column("shard_items").to_pylist()
+                for stage in manifest.stages():
+                    if f"{stage}_peak_gpu_bytes" in block.column_names:
+                        peak = max(block.column(f"{stage}_peak_gpu_bytes").to_pylist(), default=0)
+                        summary.peak_gpu_gb[stage] = max(summary.peak_gpu_gb.get(stage, 0.0), round(peak / 2**30, 3))
+                if "encode_encoded" in block.column_names:
+                    summary.encodes += sum(block.column("encode_encoded").to_pylist())
+                    summary.encode_texts += sum(block.column("encode_texts").to_pylist())
+                for i, row in enumerate(table.to_pylist()):
+                    w = pending.get(row["shard"])
+                    if w is None:
+                        continue  # a retried task's repeat of a shard already committed
+                    item = item_key(row["row"], row["image_index"])
+                    open_rows += item not in w.rows
+                    w.rows[item] = row  # keyed by output: a repeated row counts once
+                    if encoded and encoded[i] is not None:
+                        w.images[item] = encoded[i]
+                    if thumbs and thumbs[i] is not None:
+                        w.thumbs[item] = thumbs[i]
+                    if len(w.rows) == expected[i]:
+                        won = commit_shard(out, pending.pop(row["shard"]), run_id, o.embed_images, o.webdataset)
+                        if won and manifest.contact_sheets:
+                            write_shard_sheet(out, w)
+                        summary.committed_shards += won
+                        open_rows -= len(w.rows)
+                    summary.max_uncommitted_rows = max(summary.max_uncommitted_rows, open_rows)
+                if time.perf_counter() - last_report > 5 or not pending:
+                    last_report = time.perf_counter()
+                    elapsed = last_report - started
+                    log.info(
+                        "progress: %d outputs of %d input rows (ok %d, error %d), %d/%d shards committed, %.2f images/s, %.0f s elapsed",
+                        summary.rows,
+                        todo,
+                        summary.ok,
+                        summary.error,
+                        summary.committed_shards,
+                        len(work),
+                        summary.ok / elapsed,
+                        elapsed,
+                    )
+        finally:
+            release(groups)  # a cluster keeps no reservation of an ended job
         summary.uncommitted_shards = len(pending)
     commits = list_commits(out)
     if manifest.output.webdataset:  # tars a kill left missing or a retry made stale

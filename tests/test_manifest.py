@@ -105,3 +105,10 @@ def test_a_relative_output_is_made_absolute_against_the_working_directory(tmp_pa
     monkeypatch.chdir(tmp_path)
     assert load_manifest(None, ["output.path=out/x"]).output.path == str(tmp_path / "out" / "x")
     assert load_manifest(None, ["output.path=s3://b/p"]).output.path == "s3://b/p"
+
+
+def test_a_gpu_share_above_one_must_be_whole():
+    assert load_manifest(None, ["stage1.num_gpus=2"]).stage1.num_gpus == 2
+    with pytest.raises(ManifestError) as err:
+        load_manifest(None, ["stage1.num_gpus=1.5"])
+    assert "stage1.num_gpus" in str(err.value) and "whole number of GPUs, found 1.5" in str(err.value)

@@ -50,6 +50,10 @@ def test_plans_fit_the_gpus_and_come_close_to_the_ideal(production, gpus):
 
 def test_packing_and_memory_limits():
     assert packs([0.7, 0.3, 0.5, 0.5], 2) and not packs([0.7, 0.7, 0.7], 2)
+    # Largest first, as the reservations go: 0.3s land beside the 0.7s, not together.
+    assert packs([0.3, 0.3, 0.7, 0.7], 2)
+    # Whole GPUs are not shared: two of them leave no GPU for a 0.5.
+    assert packs([2, 0.5, 0.5], 3) and not packs([2, 0.5], 2) and not packs([1, 1, 0.1], 2)
     big = Profile("t", "x", {"stage1": StageProfile(1.0, 30.0, 8)})
     with pytest.raises(PlanError, match="stage1: needs about 30 GB per actor at batch_size=8 but a GPU has 24 GB"):
         plan(big, 4, 24)

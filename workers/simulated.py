@@ -28,8 +28,11 @@ class SimulatedStage:
     (co-located actors time-slice the GPU), scaled by `time_scale`."""
 
     def __init__(self, stage: str, seconds_per_image: float, gpu_share: float, time_scale: float = 1.0) -> None:
+        import os
+
         self.stage = stage
         self.seconds = seconds_per_image / gpu_share * time_scale
+        self.pid = os.getpid()  # names the actor in the results: busy fraction per actor
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["id"])
@@ -40,6 +43,7 @@ class SimulatedStage:
             out[column] = np.zeros((n, *shape), dtype=dtype)
         out[f"{self.stage}_started"] = np.full(n, start)
         out[f"{self.stage}_finished"] = np.full(n, time.time())
+        out[f"{self.stage}_actor"] = np.full(n, self.pid)
         return out
 
 

@@ -1,0 +1,99 @@
+"""How the stage pools sit on Ray: pools in, GPU reservations and block layout out.
+
+Two things the pools need beyond `map_batches`, both measured in the 8-GPU simulation
+(benchmarks/simulate.py), which reached 84-86% of the planned rate without them and 97% with:
+
+- GPU shares reserved largest first. Ray puts a fractional GPU request on the best-fitting GPU
+  in the order requests arrive, so shares that pack onto N GPUs in one order may not in another:
+  with the pools starting in stage order, 2 of 5 upscale actors waited until stage I's pool
+  ended. A placement group per fractional pool, created largest share first, makes Ray pack
+  them best-fit decreasing, as jobs.plan.packs checks.
+- Blocks no bigger than a pool's batch. A task takes whole blocks, so a 32-row block from encode
+  is one task for one actor while the pool's others wait: 5 upscale actors were 78-100% busy
+  with 32-row tasks, 99% each with 4-row ones.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+
+log = logging.getLogger("ifrender")
+
+
+def fractional(share: float) -> bool:
+    return 0 < share < 1
+
+
+def bundle(pool) -> dict[str, float]:
+    """What one actor of `pool` (a PoolConfig) reserves; Ray refuses zero amounts in a bundle."""
+    wanted = {"GPU": pool.num_gpus, "CPU": pool.num_cpus} | dict(pool.resources)
+    return {k: v for k, v in wanted.items() if v > 0}
+
+
+def reserve(pools: dict, timeout_s: float) -> tuple[dict[str, dict], list]:
+    """Placement groups for the pools with fractional GPU shares, created largest share first,
+    each ready before the next. Returns per stage the `map_batches` arguments that put its actors
+    in its group, and the groups (release them when the job ends). Whole-GPU pools need none:
+    their actors take GPUs nobody shares."""
+    import ray
+    from ray.util.placement_group import placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    args: dict[str, dict] = {}
+    groups: list = []
+    order = sorted((s for s, p in pools.items() if fractional(p.num_gpus)), key=lambda s: -pools[s].num_gpus)
+    try:
+        for stage in order:
+            p = pools[stage]
+            group = placement_group([bundle(p)] * p.pool_size, strategy="PACK")
+            groups.append(group)
+            ready, _ = ray.wait([group.ready()], timeout=timeout_s)
+            if not ready:
+                raise RuntimeError(
+                    f"{stage}: could not reserve {p.pool_size} actor(s) of {bundle(p)} within {timeout_s:g} s "
+                    f"(reserved before it: {', '.join(order[: order.index(stage)]) or 'nothing'}). Expected the "
+                    f"cluster to have room for every pool. Fix: `ifrender plan` an allocation for this cluster, "
+                    f"fewer actors or a smaller num_gpus for {stage}, or a longer ray.reserve_timeout_s "
+                    f"while an autoscaler adds nodes."
+                )
+            args[stage] = {"scheduling_strategy": PlacementGroupSchedulingStrategy(group)}
+            log.info("reserved %d x %s for %s", p.pool_size, bundle(p), stage)
+    except BaseException:
+        release(groups)
+        raise
+    return args, groups
+
+
+def release(groups: list) -> None:
+    from ray.util.placement_group import remove_placement_group
+
+    for group in groups:
+        remove_placement_group(group)
+
+
+def map_pool(ds, fn, pool, rows_in: int, placed: dict | None = None, **kwargs):
+    """One stage's `map_batches` on its fixed actor pool, blocks re-cut first when they arrive
+    bigger than its batch. Returns the dataset and the rows per block the pool hands on."""
+    from ray.data import ActorPoolStrategy
+
+    if pool.batch_size < rows_in:
+        ds = ds.repartition(target_num_rows_per_block=pool.batch_size)
+        rows_in = pool.batch_size
+    with warnings.catch_warnings():
+        # Ray 2.60 takes a placement group only as a free-form remote argument, deprecated for
+        # 2.64; the pin in pyproject.toml keeps it.
+        warnings.filterwarnings("ignore", message=".*ray_remote_args.*", category=DeprecationWarning)
+        ds = ds.map_batches(
+            fn,
+            compute=ActorPoolStrategy(size=pool.pool_size),
+            batch_size=pool.batch_size,
+            num_gpus=pool.num_gpus,
+            num_cpus=pool.num_cpus,
+            resources=dict(pool.resources) or None,
+            fn_constructor_kwargs=kwargs,
+            **(placed or {}),
+        )
+    # A task takes whole blocks until it has a batch, and hands its rows on as one block.
+    return ds, math.ceil(pool.batch_size / rows_in) * rows_in
