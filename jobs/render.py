@@ -330,11 +330,10 @@ class Summary:
         self.ok += status.count("ok")
         self.error += len(status) - status.count("ok")
         for col in table.column_names:
-            if col.endswith("_seconds"):
+            values = table.column(col).to_pylist()
+            if col.endswith("_seconds") and any(v is not None for v in values):  # stages that ran
                 stage = col[: -len("_seconds")]
-                self.stage_seconds[stage] = self.stage_seconds.get(stage, 0.0) + sum(
-                    v or 0 for v in table.column(col).to_pylist()
-                )
+                self.stage_seconds[stage] = self.stage_seconds.get(stage, 0.0) + sum(v or 0 for v in values)
         for e in table.column("error").to_pylist():
             if e:
                 key = e[:160]
