@@ -83,11 +83,21 @@ def simulate(profile: Profile, chosen: Plan, time_scale: float, images: int) -> 
         ray.shutdown()
     calls = {c: np.array(v) for c, v in calls.items()}
     arrivals = np.sort(calls[f"{stages[-1]}_finished"] - started)  # from the actors' own clocks
-    # Steady state: between the 25% and 90% marks, past the fill and before the drain.
-    lo, hi = int(0.25 * len(arrivals)), int(0.9 * len(arrivals)) - 1
-    t0, t1 = arrivals[lo] + started, arrivals[hi] + started
-    steady = (hi - lo) / (t1 - t0)
-    busy = {}  # per stage: each actor's busy fraction of the steady window, lowest first
+
+    def window(stage: str) -> tuple[float, float, float]:
+        """A stage's steady state: between its 25% and 90% marks, past the fill and before the
+        drain; its images/s there and the window's ends."""
+        done = np.sort(calls[f"{stage}_finished"])
+        lo, hi = int(0.25 * len(done)), int(0.9 * len(done)) - 1
+        return (hi - lo) / (done[hi] - done[lo]), done[lo], done[hi]
+
+    # The pipeline's rate is its slowest stage's, each measured in its own steady state: a stage
+    # after the bottleneck drains a queue at its own (higher) rate once the bottleneck is done.
+    rates = {stage: window(stage)[0] for stage in stages}
+    steady = min(rates.values())
+    slowest = min(rates, key=rates.get)
+    _, t0, t1 = window(slowest)
+    busy = {}  # per stage: each actor's busy fraction of the slowest stage's window, lowest first
     for stage in stages:
         spans = {}
         for actor, a, b in zip(calls[f"{stage}_actor"], calls[f"{stage}_started"], calls[f"{stage}_finished"]):
@@ -99,6 +109,8 @@ def simulate(profile: Profile, chosen: Plan, time_scale: float, images: int) -> 
         "images": len(arrivals),
         "seconds": round(float(arrivals[-1]), 2),
         "steady_images_per_second": round(steady, 3),
+        "stage_images_per_second": {k: round(v, 3) for k, v in rates.items()},
+        "measured_bottleneck": slowest,
         "busy_in_steady_state": busy,
         "mean_gap_seconds": {
             f"{p}->{n}": round(float(np.mean(calls[f"{n}_started"] - calls[f"{p}_finished"])), 3)
@@ -180,6 +192,32 @@ def plot(results: list[dict], path: Path, title: str) -> None:
     img.save(path)
 
 
+def markdown(results: list[dict]) -> str:
+    """The results as docs/benchmarks.md shows them: one row per run, then planned over naive."""
+    lines = [
+        "| GPUs | allocation | actors x GPU share (encode, stage1, stage2, upscale) | predicted images/h "
+        "| measured images/h | measured / predicted | bottleneck, planned | measured | its actors busy |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        shares = ", ".join(f"{n}x{g:g}" for n, g in r["stages"].values())
+        busy = r["busy_in_steady_state"][r["measured_bottleneck"]]
+        lines.append(
+            f"| {r['gpus']} | {r['allocation']} | {shares} | {r['predicted_images_per_hour']:,} "
+            f"| {r['measured_images_per_hour']:,} | {r['measured_over_predicted']:.0%} | {r['bottleneck']} "
+            f"| {r['measured_bottleneck']} | {min(busy):.0%}-{max(busy):.0%} |"
+        )
+    ratios = []
+    for n in sorted({r["gpus"] for r in results}):
+        by = {r["allocation"]: r for r in results if r["gpus"] == n}
+        if {"planned", "naive"} <= set(by):
+            p, q = by["planned"], by["naive"]
+            predicted = p["predicted_images_per_hour"] / q["predicted_images_per_hour"]
+            measured = p["measured_images_per_hour"] / q["measured_images_per_hour"]
+            ratios.append(f"N={n}: predicted {predicted:.2f}x, measured {measured:.2f}x")
+    return "\n".join(lines) + "\n\nPlanned over one pool per stage: " + "; ".join(ratios) + "."
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", help="measured profile JSON; default: FLOP counts of manifests/production.yaml")
@@ -188,7 +226,11 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/simulation.json")
     parser.add_argument("--plot", default="docs/simulation.png")
     parser.add_argument("--images", type=int, help="images per run (default: enough for ~15 s of steady state)")
+    parser.add_argument("--report", metavar="RESULTS", help="print a results file as a markdown table, run nothing")
     args = parser.parse_args()
+    if args.report:
+        print(markdown(json.loads(Path(args.report).read_text())["results"]))
+        return
     profile = (
         Profile.load(args.profile) if args.profile else flops_profile(load_manifest(MANIFESTS_DIR / "production.yaml"))
     )
@@ -197,6 +239,7 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"profile": profile.source, "device": profile.device, "results": results}, indent=1))
     plot(results, Path(args.plot), f"Images/hour vs GPUs ({profile.source}, {profile.device})")
+    print(markdown(results))
     print(f"wrote {out} and {args.plot}")
 
 

@@ -5,8 +5,7 @@ of a GPU runs at f of its speed (co-located actors time-slice the GPU). A stage 
 share f then renders n * f / seconds_per_image images per second, and the job runs at the rate
 of its slowest stage. The best a cluster of N GPUs can do is N / sum(seconds_per_image): every
 stage's share of the GPUs proportional to its seconds per image. The planner gets as close to
-that as whole actors, fractional shares that pack into N GPUs, and memory allow, keeping the
-other stages HEADROOM faster than the bottleneck so that uneven batch arrivals do not stall it.
+that as whole actors, fractional shares that pack into N GPUs, and memory allow.
 """
 
 from __future__ import annotations
@@ -25,7 +24,6 @@ VAE_DECODE_TFLOP = 18.98  # the x4 upscaler's VAE decode to 1024 px, once per im
 # Memory per actor, GB: fp16 weights (8-bit T5), plus activations per image in a batch.
 WEIGHTS_GB = {"encode": 10.0, "stage1": 8.6, "stage2": 2.5, "upscale": 1.7}
 WEIGHTS_8BIT_GB = {"encode": 8.0}
-HEADROOM = 0.1  # spare rate planned for every stage but the bottleneck
 ACTIVATION_GB = {"encode": 0.02, "stage1": 0.4, "stage2": 0.6, "upscale": 2.5}
 
 
@@ -188,32 +186,26 @@ def plan(profile: Profile, gpus: int, gpu_memory_gb: float) -> Plan:
     best: Plan | None = None
     # Each stage's ideal share split over a few actor counts (smaller pieces pack better), each
     # shrunk a little at a time until the actors fit on the GPUs; the fastest that fits wins.
+    # Every stage at the bottleneck's rate, no spare rate elsewhere: with the pools placed and fed
+    # as planned (jobs/pools.py), 10% spare on the other stages kept the bottleneck 99% busy
+    # instead of 95% but cost 2-5% of the predicted rate, so fewer images per hour (measured in
+    # the simulation at 4, 8 and 16 GPUs; docs/benchmarks.md).
     names = list(stages)
-    best_score = 0.0
-    # One stage (`slowest`) is planned as the bottleneck; the others get HEADROOM more than their
-    # ideal share. A pipeline whose stages all run at exactly one rate loses throughput to batch
-    # arrivals that never line up (measured: 85-88% of the prediction in the simulation); slack
-    # lets queues absorb that, so the bottleneck alone sets the pace.
-    for slowest in names:
-        for extra in itertools.product(range(3), repeat=len(names)):
-            for shrink in [1 - 0.01 * k for k in range(50)] + [0.5 - 0.02 * k for k in range(20)]:
-                alloc = {}
-                for stage, more in zip(names, extra):
-                    p = stages[stage]
-                    ideal = gpus * p.seconds_per_image / total * shrink * (1 if stage == slowest else 1 + HEADROOM)
-                    actors = max(1, math.ceil(ideal - 1e-9)) + more
-                    share = min(1.0, max(ideal / actors, p.memory_gb / gpu_memory_gb))
-                    alloc[stage] = Allocation(actors, math.floor(share * 1e4) / 1e4, p.batch_size)
-                shares = [a.num_gpus for a in alloc.values() for _ in range(a.pool_size)]
-                if packs(shares, gpus):
-                    rate, bottleneck, rates = _rate(profile, alloc)
-                    ordered = sorted(rates.values())
-                    # What the plan delivers: its bottleneck's rate, if the next stage has slack.
-                    score = min(ordered[0], ordered[1] / (1 + HEADROOM)) if len(ordered) > 1 else ordered[0]
-                    if score > best_score * (1 + 1e-9):
-                        best_score = score
-                        best = Plan(gpus, gpu_memory_gb, alloc, rate, bottleneck, profile.source, rates)
-                    break  # less shrinking fits no more with these actor counts
+    for extra in itertools.product(range(3), repeat=len(names)):
+        for shrink in [1 - 0.01 * k for k in range(50)] + [0.5 - 0.02 * k for k in range(20)]:
+            alloc = {}
+            for stage, more in zip(names, extra):
+                p = stages[stage]
+                ideal = gpus * p.seconds_per_image / total * shrink
+                actors = max(1, math.ceil(ideal - 1e-9)) + more
+                share = min(1.0, max(ideal / actors, p.memory_gb / gpu_memory_gb))
+                alloc[stage] = Allocation(actors, math.floor(share * 1e4) / 1e4, p.batch_size)
+            shares = [a.num_gpus for a in alloc.values() for _ in range(a.pool_size)]
+            if packs(shares, gpus):
+                rate, bottleneck, rates = _rate(profile, alloc)
+                if best is None or rate > best.images_per_second * (1 + 1e-9):
+                    best = Plan(gpus, gpu_memory_gb, alloc, rate, bottleneck, profile.source, rates)
+                break  # less shrinking fits no more with these actor counts
     if best is None:
         raise PlanError(f"no allocation of {len(stages)} stages fits {gpus} GPU(s) of {gpu_memory_gb:g} GB")
     return best

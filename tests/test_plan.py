@@ -8,7 +8,7 @@ import json
 import pytest
 
 from jobs.manifest import MANIFESTS_DIR, load_manifest
-from jobs.plan import HEADROOM, PlanError, Profile, StageProfile, flops_profile, naive, packs, plan
+from jobs.plan import PlanError, Profile, StageProfile, flops_profile, naive, packs, plan
 from tests.conftest import manifest_for
 from tests.test_cli import ifrender
 
@@ -38,10 +38,8 @@ def test_plans_fit_the_gpus_and_come_close_to_the_ideal(production, gpus):
     for stage, a in chosen.stages.items():
         assert production.stages[stage].memory_gb <= a.num_gpus * 80 + 1e-6  # any packing fits memory
     ideal = gpus / sum(p.seconds_per_image for p in production.stages.values())
-    # Within 20% of the ideal, giving up at most the headroom it keeps on the other stages.
+    # Within 20% of the ideal (whole actors, packing and T5's memory floor take the rest).
     assert ideal * 0.8 <= chosen.images_per_second <= ideal * (1 + 1e-9)
-    ordered = sorted(chosen.rates.values())
-    assert ordered[1] >= ordered[0] * (1 + HEADROOM) * 0.999
     assert chosen.images_per_second > 1.15 * naive(production, gpus, 80).images_per_second
     rates = {s: a.gpus / production.stages[s].seconds_per_image for s, a in chosen.stages.items()}
     assert chosen.bottleneck == min(rates, key=rates.get)
@@ -111,6 +109,11 @@ def test_simulation_runs_every_image_through_stand_ins(tmp_path):
     assert [(r["gpus"], r["allocation"], r["images"]) for r in runs] == [(2, "planned", 24), (2, "naive", 24)]
     assert all(r["steady_images_per_second"] > 0 for r in runs)
     assert set(runs[0]["mean_gap_seconds"]) == {"encode->stage1", "stage1->stage2", "stage2->upscale"}
+    busy = runs[0]["busy_in_steady_state"]
+    assert set(busy) == {"encode", "stage1", "stage2", "upscale"}
+    assert all(0 <= b <= 1 for v in busy.values() for b in v) and max(busy["upscale"]) > 0
+    report = subprocess.run([sys.executable, str(script), "--report", str(out)], capture_output=True, text=True)
+    assert "| 2 | planned |" in report.stdout and "Planned over one pool per stage: N=2: predicted" in report.stdout
     from PIL import Image
 
     assert Image.open(png).size == (760, 480)
