@@ -9,9 +9,12 @@ configs) with random weights in fp16, no hub. Measures, in one run:
 
 then feeds the measured profile to the planner and the simulation.
 
-    python benchmarks/fullsize_gpu.py --root /tmp/ifrender-full [--images 32] [--peak-tflops 989]
+    python benchmarks/fullsize_gpu.py --root /tmp/ifrender-full [--images 128] [--peak-tflops 989]
 
 Writes benchmarks/results/fullsize-*.json and prints the numbers for docs/benchmarks.md.
+`--dry-run` goes through every step on a CPU with the tiny models (fp32, logical GPU shares, a
+short simulation) and writes under /tmp/ifrender-dry-run instead: it checks the script, not
+the numbers.
 """
 
 from __future__ import annotations
@@ -114,22 +117,34 @@ def ifrender(*args: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", default="/tmp/ifrender-full")
-    parser.add_argument("--images", type=int, default=32)
+    parser.add_argument("--images", type=int, default=128, help="per way; 4 of production's encode batches")
     parser.add_argument(
         "--peak-tflops", type=float, default=989.0, help="dense fp16 TFLOP/s of the GPU (H100 SXM: 989)"
     )
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 4, 8])
+    parser.add_argument("--dry-run", action="store_true", help="every step on a CPU with the tiny models")
     args = parser.parse_args()
 
     import torch
 
-    assert torch.cuda.is_available(), "this benchmark needs a CUDA GPU"
-    gpu = torch.cuda.get_device_name(0)
-    memory_gb = torch.cuda.get_device_properties(0).total_memory / 2**30
-    started = time.time()
-    repos = build_full_models(Path(args.root))
-    print(f"models ready in {time.time() - started:.0f} s on {gpu} ({memory_gb:.0f} GB)")
-    out = REPO / "benchmarks" / "results"
+    if args.dry_run:
+        from jobs.render import tiny_models_dir
+        from workers.tiny import build_tiny_models
+
+        gpu, memory_gb, device, dtype = "cpu (dry run)", 80.0, "cpu", "fp32"
+        root = tiny_models_dir()
+        build_tiny_models(root)
+        repos = {"stage1": root / "IF-I-tiny", "stage2": root / "IF-II-tiny", "upscale": root / "x4-upscaler-tiny"}
+        out, docs = Path("/tmp/ifrender-dry-run"), Path("/tmp/ifrender-dry-run")
+        args.batch_sizes, args.images = args.batch_sizes[:2], 12
+    else:
+        assert torch.cuda.is_available(), "this benchmark needs a CUDA GPU (or --dry-run)"
+        gpu, device, dtype = torch.cuda.get_device_name(0), "cuda", "fp16"
+        memory_gb = torch.cuda.get_device_properties(0).total_memory / 2**30
+        started = time.time()
+        repos = build_full_models(Path(args.root))
+        print(f"models ready in {time.time() - started:.0f} s on {gpu} ({memory_gb:.0f} GB)")
+        out, docs = REPO / "benchmarks" / "results", REPO / "docs"
     out.mkdir(parents=True, exist_ok=True)
 
     # One GPU shared by the four pools; fp16 weights; safety off (random checkpoints carry none).
@@ -138,11 +153,16 @@ def main() -> None:
     for stage, repo in (("encode", "stage1"), ("stage1", "stage1"), ("stage2", "stage2"), ("upscale", "upscale")):
         sets += [
             f"{stage}.model={repos[repo]}",
-            f"{stage}.dtype=fp16",
-            f"{stage}.variant=fp16",
-            f"{stage}.device=cuda",
+            f"{stage}.dtype={dtype}",
+            f"{stage}.device={device}",
             f"{stage}.num_gpus={shares[stage]}",
+            f"{stage}.pool_size=1",
         ]
+        if not args.dry_run:
+            sets.append(f"{stage}.variant=fp16")
+    if args.dry_run:  # checks the steps, not the numbers: two denoising steps, batches of 4
+        sets += [f"{s}.num_inference_steps=2" for s in ("stage1", "stage2", "upscale")]
+        sets += [f"{s}.{k}=4" for s in ("encode", "stage1", "stage2", "upscale") for k in ("batch_size", "micro_batch")]
     overrides = [a for s in sets for a in ("--set", s)]
     manifest = str(REPO / "manifests" / "production.yaml")
 
@@ -153,7 +173,15 @@ def main() -> None:
     # 2. Pipeline against the sequential baseline, same run.
     bench = out / "fullsize-bench.json"
     ifrender(
-        "bench", manifest, *overrides, "--images", str(args.images), "--out", str(bench), "--workdir", "/tmp/ifr-bench"
+        "bench",
+        manifest,
+        *overrides,
+        "--images",
+        str(args.images),
+        "--out",
+        str(bench),
+        "--workdir",
+        str(out / "bench"),
     )
     result = json.loads(bench.read_text())
 
@@ -175,9 +203,10 @@ def main() -> None:
 
     # 4. The measured profile into the planner and the simulation.
     ifrender("plan", manifest, "--gpus", "8", "--gpu-memory", f"{memory_gb:.0f}", "--profile", str(profile))
+    sweep = ["--gpus", "1", "--images", "24"] if args.dry_run else []
     subprocess.run(
         [sys.executable, "benchmarks/simulate.py", "--profile", str(profile), "--gpu-memory", f"{memory_gb:.0f}",
-         "--out", str(out / "simulation-measured.json"), "--plot", "docs/simulation-measured.png"],
+         "--out", str(out / "simulation-measured.json"), "--plot", str(docs / "simulation-measured.png"), *sweep],
         cwd=REPO, check=True,
     )  # fmt: skip
 

@@ -162,6 +162,14 @@ def bench(manifest: Manifest, images: int, workdir: Path) -> dict:
     from jobs.inputs import plan_shards, read_shards, shard_items
     from jobs.render import resolve_models
 
+    # Steady state starts after the first output batch, and the sequential way's batch is the
+    # largest stage batch: with no more images than that there is nothing to measure.
+    largest = max(getattr(manifest, s).batch_size for s in manifest.stages())
+    if images <= largest:
+        raise ValueError(
+            f"bench --images {images}: expected more than the largest batch_size ({largest}), as the rate is "
+            f"measured after the first output batch. Fix: --images {4 * largest} or more, or smaller batch sizes."
+        )
     workdir.mkdir(parents=True, exist_ok=True)
     prompt_file = workdir / "prompts.txt"
     prompt_file.write_text("\n".join(prompts(images)) + "\n")

@@ -146,3 +146,14 @@ def test_a_plan_moves_group_resources_with_gpu_shares():
     for stage, a in chosen.stages.items():
         cfg = getattr(applied, stage)
         assert cfg.num_gpus == a.num_gpus and set(cfg.resources.values()) == {a.num_gpus}
+
+
+def test_bench_wants_more_images_than_one_batch(tmp_path):
+    from jobs.bench import bench
+    from jobs.manifest import load_manifest
+
+    with pytest.raises(
+        ValueError, match=r"--images 4: expected more than the largest batch_size \(4\).*Fix: --images 16"
+    ):
+        bench(load_manifest(None), 4, tmp_path)
+    assert not (tmp_path / "pipeline").exists()  # refused before any rendering
