@@ -329,11 +329,10 @@ class Summary:
         self.rows += len(status)
         self.ok += status.count("ok")
         self.error += len(status) - status.count("ok")
-        for col in table.column_names:
-            values = table.column(col).to_pylist()
-            if col.endswith("_seconds") and any(v is not None for v in values):  # stages that ran
+        for col in (c for c in table.column_names if c.endswith("_seconds")):
+            if table.column(col).null_count < len(table):  # a stage that ran
                 stage = col[: -len("_seconds")]
-                self.stage_seconds[stage] = self.stage_seconds.get(stage, 0.0) + sum(v or 0 for v in values)
+                self.stage_seconds[stage] = self.stage_seconds.get(stage, 0.0) + pc.sum(table.column(col)).as_py()
         for e in table.column("error").to_pylist():
             if e:
                 key = e[:160]
