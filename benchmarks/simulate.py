@@ -93,10 +93,10 @@ def simulate(profile: Profile, chosen: Plan, time_scale: float, images: int) -> 
 
     # The pipeline's rate is its slowest stage's, each measured in its own steady state: a stage
     # after the bottleneck drains a queue at its own (higher) rate once the bottleneck is done.
-    rates = {stage: window(stage)[0] for stage in stages}
-    steady = min(rates.values())
+    windows = {stage: window(stage) for stage in stages}
+    rates = {stage: w[0] for stage, w in windows.items()}
     slowest = min(rates, key=rates.get)
-    _, t0, t1 = window(slowest)
+    steady, t0, t1 = windows[slowest]
     busy = {}  # per stage: each actor's busy fraction of the slowest stage's window, lowest first
     for stage in stages:
         spans = {}
