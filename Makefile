@@ -1,4 +1,5 @@
-# Two commands on a fresh machine: `make demo` renders manifests/local-tiny.yaml, `make test` runs the tests.
+# Two commands on a fresh machine: `make demo` renders manifests/local-tiny.yaml, `make test` runs the tests
+# (`make test-fast` runs the quick tier, for the edit loop).
 # Both set up .venv first. torch is installed alone and pinned first, so nothing after it pulls
 # another torch build; on a CPU machine elsewhere pass
 #   TORCH_INDEX="--index-url https://download.pytorch.org/whl/cpu"
@@ -7,7 +8,7 @@ TORCH_INDEX ?=
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test lint
+.PHONY: setup demo test test-fast lint
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -19,9 +20,12 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(BIN)/ifrender run manifests/local-tiny.yaml --overwrite
 
-test: setup
-	$(BIN)/ruff check jobs workers tests
+test: lint
 	$(BIN)/python -m pytest -q
 
+test-fast: lint
+	$(BIN)/python -m pytest -q -m "not slow"
+
 lint: setup
-	$(BIN)/ruff check jobs workers tests
+	$(BIN)/ruff check jobs workers tests benchmarks
+	$(BIN)/ruff format --check jobs workers tests benchmarks

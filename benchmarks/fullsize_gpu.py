@@ -1,5 +1,5 @@
-"""Full size on one GPU: the real architectures (workers/configs, copied from the reference
-configs) with random weights in fp16, no hub. Measures, in one run:
+"""Full size on one GPU: the real architectures (jobs/perf/models.py's `full` preset, from the
+reference configs) with random weights in fp16, no hub. Measures, in one run:
 
 1. each stage's seconds per image and peak memory against batch size (`ifrender profile`);
 2. end-to-end images/hour at 1024 px through the Ray pipeline and the sequential baseline
@@ -30,82 +30,6 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 
-def build_full_models(root: Path) -> dict[str, Path]:
-    """IF-I-XL (T5-XXL encoder + UNet), IF-II-L and the x4 upscaler at full size, random weights,
-    saved as fp16 variants in the hub layout. Tokenizers are the tiny ones (random embeddings
-    do not care which ids they look up)."""
-    import torch
-    from diffusers import (
-        AutoencoderKL,
-        DDIMScheduler,
-        DDPMScheduler,
-        IFPipeline,
-        IFSuperResolutionPipeline,
-        StableDiffusionUpscalePipeline,
-        UNet2DConditionModel,
-    )
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
-
-    from workers.tiny import _config, build_clip_tokenizer, build_t5_tokenizer
-
-    repos = {"stage1": root / "IF-I-full", "stage2": root / "IF-II-full", "upscale": root / "x4-upscaler-full"}
-    if all((p / "model_index.json").exists() for p in repos.values()):
-        return repos
-    torch.manual_seed(0)
-    none = dict(safety_checker=None, feature_extractor=None, watermarker=None, requires_safety_checker=False)
-
-    def save(pipe, path):
-        pipe.to(torch.float16).save_pretrained(path, variant="fp16", safe_serialization=True)
-
-    t5_cfg = _config("t5-v1_1-xxl_encoder_config.json")
-    t5_cfg.pop("architectures", None)
-    t5 = T5EncoderModel(T5Config(**t5_cfg)).to(torch.float16)
-    t5_tok = build_t5_tokenizer()
-    unet1 = UNet2DConditionModel(**_config("IF-I-XL-v1.0_unet_config.json")).to(torch.float16)
-    save(
-        IFPipeline(
-            tokenizer=t5_tok,
-            text_encoder=t5,
-            unet=unet1,
-            scheduler=DDPMScheduler.from_config(_config("IF-I-XL-v1.0_scheduler_config.json")),
-            **none,
-        ),
-        repos["stage1"],
-    )
-    del unet1
-    unet2 = UNet2DConditionModel(**_config("IF-II-L-v1.0_unet_config.json")).to(torch.float16)
-    save(
-        IFSuperResolutionPipeline(
-            tokenizer=t5_tok,
-            text_encoder=t5,
-            unet=unet2,
-            scheduler=DDPMScheduler.from_config(_config("IF-II-L-v1.0_scheduler_config.DERIVED.json")),
-            image_noising_scheduler=DDPMScheduler.from_config(
-                _config("IF-II-L-v1.0_image_noising_scheduler_config.DERIVED.json")
-            ),
-            **none,
-        ),
-        repos["stage2"],
-    )
-    del unet2, t5
-    clip_cfg = _config("sd-x4-upscaler_text_encoder_config.json")
-    for key in ("architectures", "torch_dtype", "transformers_version"):
-        clip_cfg.pop(key, None)
-    save(
-        StableDiffusionUpscalePipeline(
-            vae=AutoencoderKL(**_config("sd-x4-upscaler_vae_config.json")),
-            text_encoder=CLIPTextModel(CLIPTextConfig(**clip_cfg)),
-            tokenizer=build_clip_tokenizer(),
-            unet=UNet2DConditionModel(**_config("sd-x4-upscaler_unet_config.json")),
-            low_res_scheduler=DDPMScheduler.from_config(_config("sd-x4-upscaler_low_res_scheduler_config.json")),
-            scheduler=DDIMScheduler.from_config(_config("sd-x4-upscaler_scheduler_config.json")),
-            max_noise_level=350,
-        ),
-        repos["upscale"],
-    )
-    return repos
-
-
 def ifrender(*args: str) -> str:
     result = subprocess.run([sys.executable, "-m", "jobs.cli", *args], cwd=REPO, capture_output=True, text=True)
     print(result.stdout)
@@ -127,14 +51,13 @@ def main() -> None:
 
     import torch
 
+    from jobs.perf.models import build_models
+
     if args.dry_run:
-        from jobs.render import tiny_models_dir
-        from workers.tiny import build_tiny_models
+        from jobs.preflight import tiny_models_dir
 
         gpu, memory_gb, device, dtype = "cpu (dry run)", 80.0, "cpu", "fp32"
-        root = tiny_models_dir()
-        build_tiny_models(root)
-        repos = {"stage1": root / "IF-I-tiny", "stage2": root / "IF-II-tiny", "upscale": root / "x4-upscaler-tiny"}
+        repos = build_models(tiny_models_dir())
         out, docs = Path("/tmp/ifrender-dry-run"), Path("/tmp/ifrender-dry-run")
         args.batch_sizes, args.images = args.batch_sizes[:2], 12
     else:
@@ -142,7 +65,7 @@ def main() -> None:
         gpu, device, dtype = torch.cuda.get_device_name(0), "cuda", "fp16"
         memory_gb = torch.cuda.get_device_properties(0).total_memory / 2**30
         started = time.time()
-        repos = build_full_models(Path(args.root))
+        repos = build_models(Path(args.root), preset="full")
         print(f"models ready in {time.time() - started:.0f} s on {gpu} ({memory_gb:.0f} GB)")
         out, docs = REPO / "benchmarks" / "results", REPO / "docs"
     out.mkdir(parents=True, exist_ok=True)
@@ -187,7 +110,7 @@ def main() -> None:
 
     # 3. Utilisation against the FLOP counts of the steps used.
     from jobs.manifest import load_manifest
-    from jobs.plan import flops_profile
+    from jobs.perf.plan import flops_profile
 
     m = load_manifest(manifest, sets)
     tflop_per_image = sum(p.seconds_per_image for p in flops_profile(m, 1.0, 1.0).stages.values())

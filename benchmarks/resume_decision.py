@@ -18,13 +18,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from jobs.commits import check_job, list_commits
-from jobs.inputs import plan_shards
+from jobs.commits import Work, commit_shard, list_commits, work_left
+from jobs.job_record import check_job
 from jobs.manifest import load_manifest
-from jobs.render import METADATA_SCHEMA, Work, commit_shard, work_left
+from jobs.shards import plan_shards
+from workers.columns import METADATA_SCHEMA
 
 
-def build_output(manifest, rows_per_shard: int) -> None:
+def build_output(manifest) -> None:
     shards = plan_shards(manifest.input)
     check_job(manifest.output.path, manifest, allow_changed=False)
     for shard in shards:
@@ -86,7 +87,7 @@ def main() -> None:
             manifest = load_manifest(
                 None, [f"input.path={prompts}", f"output.path={out}", f"input.shard_size={shard_size}"]
             )
-            build_output(manifest, shard_size)
+            build_output(manifest)
             times = []
             for _ in range(args.repeats):
                 seconds, left = decide(manifest)

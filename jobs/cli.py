@@ -7,9 +7,8 @@ import json
 import logging
 import sys
 
-from jobs.manifest import DEFAULT_MANIFEST, ManifestError, load_manifest
-
-log = logging.getLogger("ifrender")
+from jobs.manifest import DEFAULT_MANIFEST, load_manifest
+from workers.errors import IfrenderError, ManifestError
 
 # Exit codes: 0 done (error rows are reported, not fatal), 1 stopped before rendering,
 # 3 every row failed, 4 some shards were left incomplete (run the same command again).
@@ -59,15 +58,15 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _tiny_models(args: argparse.Namespace) -> int:
-    from workers.tiny import build_tiny_models
+    from jobs.perf.models import build_models
 
-    for stage, path in build_tiny_models(args.dir).items():
+    for stage, path in build_models(args.dir).items():
         print(f"{stage}: {path}")
     return 0
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from jobs.plan import Profile, flops_profile, naive, plan
+    from jobs.perf.plan import Profile, flops_profile, naive, plan
 
     manifest = load_manifest(args.manifest, args.set)
     if args.profile:
@@ -100,8 +99,8 @@ def _plan(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from jobs.bench import bench, report
     from jobs.manifest import MANIFESTS_DIR
+    from jobs.perf.bench import bench, report
 
     manifest = load_manifest(args.manifest or MANIFESTS_DIR / "bench-tiny.yaml", args.set)
     result = bench(manifest, args.images, Path(args.workdir))
@@ -113,8 +112,8 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _profile(args: argparse.Namespace) -> int:
-    from jobs.profile import profile_stages
-    from jobs.render import resolve_models
+    from jobs.perf.profile import profile_stages
+    from jobs.preflight import resolve_models
 
     manifest = resolve_models(load_manifest(args.manifest, args.set))
     profile, measurements = profile_stages(manifest, args.batch_sizes)
@@ -130,7 +129,7 @@ def _profile(args: argparse.Namespace) -> int:
 def _stage_models(args: argparse.Namespace) -> int:
     import os
 
-    from jobs.render import resolve_tiny
+    from jobs.preflight import resolve_tiny
     from jobs.weights import stage_models
 
     manifest = resolve_tiny(load_manifest(args.manifest, args.set))
@@ -144,7 +143,7 @@ def _stage_models(args: argparse.Namespace) -> int:
 def _sync_models(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from jobs.weights import sync_mirror
+    from workers.models import sync_mirror
 
     for uri in args.mirror:
         print(sync_mirror(uri, Path(args.cache) if args.cache else None))
@@ -246,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     try:
         return args.func(args)
-    except (ManifestError, ValueError, RuntimeError, OSError) as err:
+    except (IfrenderError, ValueError, RuntimeError, OSError) as err:
         # Anticipated failures print one clear message; anything else keeps its traceback.
         print(f"ifrender: error: {err}", file=sys.stderr)
         return EXIT_CONFIG

@@ -1,42 +1,39 @@
-"""Shard commits: output in, what is done out. This is what makes output exactly-once and resumable.
+"""A shard is whole: its rows in, its committed output out. This module is the one owner of a
+shard's commit, and so of the output's exactly-once and resume promises.
 
-A shard is committed when its marker `commits/<shard>-<attempt>.json` exists. The marker is
-created last and once (`create_exclusive`): of two writers, one wins and the other cleans up.
-It names the shard's metadata file, which names its images. Readers and resume trust markers,
-never a bare listing; `index.json` lists the committed shards for consumers. A retry of a
-shard's failed rows commits the next attempt, and the highest attempt of a shard is the one
-that counts.
+A shard is committed when its marker `commits/<shard>-<attempt>.json` exists. The driver writes
+the shard's metadata Parquet first, then creates the marker once (`create_exclusive`): of two
+writers one wins; the winner removes what killed runs left of the shard and derives the formats
+built from committed shards (WebDataset tar, contact sheet), the loser removes its own files.
+Readers and resume trust markers, never a bare listing; `index.json` lists the committed shards.
+A retry of a shard's failed rows commits its next attempt; the highest attempt counts.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import re
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from jobs.manifest import MODEL_STAGES, Manifest
-from jobs.storage import create_exclusive, is_s3, join, list_prefix, read_bytes, write_bytes
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from jobs.contact import write_job_sheet, write_shard_sheet
+from jobs.formats import stale_tars, with_image_column, write_tar
+from jobs.shards import Shard
+from workers.columns import IMAGE_FIELDS, METADATA_SCHEMA
+from workers.keys import item_key
+from workers.stages import MODEL_STAGES
+from workers.storage import create_exclusive, delete, is_s3, join, list_prefix, read_bytes, write_bytes
+from workers.write import image_dir
+
+log = logging.getLogger(__name__)
 
 _MARKER = re.compile(r"(\d{6})-(\d{3})\.json$")
-# Settings that change no pixel and no row: free to differ between a run and its resume.
-_RUNTIME_FIELDS = (
-    "pool_size",
-    "batch_size",
-    "num_gpus",
-    "num_cpus",
-    "device",
-    "watchdog_s",
-    "resources",
-    "offload",
-    "attention",
-    "compile",
-)
-
-
-class ChangedManifestError(RuntimeError):
-    pass
 
 
 @dataclass
@@ -47,7 +44,7 @@ class Commit:
     rows: int
     ok: int
     error: int
-    run: str
+    run_id: str
     stage_seconds: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -59,21 +56,28 @@ def marker_key(shard: int, attempt: int) -> str:
     return f"commits/{shard:06d}-{attempt:03d}.json"
 
 
+def read_metadata(out: str, commit: Commit, columns: list[str] | None = None) -> list[dict]:
+    """A committed shard's metadata rows (only `columns`, when given)."""
+    return pq.read_table(pa.BufferReader(read_bytes(join(out, commit.metadata))), columns=columns).to_pylist()
+
+
 def list_commits(out: str) -> dict[int, Commit]:
     """The committed attempt of every committed shard (the highest attempt wins)."""
     latest: dict[int, tuple[int, str]] = {}
-    for uri in list_prefix(join(out, "commits/")):
-        match = _MARKER.search(uri)
+    for key in list_prefix(out, "commits/"):
+        match = _MARKER.search(key)
         if match:
             shard, attempt = int(match[1]), int(match[2])
             if attempt >= latest.get(shard, (-1, ""))[0]:
-                latest[shard] = (attempt, uri)
+                latest[shard] = (attempt, join(out, key))
 
     def read(uri: str) -> Commit:
         data = read_bytes(uri)
         if data is None:
             raise RuntimeError(f"{uri}: listed as a commit marker but cannot be read; run again to retry")
-        return Commit(**json.loads(data))
+        record = json.loads(data)
+        record.setdefault("run_id", record.pop("run", ""))  # markers written before run_id was its name
+        return Commit(**record)
 
     uris = [uri for _, uri in latest.values()]
     if not is_s3(out):
@@ -100,43 +104,119 @@ def write_index(out: str, commits: dict[int, Commit]) -> dict[str, Any]:
     return index
 
 
-# ---- the job record: refuse to mix two different jobs in one output -----------------------
+# ---- a shard in progress -------------------------------------------------------------------
 
 
-def fingerprint(manifest: Manifest) -> dict[str, Any]:
-    """The manifest fields that decide which rows exist and what their images look like."""
-    data = manifest.model_dump(mode="json")
-    for stage in MODEL_STAGES:
-        for name in _RUNTIME_FIELDS:
-            data[stage].pop(name)
-    for name in ("name", "write", "ray", "contact_sheets"):
-        data.pop(name)
-    # webdataset is left out on purpose: turned on later, it derives tars for committed shards
-    data["output"] = {k: data["output"][k] for k in ("image_format", "quality", "embed_images")}
-    return data
+@dataclass
+class Work:
+    """One shard to render in this run: all its rows, or on a retry only its failed ones."""
+
+    shard: Shard
+    attempt: int
+    carried: list[dict] = field(default_factory=list)  # committed ok rows kept by a retry
+    rows: dict[int, dict] = field(default_factory=dict)  # results so far, by item key
+    images: dict[int, bytes] = field(default_factory=dict)  # encoded images, when an output format needs them
+    thumbs: dict[int, bytes] = field(default_factory=dict)  # thumbnails for the contact sheet
+
+    def all_rows(self) -> list[dict]:
+        return sorted(self.carried + list(self.rows.values()), key=lambda r: (r["row"], r["image_index"] or 0))
 
 
-def _diff(old: Any, new: Any, path: str = "") -> list[str]:
-    if isinstance(old, dict) and isinstance(new, dict):
-        return [d for k in sorted(set(old) | set(new)) for d in _diff(old.get(k), new.get(k), f"{path}.{k}".strip("."))]
-    return [] if old == new else [f"{path}: {old!r} -> {new!r}"]
+def work_left(out: str, shards: list[Shard], commits: dict[int, Commit], retry_errors: bool) -> list[Work]:
+    work = []
+    for shard in shards:
+        commit = commits.get(shard.index)
+        if commit is None:
+            work.append(Work(shard, 0))
+        elif retry_errors and commit.error:
+            rows = read_metadata(out, commit)
+            done = [r for r in rows if r["status"] == "ok"]
+            failed = tuple(item_key(r["row"], r["image_index"] or 0) for r in rows if r["status"] != "ok")
+            work.append(Work(replace(shard, only_rows=failed), commit.attempt + 1, carried=done))
+    return work
 
 
-def check_job(out: str, manifest: Manifest, allow_changed: bool) -> None:
-    """Record the job in a new output; refuse a resume whose manifest would render differently."""
-    uri = join(out, "job.json")
-    new = fingerprint(manifest)
-    existing = read_bytes(uri)
-    if existing is not None:
-        changes = _diff(json.loads(existing)["fingerprint"], new)
-        if not changes:
-            return
-        if not allow_changed:
-            raise ChangedManifestError(
-                f"output.path {out} holds a job rendered with other settings: "
-                + "; ".join(changes[:8])
-                + ". Fix: choose another output.path, pass --allow-changed to render the rest with "
-                "the new settings, or --overwrite to start over."
-            )
-    record = {"fingerprint": new, "manifest": manifest.model_dump(mode="json")}
-    write_bytes(uri, json.dumps(record, indent=1).encode())
+def to_metadata(table: pa.Table, last_stage: str) -> pa.Table:
+    """A result block as the metadata schema: missing columns null, failed rows without image fields."""
+    n = table.num_rows
+    ok = pa.array([s == "ok" for s in table.column("status").to_pylist()])
+    columns = []
+    for f in METADATA_SCHEMA:
+        if f.name == "last_stage":
+            col = pa.array([last_stage] * n, pa.string())
+        elif f.name in table.column_names:
+            col = table.column(f.name).combine_chunks()
+            if f.name == "error":
+                col = pa.array([e or None for e in col.to_pylist()], pa.string())
+            col = col.cast(f.type)
+            if f.name in IMAGE_FIELDS:
+                col = pc.if_else(ok, col, pa.nulls(n, f.type))
+        else:
+            col = pa.nulls(n, f.type)
+        columns.append(col)
+    return pa.Table.from_arrays(columns, schema=METADATA_SCHEMA)
+
+
+# ---- the commit ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Derived:
+    """What a committed shard also becomes, from the output settings."""
+
+    embed_images: bool = False
+    webdataset: bool = False
+    contact_sheets: bool = False
+
+
+def commit_shard(out: str, work: Work, run_id: str, derived: Derived = Derived()) -> bool:
+    """Write the shard's metadata, then its marker. Returns whether this run committed it."""
+    rows = work.all_rows()
+    shard, attempt = work.shard.index, work.attempt
+    # 1. The metadata file, under a name no other run or attempt uses.
+    metadata = f"shards/{shard:06d}-{attempt:03d}-{run_id}.parquet"
+    table = pa.Table.from_pylist(rows, schema=METADATA_SCHEMA)
+    if derived.embed_images:
+        images = [
+            work.images.get(item_key(r["row"], r["image_index"] or 0))
+            or (r["image_key"] and read_bytes(join(out, r["image_key"])))
+            or None
+            for r in rows
+        ]
+        table = with_image_column(table, images)
+    buf = pa.BufferOutputStream()
+    pq.write_table(table, buf)
+    write_bytes(join(out, metadata), buf.getvalue().to_pybytes())
+    # 2. The marker, created once: the commit itself.
+    seconds: dict[str, float] = {}
+    for r in work.rows.values():
+        for stage in (*MODEL_STAGES, "write"):
+            seconds[stage] = seconds.get(stage, 0.0) + (r.get(f"{stage}_seconds") or 0.0)
+    ok = sum(r["status"] == "ok" for r in rows)
+    commit = Commit(shard, attempt, metadata, len(rows), ok, len(rows) - ok, run_id, seconds)
+    if not try_commit(out, commit):
+        log.warning("shard %d attempt %d was committed by another writer; dropping this run's copy", shard, attempt)
+        delete([join(out, metadata)] + [join(out, k) for k in list_prefix(out, image_dir(shard, run_id) + "/")])
+        return False
+    # 3. The winner clears what killed runs and earlier attempts left of this shard.
+    keep = {metadata} | {r["image_key"] for r in rows if r["image_key"]}
+    stale = list_prefix(out, f"images/{shard:06d}-") + list_prefix(out, f"shards/{shard:06d}-")
+    delete([join(out, k) for k in stale if k not in keep])
+    # 4. The formats derived from a committed shard.
+    if derived.webdataset:
+        write_tar(out, shard, attempt, rows, work.images)
+    if derived.contact_sheets:
+        write_shard_sheet(out, shard, rows, work.thumbs)
+    return True
+
+
+def finish_output(out: str, webdataset: bool, contact_sheets: bool) -> dict[str, Any]:
+    """After a run: rebuild tars a kill left missing or a retry made stale, the job's contact
+    sheet, and index.json. Returns the index."""
+    commits = list_commits(out)
+    if webdataset:
+        for shard in stale_tars(out, commits):
+            write_tar(out, shard, commits[shard].attempt, read_metadata(out, commits[shard]), {})
+    if contact_sheets and commits:
+        write_job_sheet(out, commits)
+    return write_index(out, commits)

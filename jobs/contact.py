@@ -5,26 +5,16 @@ from __future__ import annotations
 
 import io
 import math
+from typing import Any
 
 from PIL import Image, ImageDraw
 
-from jobs.commits import Commit
-from jobs.inputs import item_key
-from jobs.storage import join, read_bytes, write_bytes
+from workers.keys import item_key
+from workers.storage import join, read_bytes, write_bytes
+from workers.write import THUMB, thumbnail
 
-THUMB = 128  # px, the longer side of a thumbnail
 LABEL = 14  # px of text under each tile
 MAX_SHARDS = 64  # shards shown on the job sheet
-
-
-def thumbnail(data: bytes, size: int = THUMB) -> bytes:
-    """A small JPEG of an encoded image."""
-    with Image.open(io.BytesIO(data)) as img:
-        img = img.convert("RGB")
-        img.thumbnail((size, size))
-        buf = io.BytesIO()
-        img.save(buf, format="JPEG", quality=80)
-        return buf.getvalue()
 
 
 def _grid(tiles: list[tuple[Image.Image | None, str, bool]], tile: int, title: str) -> bytes:
@@ -69,12 +59,11 @@ def shard_sheet(out: str, rows: list[dict], thumbs: dict[int, bytes]) -> bytes:
     return _grid(tiles, THUMB, f"shard {shard}: {ok}/{len(tiles)} ok")
 
 
-def write_shard_sheet(out: str, work) -> None:
-    rows = work.carried + list(work.rows.values())
-    write_bytes(join(out, f"contact/{work.shard.index:06d}.jpg"), shard_sheet(out, rows, work.thumbs))
+def write_shard_sheet(out: str, shard: int, rows: list[dict], thumbs: dict[int, bytes]) -> None:
+    write_bytes(join(out, f"contact/{shard:06d}.jpg"), shard_sheet(out, rows, thumbs))
 
 
-def write_job_sheet(out: str, commits: dict[int, Commit]) -> None:
+def write_job_sheet(out: str, commits: dict[int, Any]) -> None:
     """One tile per committed shard (its own sheet, scaled down), the first MAX_SHARDS of them."""
     tiles = []
     shown = sorted(commits)[:MAX_SHARDS]

@@ -1,4 +1,7 @@
-"""The job manifest: YAML file (plus --set overrides) in, validated `Manifest` out."""
+"""The job manifest: YAML file (plus --set overrides) in, validated `Manifest` out.
+
+A manifest is the job's own sections (input, output, ray) and the stage configs that live beside
+their workers (workers/config.py)."""
 
 from __future__ import annotations
 
@@ -8,24 +11,23 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import Field, ValidationError
+
+from workers.config import (
+    EncodeConfig,
+    SafetyConfig,
+    Stage1Config,
+    Stage2Config,
+    Strict,
+    UpscaleConfig,
+    WriteConfig,
+)
+from workers.errors import ManifestError
+from workers.keys import MAX_IMAGES
+from workers.stages import stages_to
 
 MANIFESTS_DIR = Path(__file__).resolve().parent.parent / "manifests"
 DEFAULT_MANIFEST = MANIFESTS_DIR / "local-tiny.yaml"
-
-# The cascade in order; one name per stage everywhere (manifest key, module, worker, columns).
-MODEL_STAGES = ("encode", "stage1", "stage2", "upscale")
-IMAGE_STAGES = ("stage1", "stage2", "upscale")
-
-TIMESTEP_PRESETS = ("fast27", "smart27", "smart50", "smart100", "smart185", "super27", "super40", "super100")
-
-
-class ManifestError(ValueError):
-    """A manifest that cannot run; the message names the file and the field."""
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class InputConfig(Strict):
@@ -57,133 +59,6 @@ class OutputConfig(Strict):
         False,
         description="Also write each committed shard as a WebDataset tar (webdataset/NNNNNN.tar: "
         "KEY.png, KEY.txt, KEY.json for its successful rows).",
-    )
-
-
-class PoolConfig(Strict):
-    pool_size: int = Field(1, ge=1, description="Number of actors in this stage's fixed-size pool.")
-    batch_size: int = Field(4, ge=1, description="Rows per call of this stage's worker.")
-    num_gpus: float = Field(0, ge=0, description="GPUs reserved per actor (fractions share a GPU).")
-    num_cpus: float = Field(1, gt=0, description="Logical CPUs reserved per actor.")
-    resources: dict[str, float] = Field(
-        default_factory=dict,
-        description="Custom Ray resources reserved per actor, e.g. {ifrender_heavy: 1}: steers this "
-        "stage's pool to the nodes (worker groups) that declare them.",
-    )
-
-    @field_validator("num_gpus")
-    @classmethod
-    def _whole_or_share(cls, value: float) -> float:
-        # Ray refuses a fractional request above one GPU: it cannot split an actor across GPUs.
-        if value > 1 and value != int(value):
-            raise ValueError(
-                f"expected a share of one GPU (below 1) or a whole number of GPUs, found {value:g}. "
-                f"Fix: {int(value)} or {int(value) + 1}, or more actors of a smaller share"
-            )
-        return value
-
-
-class ModelStageConfig(PoolConfig):
-    model: str = Field(
-        description="Hub id (already staged in the Hugging Face cache) or local directory in "
-        "the hub layout; 'tiny:' builds tiny random-weight models into the cache on first use."
-    )
-    dtype: Literal["fp32", "fp16", "bf16"] = Field("fp32", description="Weights and compute dtype.")
-    variant: str | None = Field(None, description="Weights file variant, e.g. fp16 (from_pretrained's variant).")
-    micro_batch: int = Field(
-        4,
-        ge=1,
-        description="Rows per model call (short calls are padded). Pixels are bit-identical "
-        "for a fixed micro_batch whatever batch_size, pool size or neighbours; changing it can change "
-        "them at float-rounding level, as kernels pick their algorithm by shape.",
-    )
-    watchdog_s: float = Field(
-        1800,
-        gt=0,
-        description="Seconds one call may run before its actor is taken as hung, "
-        "exits and has the batch retried on a fresh actor.",
-    )
-    device: Literal["auto", "cuda", "cpu"] = Field(
-        "auto", description="auto: CUDA when num_gpus > 0, else CPU. cuda without a GPU is an error."
-    )
-    offload: Literal["none", "model", "sequential"] = Field(
-        "none",
-        description="CPU offload for small GPUs: model (whole models move to the GPU when used; "
-        "little slower) or sequential (layer by layer; least memory, much slower). CUDA only.",
-    )
-    attention: Literal["sdpa", "eager", "xformers"] = Field(
-        "sdpa",
-        description="Attention kernels: sdpa (PyTorch scaled_dot_product_attention), eager (plain "
-        "matmuls, the reference), xformers (needs the xformers package).",
-    )
-    compile: bool = Field(False, description="torch.compile the stage's UNet: slower start, faster steps on GPUs.")
-
-
-class EncodeConfig(ModelStageConfig):
-    load_in_8bit: bool = Field(False, description="Load T5 in 8 bit through bitsandbytes.")
-    clean_caption: bool = Field(True, description="Clean captions as IF does (needs bs4 and ftfy).")
-
-
-class DiffusionStageConfig(ModelStageConfig):
-    num_inference_steps: int = Field(description="Denoising steps (ignored when timesteps is set).", ge=1)
-    timesteps: Literal[TIMESTEP_PRESETS] | None = Field(  # type: ignore[valid-type]
-        None, description=f"IF timestep preset, one of {', '.join(TIMESTEP_PRESETS)}."
-    )
-    guidance_scale: float = Field(description="Classifier-free guidance scale (<= 1 disables it).", ge=0)
-
-
-class Stage1Config(DiffusionStageConfig):
-    num_inference_steps: int = Field(100, ge=1, description="Denoising steps (ignored when timesteps is set).")
-    guidance_scale: float = Field(7.0, ge=0, description="Classifier-free guidance scale.")
-    strength: float | None = Field(
-        None,
-        gt=0,
-        le=1,
-        description="How far img2img/inpainting rows move from their image; none: the diffusers "
-        "default (0.7 img2img, 1.0 inpainting).",
-    )
-
-
-class Stage2Config(DiffusionStageConfig):
-    num_inference_steps: int = Field(50, ge=1, description="Denoising steps (ignored when timesteps is set).")
-    guidance_scale: float = Field(4.0, ge=0, description="Classifier-free guidance scale.")
-    noise_level: int = Field(250, ge=0, le=1000, description="Noise added to the stage I image.")
-    strength: float | None = Field(
-        None, gt=0, le=1, description="img2img/inpainting strength at stage II; none: the diffusers default (0.8)."
-    )
-
-
-class UpscaleConfig(ModelStageConfig):
-    num_inference_steps: int = Field(75, ge=1, description="Denoising steps.")
-    guidance_scale: float = Field(9.0, ge=0, description="Classifier-free guidance scale.")
-    noise_level: int = Field(100, ge=0, le=350, description="Noise added to the stage II image (max 350).")
-
-
-class WriteConfig(PoolConfig):
-    batch_size: int = Field(8, ge=1, description="Images encoded and stored per call.")
-    num_cpus: float = Field(0.5, gt=0, description="Logical CPUs reserved per writer actor.")
-
-
-class SafetyConfig(Strict):
-    checker: bool | Literal["auto"] = Field(
-        "auto",
-        description="Run IF's safety checker on each final image and record its verdicts "
-        "(nsfw_detected, watermark_detected). auto: when the weights provide one; true: required.",
-    )
-    watermark: bool | Literal["auto"] = Field(
-        "auto", description="Apply IF's watermarker to each final image, as the IF pipelines do. auto: when provided."
-    )
-    model: str | None = Field(
-        None,
-        description="Checkpoint holding safety_checker/, feature_extractor/ and watermarker/ "
-        "(default: stage1.model, the IF-I repo).",
-    )
-    nsfw_threshold: float = Field(0.5, description="NSFW head score above which an image is flagged.")
-    watermark_threshold: float = Field(0.5, description="Watermark head score above which an image is flagged.")
-    on_flagged: Literal["blank", "error"] = Field(
-        "blank",
-        description="A flagged image: blank (black image, as the IF pipelines return) or error (no "
-        "image; the row fails with the verdict).",
     )
 
 
@@ -227,7 +102,7 @@ class Manifest(Strict):
     num_images: int = Field(
         1,
         ge=1,
-        le=64,
+        le=MAX_IMAGES,
         description="Images per prompt row (a row's num_images column overrides it): each is its "
         "own output row, id ID-N, with its own seed.",
     )
@@ -240,7 +115,7 @@ class Manifest(Strict):
 
     def stages(self) -> tuple[str, ...]:
         """The model stages this job runs, in order."""
-        return MODEL_STAGES[: MODEL_STAGES.index(self.last_stage) + 1]
+        return stages_to(self.last_stage)
 
 
 def _apply_override(data: dict[str, Any], assignment: str) -> None:
@@ -262,7 +137,7 @@ def _format_errors(source: str, err: ValidationError) -> str:
     for e in err.errors():
         where = ".".join(str(p) for p in e["loc"]) or "(top level)"
         if e["type"] == "extra_forbidden":
-            lines.append(f"  {where}: unknown field (check its spelling; see the fields in jobs/manifest.py)")
+            lines.append(f"  {where}: unknown field (check its spelling; `ifrender validate` lists every field)")
         else:
             lines.append(f"  {where}: {e['msg']} (found {e.get('input')!r})")
     return "\n".join(lines)

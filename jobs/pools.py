@@ -1,4 +1,5 @@
-"""How the stage pools sit on Ray: pools in, GPU reservations and block layout out.
+"""How the stage pools sit on Ray: the local Ray or the cluster joined, GPU reservations,
+and the block layout into each pool.
 
 Two things the pools need beyond `map_batches`, both measured in the 8-GPU simulation
 (benchmarks/simulate.py), which reached 84-86% of the planned rate without them and 97% with:
@@ -7,7 +8,7 @@ Two things the pools need beyond `map_batches`, both measured in the 8-GPU simul
   in the order requests arrive, so shares that pack onto N GPUs in one order may not in another:
   with the pools starting in stage order, 2 of 5 upscale actors waited until stage I's pool
   ended. A placement group per fractional pool, created largest share first, makes Ray pack
-  them best-fit decreasing, as jobs.plan.packs checks.
+  them best-fit decreasing, as `packs` checks.
 - Blocks no bigger than a pool's batch. A task takes whole blocks, so a 32-row block from encode
   is one task for one actor while the pool's others wait: 5 upscale actors were 78-100% busy
   with 32-row tasks, 99% each with 4-row ones.
@@ -17,9 +18,65 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import warnings
 
-log = logging.getLogger("ifrender")
+from jobs.manifest import Manifest
+
+log = logging.getLogger(__name__)
+
+
+def cluster_address(manifest: Manifest) -> str | None:
+    return manifest.ray.address or os.environ.get("RAY_ADDRESS")
+
+
+def job_pools(manifest: Manifest) -> dict:
+    """Every actor pool of the job: its model stages' and the writer's."""
+    return {s: getattr(manifest, s) for s in manifest.stages()} | {"write": manifest.write}
+
+
+def init_ray(manifest: Manifest) -> None:
+    """Join the manifest's cluster, or start a local Ray sized for the job's pools."""
+    import ray
+
+    # Workers inherit the environment of a local Ray; a cluster gets it through the runtime env.
+    os.environ["HF_HUB_OFFLINE"] = "1"  # nothing reaches a hub at run time
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if ray.is_initialized():
+        return
+    address = cluster_address(manifest)
+    if address:
+        ray.init(address=address, runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}}, log_to_driver=True)
+        return
+    import torch
+
+    # Logical CPUs: enough for every pool plus read tasks, else the read task can starve behind
+    # the actors and Ray waits 30 minutes before failing.
+    needed = sum(c.pool_size * c.num_cpus for c in job_pools(manifest).values()) + 1
+    num_cpus = manifest.ray.num_cpus or max(os.cpu_count() or 1, math.ceil(needed))
+    num_gpus = torch.cuda.device_count() if manifest.ray.num_gpus is None else manifest.ray.num_gpus
+    ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, log_to_driver=True)
+
+
+def packs(shares: list[float], gpus: int) -> bool:
+    """Whether actors with these GPU shares fit on `gpus` GPUs, placed as Ray places them once
+    `reserve` orders them: largest first, each fraction on the GPU it fits best (the least room
+    left over), each whole number on that many unshared GPUs."""
+    free = [1.0] * gpus
+    for share in sorted(shares, reverse=True):
+        if share >= 1:
+            whole = [i for i, room in enumerate(free) if room == 1.0][: int(share)]
+            if len(whole) < share:
+                return False
+            for i in whole:
+                free[i] = 0.0
+            continue
+        fits = [i for i, room in enumerate(free) if room >= share - 1e-9]
+        if not fits:
+            return False
+        best = min(fits, key=lambda i: free[i] - share)
+        free[best] -= share
+    return True
 
 
 def fractional(share: float) -> bool:

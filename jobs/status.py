@@ -5,13 +5,10 @@ from __future__ import annotations
 import json
 from collections import Counter
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-
-from jobs.commits import list_commits
-from jobs.inputs import plan_shards
+from jobs.commits import list_commits, read_metadata
 from jobs.manifest import Manifest
-from jobs.storage import join, read_bytes
+from jobs.shards import plan_shards
+from workers.storage import join, read_bytes
 
 
 def status(out: str, show_all: bool = False, top_errors: int = 5) -> str:
@@ -31,8 +28,7 @@ def status(out: str, show_all: bool = False, top_errors: int = 5) -> str:
         pending = 0 if commit else shard.num_rows
         totals.update(rows=done + failed + pending, done=done, failed=failed, pending=pending)
         if commit and commit.error:
-            table = pq.read_table(pa.BufferReader(read_bytes(join(out, commit.metadata))), columns=["error"])
-            errors.update(e[:160] for e in table.column("error").to_pylist() if e)
+            errors.update(r["error"][:160] for r in read_metadata(out, commit, ["error"]) if r["error"])
         if failed or pending or show_all:
             state = "committed" if commit else "pending"
             attempt = f" attempt {commit.attempt}" if commit else ""

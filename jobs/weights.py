@@ -1,16 +1,14 @@
-"""Stage the checkpoints a manifest names, and sync an S3 mirror of them to a worker's disk.
+"""Stage the checkpoints a manifest names, for workers to load offline.
 
 `ifrender stage-models` copies, from the hub (with a token) or a local directory, only the files
 the manifest's stages load: the components each stage uses, in the weights variant it asks for,
 safetensors before pickles. Renders then load that copy offline (HF_HUB_OFFLINE=1): from a
-mounted directory, or from an s3:// mirror that each worker syncs to local disk when it starts.
+mounted directory, or from an s3:// mirror that each worker syncs to local disk when it starts
+(workers/models.py).
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import json
 import logging
 import os
 import re
@@ -19,9 +17,11 @@ import tempfile
 from pathlib import Path
 
 from jobs.manifest import Manifest
-from jobs.storage import _bucket_key, is_s3, join, read_bytes, s3_client
+from workers.errors import StagingError
+from workers.models import is_local_path
+from workers.storage import bucket_key, is_s3, join, s3_client
 
-log = logging.getLogger("ifrender.weights")
+log = logging.getLogger(__name__)
 
 # Components a stage loads from its repo (upscale: all of them). The safety checker, its
 # feature extractor and the watermarker go with the image stages that apply them.
@@ -32,11 +32,7 @@ _WEIGHTS = re.compile(r"\.(safetensors|bin|ckpt|msgpack|h5|onnx|pb|pt|pth)$")
 _SHARD = r"(-\d{5}-of-\d{5})?"
 
 
-class StagingError(RuntimeError):
-    """Checkpoints that cannot be staged or synced; the message names the source and the fix."""
-
-
-def stage_components(stage: str, cfg, components: set[str]) -> set[str]:
+def stage_components(stage: str, components: set[str]) -> set[str]:
     """The component folders of a repo that `stage` loads (the safety ones are planned apart)."""
     if stage == "encode":
         return components & set(ENCODE_COMPONENTS)
@@ -81,7 +77,7 @@ def repo_plan(manifest: Manifest, token: str | None = None) -> dict[str, dict[st
     for stage in manifest.stages():
         cfg = getattr(manifest, stage)
         listing = _listing(cfg.model, token, folders_only=True)
-        for component in stage_components(stage, cfg, set(listing)):
+        for component in stage_components(stage, set(listing)):
             plan.setdefault(cfg.model, {})[component] = cfg.variant
     safety = manifest.safety
     wanted = (("safety_checker", "feature_extractor") if safety.checker is not False else ()) + (
@@ -95,13 +91,9 @@ def repo_plan(manifest: Manifest, token: str | None = None) -> dict[str, dict[st
     return plan
 
 
-def _is_local(source: str) -> bool:
-    return source.startswith((".", "/", "~")) or Path(source).expanduser().is_dir()
-
-
 def _listing(source: str, token: str | None, folders_only: bool = False) -> list[str]:
     """Files of a checkpoint (relative paths), or its top-level folders."""
-    if _is_local(source):
+    if is_local_path(source):
         root = Path(source).expanduser()
         if not (root / "model_index.json").is_file():
             raise StagingError(f"{source}: expected a checkpoint directory with model_index.json; found none there")
@@ -123,7 +115,7 @@ def _listing(source: str, token: str | None, folders_only: bool = False) -> list
 
 def destination(dest: str, source: str) -> str:
     """Where a source lands: a hub id keeps its owner/name; a directory keeps its name."""
-    name = Path(source).expanduser().resolve().name if _is_local(source) else source
+    name = Path(source).expanduser().resolve().name if is_local_path(source) else source
     return join(dest, name) if is_s3(dest) else str(Path(dest) / name)
 
 
@@ -134,7 +126,7 @@ def stage_models(manifest: Manifest, dest: str, token: str | None = None) -> dic
         files = needed_files(_listing(source, token), wanted)
         target = destination(dest, source)
         with tempfile.TemporaryDirectory() as tmp:
-            if _is_local(source):
+            if is_local_path(source):
                 root = Path(source).expanduser()
             else:
                 from huggingface_hub import snapshot_download
@@ -150,7 +142,7 @@ def stage_models(manifest: Manifest, dest: str, token: str | None = None) -> dic
 
 def _put(src: Path, uri: str) -> None:
     if is_s3(uri):
-        bucket, key = _bucket_key(uri)
+        bucket, key = bucket_key(uri)
         s3_client().upload_file(str(src), bucket, key)  # multipart for large files
         return
     path = Path(uri)
@@ -158,65 +150,3 @@ def _put(src: Path, uri: str) -> None:
     tmp = path.with_name(f".{path.name}.part")
     shutil.copyfile(src, tmp)
     os.replace(tmp, path)
-
-
-# ---- workers: an S3 mirror to local disk ---------------------------------------------------
-
-
-def model_cache_dir() -> Path:
-    return Path(os.environ.get("IFRENDER_MODEL_CACHE", Path.home() / ".cache" / "ifrender" / "models"))
-
-
-def mirror_has_checkpoint(uri: str) -> bool:
-    return read_bytes(join(uri, "model_index.json")) is not None
-
-
-def sync_mirror(uri: str, cache: Path | None = None) -> Path:
-    """Make a local copy of s3://bucket/prefix (a staged checkpoint) and return its directory.
-    Actors on one node share the copy: a file lock lets one download while the others wait,
-    and a stamp of (key, size, ETag) skips the download when the copy is current."""
-    bucket, prefix = _bucket_key(uri.rstrip("/") + "/")
-    target = (cache or model_cache_dir()) / bucket / prefix.rstrip("/")
-    target.mkdir(parents=True, exist_ok=True)
-    client = s3_client()
-    objects = []
-    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-        objects += [(o["Key"][len(prefix) :], o["Size"], o["ETag"]) for o in page.get("Contents", [])]
-    if not any(name == "model_index.json" for name, _, _ in objects):
-        raise StagingError(
-            f"{uri}: no staged checkpoint there (expected {uri.rstrip('/')}/model_index.json). "
-            f"Fix: stage it with `ifrender stage-models MANIFEST --to s3://BUCKET/PREFIX`."
-        )
-    stamp = target / ".ifrender-sync.json"
-    wanted = json.dumps(sorted(objects))
-    with open(target.parent / f".{target.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if stamp.is_file() and stamp.read_text() == wanted:
-            return target
-        stamp.unlink(missing_ok=True)
-        for name, size, _ in objects:
-            path = target / name
-            if path.is_file() and path.stat().st_size == size and _etag_matches(path, name, objects):
-                continue
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.part")
-            client.download_file(bucket, prefix + name, str(tmp))
-            os.replace(tmp, path)
-        stamp.write_text(wanted)
-    log.info("synced %s -> %s (%d files)", uri, target, len(objects))
-    return target
-
-
-def _etag_matches(path: Path, name: str, objects: list) -> bool:
-    """A single-part ETag is the MD5 of the bytes; a multipart one can't be checked cheaply, so a
-    file of the right size is kept (a half-written file never has its final name)."""
-    import hashlib
-
-    etag = next(e for n, _, e in objects if n == name).strip('"')
-    if "-" in etag:
-        return True
-    md5 = hashlib.md5()
-    with open(path, "rb") as f, contextlib.suppress(OSError):
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            md5.update(chunk)
-    return md5.hexdigest() == etag

@@ -1,15 +1,16 @@
-"""Shared fixtures: tiny checkpoints built once, a real S3 server (moto) on 127.0.0.1, one local Ray."""
+"""Shared fixtures: tiny checkpoints built once, the tiny manifest, a real S3 server (moto) on
+127.0.0.1, one local Ray."""
 
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
 from pathlib import Path
 
 import pytest
 
 from jobs.manifest import DEFAULT_MANIFEST, load_manifest
+from tests.helpers import free_port
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -20,17 +21,32 @@ os.environ.setdefault("IFRENDER_MODEL_CACHE", tempfile.mkdtemp(prefix="ifrender-
 @pytest.fixture(scope="session")
 def tiny_root(tmp_path_factory) -> Path:
     """Tiny checkpoints in the hub layout, built through `ifrender tiny-models`' code path."""
-    from workers.tiny import build_tiny_models
+    from jobs.perf.models import build_models
 
     root = tmp_path_factory.mktemp("tiny-models")
-    build_tiny_models(root)
+    build_models(root)
     return root
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+@pytest.fixture(scope="session")
+def tiny_manifest(tiny_root):
+    """Builds local-tiny with the session's tiny models, 2 denoising steps, an output path and
+    any overrides: tiny_manifest("stage1.batch_size=2", output=str(tmp_path))."""
+
+    def build(*overrides: str, output: str):
+        base = [
+            f"output.path={output}",
+            f"encode.model={tiny_root / 'IF-I-tiny'}",
+            f"stage1.model={tiny_root / 'IF-I-tiny'}",
+            f"stage2.model={tiny_root / 'IF-II-tiny'}",
+            f"upscale.model={tiny_root / 'x4-upscaler-tiny'}",
+            "stage1.num_inference_steps=2",
+            "stage2.num_inference_steps=2",
+            "upscale.num_inference_steps=2",
+        ]
+        return load_manifest(DEFAULT_MANIFEST, base + list(overrides))
+
+    return build
 
 
 @pytest.fixture(scope="session")
@@ -38,7 +54,7 @@ def s3_server():
     """A real HTTP S3 endpoint on loopback; AWS_* variables point boto3 and pyarrow at it."""
     from moto.server import ThreadedMotoServer
 
-    port = _free_port()
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"
@@ -60,18 +76,3 @@ def ray_local(s3_server):
     ray.init(num_cpus=4, num_gpus=0, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
-
-
-def manifest_for(tiny_root: Path, *overrides: str, output: str):
-    """local-tiny with the session's tiny models, 2 denoising steps, and any overrides."""
-    base = [
-        f"output.path={output}",
-        f"encode.model={tiny_root / 'IF-I-tiny'}",
-        f"stage1.model={tiny_root / 'IF-I-tiny'}",
-        f"stage2.model={tiny_root / 'IF-II-tiny'}",
-        f"upscale.model={tiny_root / 'x4-upscaler-tiny'}",
-        "stage1.num_inference_steps=2",
-        "stage2.num_inference_steps=2",
-        "upscale.num_inference_steps=2",
-    ]
-    return load_manifest(DEFAULT_MANIFEST, base + list(overrides))

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from workers.common import Batch, StageWorker, to_numpy
+from workers.base import Batch, StageWorker, to_numpy
 from workers.models import load_encode_pipeline
 
 
@@ -26,16 +26,14 @@ def check_caption_cleaning() -> None:
 
 class EncodeWorker(StageWorker):
     stage = "encode"
-    needs = ("prompt", "negative_prompt")
 
-    def __init__(self, cfg, drop: tuple[str, ...] = (), safety: Any = None) -> None:
+    def __init__(self, cfg: Any, drop: tuple[str, ...] = ()) -> None:
         super().__init__(cfg, {"load_in_8bit": cfg.load_in_8bit, "clean_caption": cfg.clean_caption}, drop)
         if cfg.clean_caption:
             check_caption_cleaning()
         self.pipe = load_encode_pipeline(cfg, self.device)
         # The default negative prompt is "": encode it once per actor, not once per row.
-        self.empty = self._encode([""] * self.micro_batch)[0]
-        self.shape = self.empty.shape
+        self.empty = self._encode([""] * cfg.micro_batch)[0]
 
     @torch.inference_mode()
     def _encode(self, texts: list[str]) -> np.ndarray:
@@ -44,10 +42,10 @@ class EncodeWorker(StageWorker):
         )
         return to_numpy(embeds)
 
-    def _run_micro_batches(self, batch: Batch, rows: np.ndarray, params: dict) -> Batch:
-        return self.run(batch, rows, params)  # run() makes its own fixed-shape encoder calls
+    def _run_micro_batches(self, batch: Batch, rows: np.ndarray, settings: dict[str, Any]) -> Batch:
+        return self.run(batch, rows, settings)  # run() makes its own fixed-shape encoder calls
 
-    def run(self, batch: Batch, rows: np.ndarray, params: dict) -> Batch:
+    def run(self, batch: Batch, rows: np.ndarray, settings: dict[str, Any]) -> Batch:
         """Each distinct text of the batch (prompts and negatives together) is encoded once, in
         calls of exactly `micro_batch` texts (padded with ""), so a text's embedding never depends
         on its neighbours; "" comes from the actor's cached embedding."""
@@ -69,8 +67,8 @@ class EncodeWorker(StageWorker):
 
     def blank(self, batch: Batch, n: int) -> Batch:
         return {
-            "prompt_embeds": np.zeros((n, *self.shape), dtype=self.empty.dtype),
-            "negative_prompt_embeds": np.zeros((n, *self.shape), dtype=self.empty.dtype),
+            "prompt_embeds": np.zeros((n, *self.empty.shape), dtype=self.empty.dtype),
+            "negative_prompt_embeds": np.zeros((n, *self.empty.shape), dtype=self.empty.dtype),
             "encode_texts": np.zeros(n, dtype=np.int64),
             "encode_encoded": np.zeros(n),
         }

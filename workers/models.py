@@ -1,25 +1,34 @@
-"""Load each stage's model offline: a hub id or local directory in, a diffusers pipeline out.
+"""Load each stage's model offline: a hub id, local directory or S3 mirror in, a diffusers pipeline out.
 
-The same code loads the tiny checkpoints of workers/tiny.py and the real DeepFloyd IF and x4
-upscaler weights: `from_pretrained` with `local_files_only=True`, so a run never reaches a hub.
+The same code loads the random-weight checkpoints of jobs/perf/models.py and the real DeepFloyd
+IF and x4 upscaler weights: `from_pretrained` with `local_files_only=True`, so a run never
+reaches a hub. A checkpoint staged to s3:// (`ifrender stage-models`) is synced to the node's
+disk first, once per node.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from workers.errors import ModelLoadError, StagingError
+from workers.storage import bucket_key, join, read_bytes, s3_client
+
+log = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 # Components a stage pipeline is built without: the safety checker and watermarker only act on
 # PIL output, and the stage pipelines take embeddings from the encode stage.
 _NO_SAFETY = dict(safety_checker=None, feature_extractor=None, watermarker=None)
-
-
-class ModelLoadError(RuntimeError):
-    """A checkpoint could not be loaded offline; the message says how to stage it."""
 
 
 def staging_hint(stage: str, source: str) -> str:
@@ -44,8 +53,6 @@ def is_local_path(source: str) -> bool:
 def check_model_available(stage: str, source: str) -> None:
     """Fail before any GPU work when a model's files are not on this machine (or its mirror)."""
     if source.startswith("s3://"):
-        from jobs.weights import mirror_has_checkpoint
-
         if not mirror_has_checkpoint(source):
             raise ModelLoadError(
                 f"{stage}: no staged checkpoint at {source} (expected {source.rstrip('/')}/model_index.json). "
@@ -73,7 +80,7 @@ def pick_device(stage: str, device: str, num_gpus: float) -> torch.device:
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(
             f"{stage}: device is cuda but this worker sees no CUDA device "
-            f"(CUDA_VISIBLE_DEVICES={__import__('os').environ.get('CUDA_VISIBLE_DEVICES')!r}). "
+            f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}). "
             f"Fix: run on a GPU node, or set {stage}.device=cpu for a CPU run."
         )
     return torch.device(device)
@@ -91,8 +98,6 @@ def quiet_progress_bars() -> None:
 def local_source(source: str) -> str:
     """An s3:// mirror is synced to this node's disk first (once per node); the rest load as given."""
     if source.startswith("s3://"):
-        from jobs.weights import sync_mirror
-
         return str(sync_mirror(source))
     return source
 
@@ -128,6 +133,11 @@ def load_encode_pipeline(cfg: Any, device: torch.device) -> Any:
     if not cfg.load_in_8bit:  # bitsandbytes places 8-bit weights itself
         pipe.to(device)
     return pipe
+
+
+def recorded_settings(cfg: Any) -> dict[str, Any]:
+    """The loading settings of a UNet stage, recorded with each row it renders."""
+    return {"offload": cfg.offload, "attention": cfg.attention, "compile": cfg.compile}
 
 
 def load_pipeline(stage: str, pipeline_cls: Any, cfg: Any, device: torch.device, **components: Any) -> Any:
@@ -175,3 +185,63 @@ def preset_timesteps(name: str | None) -> list[int] | None:
     from diffusers.pipelines.deepfloyd_if import timesteps
 
     return list(getattr(timesteps, f"{name}_timesteps"))
+
+
+# ---- an S3 mirror to local disk ---------------------------------------------------------
+
+
+def model_cache_dir() -> Path:
+    return Path(os.environ.get("IFRENDER_MODEL_CACHE", Path.home() / ".cache" / "ifrender" / "models"))
+
+
+def mirror_has_checkpoint(uri: str) -> bool:
+    return read_bytes(join(uri, "model_index.json")) is not None
+
+
+def sync_mirror(uri: str, cache: Path | None = None) -> Path:
+    """Make a local copy of s3://bucket/prefix (a staged checkpoint) and return its directory.
+    Actors on one node share the copy: a file lock lets one download while the others wait,
+    and a stamp of (key, size, ETag) skips the download when the copy is current."""
+    bucket, prefix = bucket_key(uri.rstrip("/") + "/")
+    target = (cache or model_cache_dir()) / bucket / prefix.rstrip("/")
+    target.mkdir(parents=True, exist_ok=True)
+    client = s3_client()
+    objects = []
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        objects += [(o["Key"][len(prefix) :], o["Size"], o["ETag"]) for o in page.get("Contents", [])]
+    if not any(name == "model_index.json" for name, _, _ in objects):
+        raise StagingError(
+            f"{uri}: no staged checkpoint there (expected {uri.rstrip('/')}/model_index.json). "
+            f"Fix: stage it with `ifrender stage-models MANIFEST --to s3://BUCKET/PREFIX`."
+        )
+    stamp = target / ".ifrender-sync.json"
+    wanted = json.dumps(sorted(objects))
+    with open(target.parent / f".{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if stamp.is_file() and stamp.read_text() == wanted:
+            return target
+        stamp.unlink(missing_ok=True)
+        for name, size, _ in objects:
+            path = target / name
+            if path.is_file() and path.stat().st_size == size and _etag_matches(path, name, objects):
+                continue
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.part")
+            client.download_file(bucket, prefix + name, str(tmp))
+            os.replace(tmp, path)
+        stamp.write_text(wanted)
+    log.info("synced %s -> %s (%d files)", uri, target, len(objects))
+    return target
+
+
+def _etag_matches(path: Path, name: str, objects: list) -> bool:
+    """A single-part ETag is the MD5 of the bytes; a multipart one can't be checked cheaply, so a
+    file of the right size is kept (a half-written file never has its final name)."""
+    etag = next(e for n, _, e in objects if n == name).strip('"')
+    if "-" in etag:
+        return True
+    md5 = hashlib.md5()
+    with open(path, "rb") as f, contextlib.suppress(OSError):
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            md5.update(chunk)
+    return md5.hexdigest() == etag

@@ -1,7 +1,7 @@
 """The last image stage's finish, as the IF pipelines do it for PIL output: IF's safety checker
 (a CLIP vision model with NSFW and watermark heads) and IF's watermarker, from the IF-I repo.
-Its verdicts are recorded per row; a flagged image is blanked (the pipelines' behaviour) or
-fails its row."""
+Whichever stage is last calls `Safety.finish` on its images. Verdicts are recorded per row; a
+flagged image is blanked (the pipelines' behaviour) or fails its row."""
 
 from __future__ import annotations
 
@@ -12,9 +12,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from workers.common import to_uint8_hwc
-
-SAFETY_COLUMNS = ("nsfw_detected", "watermark_detected", "watermarked")
+from workers.base import to_uint8_hwc
+from workers.errors import ModelLoadError
 
 
 def load_checker(cls: Any, source: str) -> Any:
@@ -58,7 +57,7 @@ class Safety:
         from diffusers.pipelines.deepfloyd_if.watermark import IFWatermarker
         from transformers import CLIPImageProcessor
 
-        from workers.models import ModelLoadError, local_source, quiet_progress_bars
+        from workers.models import local_source, quiet_progress_bars
 
         quiet_progress_bars()
         source = local_source(cfg.model)
@@ -123,7 +122,7 @@ class Safety:
             for i, (a, b) in enumerate(zip(nsfw, marked)):
                 if a or b:
                     reason = " and ".join(r for r, hit in (("NSFW", a), ("watermark", b)) if hit)
-                    flagged[i] = f"{reason} detected (on_flagged=error)"
+                    flagged[i] = f"safety checker: {reason} detected (on_flagged=error)"
                     pixels[i] = 0  # blanked as the IF pipelines return it
         # IF's mark is 62 px at 1024x1024, scaled with the image: below ~17 px it would vanish
         # (and PIL refuses a 0 px resize), so images that small stay unmarked, and say so.

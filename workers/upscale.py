@@ -7,28 +7,31 @@ from typing import Any
 import numpy as np
 import torch
 
-from workers.common import Batch, StageWorker, row_generators
-from workers.models import load_pipeline
-from workers.params import stage_params
+from workers.base import Batch, StageWorker, row_generators
+from workers.if_stage import row_overrides
+from workers.models import load_pipeline, recorded_settings
+from workers.overrides import effective_settings
+from workers.safety import Safety
 
 
 class UpscaleWorker(StageWorker):
     stage = "upscale"
-    needs = ("seed", "prompt", "negative_prompt", "stage2_image")
 
-    def __init__(self, cfg, drop: tuple[str, ...] = (), safety: Any = None) -> None:
-        super().__init__(cfg, {}, drop, safety)
+    def __init__(self, cfg: Any, drop: tuple[str, ...] = (), safety: Any = None) -> None:
+        super().__init__(cfg, recorded_settings(cfg), drop)
         from diffusers import StableDiffusionUpscalePipeline
 
         self.pipe = load_pipeline(self.stage, StableDiffusionUpscalePipeline, cfg, self.device)
+        # The last stage finishes its images as the IF pipelines do: checker, watermark.
+        self.safety = Safety.load(safety, self.device) if safety is not None else None
 
-    def row_params(self, batch: Batch, row: int) -> dict:
-        params = stage_params(self.stage, self.cfg, batch["params"][row] if "params" in batch else "", "text2img")
-        params.pop("mode")  # the upscaler has one mode
-        return params
+    def row_settings(self, batch: Batch, row: int) -> dict[str, Any]:
+        settings = effective_settings(self.stage, self.cfg, row_overrides(batch, row), "text2img")
+        settings.pop("mode")  # the upscaler has one mode
+        return settings
 
     @torch.inference_mode()
-    def run(self, batch: Batch, rows: np.ndarray, params: dict) -> Batch:
+    def run(self, batch: Batch, rows: np.ndarray, settings: dict[str, Any]) -> Batch:
         low_res = self.tensor(batch, "stage2_image", rows)
         images = self.pipe(
             prompt=[str(p) for p in batch["prompt"][rows]],
@@ -36,15 +39,17 @@ class UpscaleWorker(StageWorker):
             # The upscaler picks its input scaling from the whole batch's minimum, so one image's
             # result would depend on its neighbours: hand it [0, 1] images always.
             image=(low_res / 2 + 0.5).clamp(0, 1),
-            num_inference_steps=params["num_inference_steps"],
-            guidance_scale=params["guidance_scale"],
-            noise_level=params["noise_level"],
+            num_inference_steps=settings["num_inference_steps"],
+            guidance_scale=settings["guidance_scale"],
+            noise_level=settings["noise_level"],
             generator=row_generators(batch["seed"][rows], self.stage),
             num_images_per_prompt=1,  # more than one mispairs prompts and images in diffusers 0.42
             output_type="np",
         ).images
-        return {"upscale_image": np.round(np.clip(images, 0, 1) * 255).astype(np.uint8)}
+        values = {"upscale_image": np.round(np.clip(images, 0, 1) * 255).astype(np.uint8)}
+        return self.safety.finish(values, "upscale_image") if self.safety else values
 
     def blank(self, batch: Batch, n: int) -> Batch:
         _, _, h, w = batch["stage2_image"].shape
-        return {"upscale_image": np.zeros((n, 4 * h, 4 * w, 3), dtype=np.uint8)}
+        values = {"upscale_image": np.zeros((n, 4 * h, 4 * w, 3), dtype=np.uint8)}
+        return values | (self.safety.blank(n) if self.safety else {})

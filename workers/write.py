@@ -1,6 +1,6 @@
 """write: the last stage's image column in; image files (local or S3) and their `image_key`, `sha256`, `width`, `height` out.
 
-Images go under `images/<shard>-<run>/`, one directory per shard and run, so a run that loses a
+Images go under `images/<shard>-<run_id>/`, one directory per shard and run, so a run that loses a
 shard's commit to another writer, or is killed, leaves nothing that a committed row points at.
 """
 
@@ -14,11 +14,12 @@ import time
 import numpy as np
 from PIL import Image
 
-from jobs.contact import thumbnail
-from jobs.storage import join, write_bytes
-from workers.common import ROW_COLUMNS, Batch, require_columns, to_uint8_hwc
+from workers.base import Batch, require_columns, to_uint8_hwc
+from workers.columns import ROW_COLUMNS
+from workers.storage import join, write_bytes
 
 EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
+THUMB = 128  # px, the longer side of a contact-sheet thumbnail
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]|\.{2,}")  # anything outside a plain name, and any ".."
 
 
@@ -31,8 +32,8 @@ def image_name(row_id: str) -> str:
     return f"{safe.lstrip('.') or 'row'}-{hashlib.sha256(row_id.encode()).hexdigest()[:10]}"
 
 
-def image_dir(shard: int, run: str) -> str:
-    return f"images/{shard:06d}-{run}"
+def image_dir(shard: int, run_id: str) -> str:
+    return f"images/{shard:06d}-{run_id}"
 
 
 def encode_image(pixels: np.ndarray, image_format: str, quality: int) -> bytes:
@@ -45,13 +46,23 @@ def encode_image(pixels: np.ndarray, image_format: str, quality: int) -> bytes:
     return buf.getvalue()
 
 
+def thumbnail(data: bytes, size: int = THUMB) -> bytes:
+    """A small JPEG of an encoded image, for the contact sheets."""
+    with Image.open(io.BytesIO(data)) as img:
+        img = img.convert("RGB")
+        img.thumbnail((size, size))
+        buf = io.BytesIO()
+        img.save(buf, format="JPEG", quality=80)
+        return buf.getvalue()
+
+
 class WriteWorker:
     stage = "write"
 
     def __init__(
         self,
         output: str,
-        run: str,
+        run_id: str,
         image_column: str,
         image_format: str = "png",
         quality: int = 95,
@@ -60,7 +71,7 @@ class WriteWorker:
     ) -> None:
         self.thumbnails = thumbnails  # small JPEGs for the contact sheets
         self.output = output
-        self.run = run
+        self.run_id = run_id
         self.keep_bytes = keep_bytes  # hand the encoded bytes on (embedded images, WebDataset)
         self.image_column = image_column
         self.image_format = image_format
@@ -80,7 +91,7 @@ class WriteWorker:
         seconds = np.zeros(n)
         for i in np.flatnonzero(status == "ok"):
             start = time.perf_counter()
-            key = f"{image_dir(int(batch['shard'][i]), self.run)}/{image_name(str(batch['id'][i]))}.{EXTENSIONS[self.image_format]}"
+            key = f"{image_dir(int(batch['shard'][i]), self.run_id)}/{image_name(str(batch['id'][i]))}.{EXTENSIONS[self.image_format]}"
             try:
                 data = encode_image(images[i], self.image_format, self.quality)
                 write_bytes(join(self.output, key), data)

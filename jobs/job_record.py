@@ -1,0 +1,69 @@
+"""The job record, OUTPUT/job.json: what makes one output hold one job's images only.
+
+A new output records the manifest and its fingerprint (the fields that decide which rows exist
+and how their images look); a resume whose manifest would render differently is refused, with
+the changed fields named, unless the user allows it.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from jobs.manifest import Manifest
+from workers.errors import ChangedManifestError
+from workers.stages import MODEL_STAGES
+from workers.storage import join, read_bytes, write_bytes
+
+# Settings that change no pixel and no row: free to differ between a run and its resume.
+RUNTIME_FIELDS = (
+    "pool_size",
+    "batch_size",
+    "num_gpus",
+    "num_cpus",
+    "device",
+    "watchdog_s",
+    "resources",
+    "offload",
+    "attention",
+    "compile",
+)
+
+
+def fingerprint(manifest: Manifest) -> dict[str, Any]:
+    """The manifest fields that decide which rows exist and what their images look like."""
+    data = manifest.model_dump(mode="json")
+    for stage in MODEL_STAGES:
+        for name in RUNTIME_FIELDS:
+            data[stage].pop(name, None)  # encode has no offload, attention or compile
+    for name in ("name", "write", "ray", "contact_sheets"):
+        data.pop(name)
+    # webdataset is left out on purpose: turned on later, it derives tars for committed shards
+    data["output"] = {k: data["output"][k] for k in ("image_format", "quality", "embed_images")}
+    return data
+
+
+def _diff(old: Any, new: Any, path: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [d for k in sorted(set(old) | set(new)) for d in _diff(old.get(k), new.get(k), f"{path}.{k}".strip("."))]
+    return [] if old == new else [f"{path}: {old!r} -> {new!r}"]
+
+
+def check_job(out: str, manifest: Manifest, allow_changed: bool) -> None:
+    """Record the job in a new output; refuse a resume whose manifest would render differently."""
+    uri = join(out, "job.json")
+    new = fingerprint(manifest)
+    existing = read_bytes(uri)
+    if existing is not None:
+        changes = _diff(json.loads(existing)["fingerprint"], new)
+        if not changes:
+            return
+        if not allow_changed:
+            raise ChangedManifestError(
+                f"output.path {out} holds a job rendered with other settings: "
+                + "; ".join(changes[:8])
+                + ". Fix: choose another output.path, pass --allow-changed to render the rest with "
+                "the new settings, or --overwrite to start over."
+            )
+    record = {"fingerprint": new, "manifest": manifest.model_dump(mode="json")}
+    write_bytes(uri, json.dumps(record, indent=1).encode())

@@ -1,0 +1,196 @@
+"""The simulation: stand-ins of the stages (jobs/perf/simulated.py) on N logical GPUs, allocated
+by the planner and one-pool-per-stage, measured side by side against the planner's prediction.
+
+Each model is replaced by a stand-in that holds its logical GPU share for the profiled time per
+image and passes tensors of the real sizes, through the same Ray Data streaming chain of actor
+pools. Times are scaled so that every run predicts RATE images/s, with enough images to fill the
+pools DEPTH times over: the ratio measured/predicted does not depend on the scale, and a 2-core
+machine can carry the traffic of full-size tensors at that rate (at 15 images/s it could not).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from jobs.perf.plan import Plan, Profile, naive, plan
+
+RATE = 5.0  # predicted images/s of every simulated run, after time scaling
+SECONDS = 20.0  # steady-state length aimed at per run
+DEPTH = 5  # images per run, at least this many times the rows the pools hold in flight
+
+
+def simulate(profile: Profile, chosen: Plan, time_scale: float, images: int) -> dict:
+    """Run `images` rows through stand-ins allocated as `chosen`; steady-state images/s."""
+    import ray
+    from ray.data import DataContext
+
+    from jobs.perf.simulated import SimulatedStage, sink
+    from jobs.pools import map_pool, release, reserve
+    from workers.config import PoolConfig
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    # Few logical CPUs for the plain tasks (each is a process on this machine); the stand-in
+    # actors take 0.1 each, so the CPUs never limit them.
+    actors = sum(a.pool_size for a in chosen.stages.values())
+    ray.init(num_cpus=2 + int(0.1 * actors + 1), num_gpus=chosen.gpus, include_dashboard=False, log_to_driver=False)
+    try:
+        DataContext.get_current().enable_progress_bars = False
+        # The same pool layout as a render (jobs/pools.py): reserved shares, re-cut blocks.
+        pools = {
+            s: PoolConfig(pool_size=a.pool_size, batch_size=a.batch_size, num_gpus=a.num_gpus, num_cpus=0.1)
+            for s, a in chosen.stages.items()
+        }
+        placed, groups = reserve(pools, timeout_s=60)
+        ds = ray.data.range(images, override_num_blocks=max(1, images // 2))
+        ds = ds.map_batches(lambda b: {"id": b["id"]}, batch_size=None, num_cpus=1)
+        rows = 2
+        for stage, pool in pools.items():
+            ds, rows = map_pool(
+                ds,
+                SimulatedStage,
+                pool,
+                rows,
+                placed.get(stage),
+                stage=stage,
+                seconds_per_image=profile.stages[stage].seconds_per_image,
+                gpu_share=pool.num_gpus,
+                time_scale=time_scale,
+            )
+        ds = ds.map_batches(sink, batch_size=None, num_cpus=1)
+        started = time.time()
+        stages = list(chosen.stages)
+        columns = [f"{s}_{k}" for s in stages for k in ("started", "finished", "actor")]
+        calls = {c: [] for c in columns}  # per image: each stage's call and the actor that made it
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            for c in columns:
+                calls[c].extend(batch[c].tolist())
+        release(groups)
+    finally:
+        ray.shutdown()
+    return measure({c: np.array(v) for c, v in calls.items()}, stages, started)
+
+
+def measure(calls: dict[str, np.ndarray], stages: list[str], started: float) -> dict:
+    """Steady-state rates, busy fractions and gaps from every image's per-stage calls."""
+    arrivals = np.sort(calls[f"{stages[-1]}_finished"] - started)  # from the actors' own clocks
+
+    def window(stage: str) -> tuple[float, float, float]:
+        """A stage's steady state: between its 25% and 90% marks, past the fill and before the
+        drain; its images/s there and the window's ends."""
+        done = np.sort(calls[f"{stage}_finished"])
+        lo, hi = int(0.25 * len(done)), int(0.9 * len(done)) - 1
+        return (hi - lo) / (done[hi] - done[lo]), done[lo], done[hi]
+
+    # The pipeline's rate is its slowest stage's, each measured in its own steady state: a stage
+    # after the bottleneck drains a queue at its own (higher) rate once the bottleneck is done.
+    windows = {stage: window(stage) for stage in stages}
+    rates = {stage: w[0] for stage, w in windows.items()}
+    slowest = min(rates, key=rates.get)
+    steady, t0, t1 = windows[slowest]
+    busy = {}  # per stage: each actor's busy fraction of the slowest stage's window, lowest first
+    for stage in stages:
+        spans = {}
+        for actor, a, b in zip(calls[f"{stage}_actor"], calls[f"{stage}_started"], calls[f"{stage}_finished"]):
+            spans.setdefault(actor, set()).add((a, b))
+        busy[stage] = sorted(
+            round(sum(max(0.0, min(b, t1) - max(a, t0)) for a, b in s) / (t1 - t0), 2) for s in spans.values()
+        )
+    return {
+        "images": len(arrivals),
+        "seconds": round(float(arrivals[-1]), 2),
+        "steady_images_per_second": round(steady, 3),
+        "stage_images_per_second": {k: round(v, 3) for k, v in rates.items()},
+        "measured_bottleneck": slowest,
+        "busy_in_steady_state": busy,
+        "mean_gap_seconds": {
+            f"{p}->{n}": round(float(np.mean(calls[f"{n}_started"] - calls[f"{p}_finished"])), 3)
+            for p, n in zip(stages, stages[1:])
+        },
+    }
+
+
+def sweep(profile: Profile, gpu_counts: list[int], gpu_memory: float, images: int | None = None) -> list[dict]:
+    results = []
+    for n in gpu_counts:
+        for kind, chosen in (("planned", plan(profile, n, gpu_memory)), ("naive", naive(profile, n, gpu_memory))):
+            # Enough images that the steady state is not just the pipeline filling (big clusters
+            # hold many rows in flight); the rate stays low enough for this machine to carry.
+            in_flight = sum(a.pool_size * a.batch_size for a in chosen.stages.values())
+            count = images or max(int(RATE * SECONDS / 0.65), DEPTH * in_flight)
+            time_scale = chosen.images_per_second / RATE  # predicted RATE images/s after scaling
+            measured = simulate(profile, chosen, time_scale, count)
+            real = measured["steady_images_per_second"] * time_scale  # back to unscaled images/s
+            row = {
+                "gpus": n,
+                "allocation": kind,
+                "predicted_images_per_hour": round(chosen.images_per_hour),
+                "measured_images_per_hour": round(real * 3600),
+                "measured_over_predicted": round(real / chosen.images_per_second, 3),
+                "bottleneck": chosen.bottleneck,
+                "stages": {s: [a.pool_size, a.num_gpus] for s, a in chosen.stages.items()},
+                "time_scale": round(time_scale, 5),
+            } | measured
+            print(json.dumps(row), flush=True)
+            results.append(row)
+    return results
+
+
+def plot(results: list[dict], path: Path, title: str) -> None:
+    """Images per hour against N: planned prediction, planned measured, naive measured (log-log)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.6, 4.8), dpi=100)
+    series = [
+        ("planned, predicted", "planned", "predicted_images_per_hour", "tab:gray", "--"),
+        ("planned, measured", "planned", "measured_images_per_hour", "tab:blue", "-"),
+        ("one pool per stage, measured", "naive", "measured_images_per_hour", "tab:orange", "-"),
+    ]
+    for label, kind, key, color, style in series:
+        runs = sorted((r for r in results if r["allocation"] == kind), key=lambda r: r["gpus"])
+        ax.plot([r["gpus"] for r in runs], [r[key] for r in runs], style, marker="o", color=color, label=label)
+    ns = sorted({r["gpus"] for r in results})
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xticks(ns, [str(n) for n in ns])
+    ax.set_xlabel("GPUs (N)")
+    ax.set_ylabel("images/hour")
+    ax.set_title(title, fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)  # figsize x dpi: a 760 x 480 px PNG
+    plt.close(fig)
+
+
+def markdown(results: list[dict]) -> str:
+    """The results as docs/benchmarks.md shows them: one row per run, then planned over naive."""
+    lines = [
+        "| GPUs | allocation | actors x GPU share (encode, stage1, stage2, upscale) | predicted images/h "
+        "| measured images/h | measured / predicted | bottleneck, planned | measured | its actors busy |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        shares = ", ".join(f"{n}x{g:g}" for n, g in r["stages"].values())
+        busy = r["busy_in_steady_state"][r["measured_bottleneck"]]
+        lines.append(
+            f"| {r['gpus']} | {r['allocation']} | {shares} | {r['predicted_images_per_hour']:,} "
+            f"| {r['measured_images_per_hour']:,} | {r['measured_over_predicted']:.0%} | {r['bottleneck']} "
+            f"| {r['measured_bottleneck']} | {min(busy):.0%}-{max(busy):.0%} |"
+        )
+    ratios = []
+    for n in sorted({r["gpus"] for r in results}):
+        by = {r["allocation"]: r for r in results if r["gpus"] == n}
+        if {"planned", "naive"} <= set(by):
+            p, q = by["planned"], by["naive"]
+            predicted = p["predicted_images_per_hour"] / q["predicted_images_per_hour"]
+            measured = p["measured_images_per_hour"] / q["measured_images_per_hour"]
+            ratios.append(f"N={n}: predicted {predicted:.2f}x, measured {measured:.2f}x")
+    return "\n".join(lines) + "\n\nPlanned over one pool per stage: " + "; ".join(ratios) + "."

@@ -1,0 +1,121 @@
+"""Everything that fails before any model work: a manifest in, a manifest whose models are on
+disk (or on their mirror), whose output can be written and whose pools fit the cluster, out.
+
+The order matters: nothing is written or deleted before the manifest, the input and the output
+location have been checked.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from jobs.formats import check_packages
+from jobs.manifest import Manifest
+from jobs.pools import cluster_address, job_pools, packs
+from workers.errors import ModelLoadError
+from workers.models import check_model_available
+from workers.storage import check_output_writable, delete, join, list_prefix
+
+
+def tiny_models_dir() -> Path:
+    return Path(os.environ.get("IFRENDER_CACHE", Path.home() / ".cache" / "ifrender")) / "tiny-models"
+
+
+def resolve_tiny(manifest: Manifest) -> Manifest:
+    """Turn `tiny:NAME` references into built local directories."""
+    from jobs.perf.models import ALL_REPOS, build_models
+
+    updates = {}
+    for stage in manifest.stages():
+        cfg = getattr(manifest, stage)
+        if cfg.model.startswith("tiny:"):
+            name = cfg.model[len("tiny:") :]
+            if name not in ALL_REPOS:
+                raise ValueError(f"{stage}.model: unknown tiny model '{name}'; expected one of {sorted(ALL_REPOS)}")
+            build_models(tiny_models_dir(), preset=ALL_REPOS[name])
+            updates[stage] = cfg.model_copy(update={"model": str(tiny_models_dir() / name)})
+    return manifest.model_copy(update=updates)
+
+
+def resolve_safety(manifest: Manifest) -> Manifest:
+    """safety.model defaults to stage1's checkpoint (IF-I carries the checker and watermarker);
+    where the driver can see that checkpoint, `auto` becomes on or off here, and a required
+    component that is missing fails the job before any model work."""
+    cfg = manifest.safety
+    model = cfg.model or manifest.stage1.model
+    if model.startswith("tiny:"):
+        model = str(tiny_models_dir() / model[len("tiny:") :])
+    updates: dict = {"model": model}
+    path = Path(model).expanduser()
+    if path.is_dir():
+        for field, folder in (("checker", "safety_checker"), ("watermark", "watermarker")):
+            have = (path / folder / "config.json").is_file()
+            value = getattr(cfg, field)
+            if value is True and not have:
+                raise ModelLoadError(
+                    f"safety.{field}: true, but {model} has no {folder}/. Fix: point safety.model at the IF-I "
+                    f"checkpoint, stage it with its {folder}/ (ifrender stage-models), or set safety.{field}: false."
+                )
+            if value == "auto":
+                updates[field] = have
+    return manifest.model_copy(update={"safety": cfg.model_copy(update=updates)})
+
+
+def resolve_models(manifest: Manifest) -> Manifest:
+    """Build tiny models where named; check every model is on disk or on its S3 mirror."""
+    manifest = resolve_safety(resolve_tiny(manifest))
+    for stage in manifest.stages():
+        model = getattr(manifest, stage).model
+        # On a cluster the workers, not the driver, hold weights; a mirror is checked from anywhere.
+        if not cluster_address(manifest) or model.startswith("s3://"):
+            check_model_available(stage, model)
+    return manifest
+
+
+def prepare_output(manifest: Manifest, overwrite: bool) -> None:
+    """The output can be written (and, with --overwrite, is emptied); the formats it asks for
+    have their packages."""
+    check_packages(manifest.output)
+    out = manifest.output.path
+    check_output_writable(out)
+    if overwrite:
+        delete([join(out, key) for key in list_prefix(out)])
+
+
+def check_resources(manifest: Manifest, have: dict[str, float]) -> None:
+    """Pools asking for more than this local Ray has would wait forever: fail now instead. (An
+    autoscaling cluster adds nodes on demand, so a cluster is not checked.)"""
+    if cluster_address(manifest):
+        return
+    gpus = have.get("GPU", 0)
+    for stage, cfg in job_pools(manifest).items():
+        if cfg.num_gpus > 0 and cfg.num_gpus > gpus:
+            raise RuntimeError(
+                f"{stage}: asks for {cfg.num_gpus:g} GPU(s) per actor but this local Ray has {gpus:g}. "
+                f"Fix: --set {stage}.num_gpus=0 for a CPU run, or set ray.address to a GPU cluster."
+            )
+    for stage, cfg in job_pools(manifest).items():
+        missing = {k: v for k, v in cfg.resources.items() if have.get(k, 0) < v}
+        if missing:
+            raise RuntimeError(
+                f"{stage}.resources: asks for {missing} per actor but this local Ray has "
+                f"{ {k: have.get(k, 0) for k in missing} }. Fix: remove {stage}.resources for a local run "
+                f"(they steer pools to worker groups on a cluster), or set ray.address to that cluster."
+            )
+    wanted = sum(cfg.pool_size * cfg.num_gpus for cfg in job_pools(manifest).values())
+    if wanted > gpus:
+        raise RuntimeError(
+            f"the stage pools ask for {wanted:g} GPUs in all but this local Ray has {gpus:g}. "
+            f"Fix: lower pool_size or num_gpus per stage."
+        )
+    shares = [cfg.num_gpus for cfg in job_pools(manifest).values() if cfg.num_gpus > 0 for _ in range(cfg.pool_size)]
+    if not packs(shares, int(gpus)):
+        asked = ", ".join(
+            f"{s} {c.pool_size} x {c.num_gpus:g}" for s, c in job_pools(manifest).items() if c.num_gpus > 0
+        )
+        raise RuntimeError(
+            f"the stage pools' GPU shares ({asked}) add up to {wanted:g} but do not pack onto this local "
+            f"Ray's {gpus:g} GPUs: an actor's share cannot span two GPUs. Fix: shares that fill whole GPUs "
+            f"together (`ifrender plan MANIFEST --gpus {gpus:g}` finds some), or fewer actors."
+        )

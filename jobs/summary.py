@@ -1,0 +1,93 @@
+"""The run summary: result blocks in, counts, rates, busy seconds and top errors out
+(printed, and written to OUTPUT/summary.json)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+
+@dataclass
+class Summary:
+    name: str
+    output: str
+    rows: int = 0
+    ok: int = 0
+    error: int = 0
+    seconds: float = 0.0
+    images_per_second: float = 0.0
+    stage_seconds: dict[str, float] = field(default_factory=dict)  # busy seconds, all actors
+    stage_seconds_per_image: dict[str, float] = field(default_factory=dict)
+    errors: dict[str, int] = field(default_factory=dict)  # most frequent error messages
+    skipped_shards: int = 0  # committed by an earlier run
+    committed_shards: int = 0  # committed by this run
+    uncommitted_shards: int = 0  # left incomplete by this run (rerun to finish them)
+    peak_gpu_gb: dict[str, float] = field(default_factory=dict)  # per stage, over its calls (CUDA only)
+    encodes: float = 0.0  # T5 encoder inputs actually encoded (distinct texts, per batch)
+    encode_texts: int = 0  # texts the rows asked to encode (prompt + negative per row)
+    max_uncommitted_rows: int = 0  # most rendered rows waiting for their shard: what a kill loses
+    output_rows: int = 0  # rows in the output's committed shards, all runs together
+    output_ok: int = 0
+
+    def add(self, table: pa.Table) -> None:
+        status = table.column("status").to_pylist()
+        self.rows += len(status)
+        self.ok += status.count("ok")
+        self.error += len(status) - status.count("ok")
+        for col in (c for c in table.column_names if c.endswith("_seconds")):
+            if table.column(col).null_count < len(table):  # a stage that ran
+                stage = col[: -len("_seconds")]
+                self.stage_seconds[stage] = self.stage_seconds.get(stage, 0.0) + pc.sum(table.column(col)).as_py()
+        for e in table.column("error").to_pylist():
+            if e:
+                key = e[:160]
+                self.errors[key] = self.errors.get(key, 0) + 1
+
+    def add_stage_counters(self, block: pa.Table, stages: tuple[str, ...]) -> None:
+        """What the stages count beside the metadata: peak GPU memory, T5 encodes."""
+        names = block.column_names
+        for stage in stages:
+            if f"{stage}_peak_gpu_bytes" in names:
+                peak = max(block.column(f"{stage}_peak_gpu_bytes").to_pylist(), default=0)
+                self.peak_gpu_gb[stage] = max(self.peak_gpu_gb.get(stage, 0.0), round(peak / 2**30, 3))
+        if "encode_encoded" in names:
+            self.encodes += sum(block.column("encode_encoded").to_pylist())
+            self.encode_texts += sum(block.column("encode_texts").to_pylist())
+
+    def progress(self, todo: int, shards: int, elapsed: float) -> str:
+        return (
+            f"{self.rows} outputs of {todo} input rows (ok {self.ok}, error {self.error}), "
+            f"{self.committed_shards}/{shards} shards committed, {self.ok / elapsed:.2f} images/s, "
+            f"{elapsed:.0f} s elapsed"
+        )
+
+    def finish(self, elapsed: float) -> None:
+        self.seconds = round(elapsed, 3)
+        self.images_per_second = round(self.ok / elapsed, 4) if elapsed else 0.0
+        self.stage_seconds = {k: round(v, 3) for k, v in self.stage_seconds.items()}
+        self.stage_seconds_per_image = {k: round(v / self.ok, 4) for k, v in self.stage_seconds.items() if self.ok}
+        self.errors = dict(sorted(self.errors.items(), key=lambda kv: -kv[1])[:10])
+
+    def text(self) -> str:
+        lines = [
+            f"ifrender: {self.name} done in {self.seconds:.1f} s -> {self.output}",
+            f"  this run: rows {self.rows}: ok {self.ok}, error {self.error}; {self.images_per_second:.3f} images/s; "
+            f"shards committed {self.committed_shards}, skipped (done before) {self.skipped_shards}, "
+            f"left incomplete {self.uncommitted_shards}; at most {self.max_uncommitted_rows} rendered rows "
+            "awaited their shard's commit (what a kill would have lost)",
+            f"  output: {self.output_rows} rows committed, {self.output_ok} ok",
+            f"  T5: {self.encode_texts} texts, {self.encodes:.0f} encoded, "
+            f"{self.encode_texts - round(self.encodes)} saved by deduplication",
+            "  busy seconds per image by stage: "
+            + ", ".join(f"{k} {v:.3f}" for k, v in self.stage_seconds_per_image.items()),
+        ]
+        if any(self.peak_gpu_gb.values()):
+            lines.append(
+                "  peak GPU memory per call by stage: "
+                + ", ".join(f"{k} {v:.2f} GiB" for k, v in self.peak_gpu_gb.items())
+            )
+        for message, count in self.errors.items():
+            lines.append(f"  error x{count}: {message}")
+        return "\n".join(lines)

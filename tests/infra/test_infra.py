@@ -1,0 +1,272 @@
+"""infra/: every YAML validates against the schema its system uses (KubeRay CRDs strictly, the
+Kubernetes API through kubernetes-validate, Ray's own cluster-launcher validation), the pieces
+agree with each other, and a manifest runs through `ray job submit` on a local Ray head."""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import tomllib
+from importlib.metadata import version
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+from jobs.manifest import MANIFESTS_DIR, load_manifest
+from tests.helpers import (
+    free_port,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+INFRA = ROOT / "infra"
+
+
+# The KubeRay CRDs ship in shared/, beside the checkout or inside it.
+CRDS = (
+    next(
+        (p for p in (ROOT.parent / "shared", ROOT / "shared") if (p / "reference" / "kuberay-crds").is_dir()),
+        ROOT.parent / "shared",
+    )
+    / "reference"
+    / "kuberay-crds"
+)
+
+
+K8S_VERSION = "1.33.0"  # the oldest Kubernetes the manifests target (CronJob timeZone is GA since 1.27)
+
+
+def docs(path: Path) -> list[dict]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+
+
+def strict(schema: dict) -> dict:
+    """A CRD schema where unknown fields are errors, as `kubectl --validate=strict` treats them."""
+    schema = copy.deepcopy(schema)
+
+    def walk(node):
+        if isinstance(node, dict):
+            if (
+                "properties" in node
+                and "additionalProperties" not in node
+                and not node.get("x-kubernetes-preserve-unknown-fields")
+            ):
+                node["additionalProperties"] = False
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(schema)
+    return schema
+
+
+@functools.cache
+def crd_validator(kind: str) -> jsonschema.protocols.Validator:
+    schema = crd_schema(kind)
+    return jsonschema.validators.validator_for(schema)(schema)
+
+
+def crd_schema(kind: str) -> dict:
+    if not CRDS.is_dir():
+        pytest.skip(f"KubeRay CRDs not found at {CRDS}")
+    for path in CRDS.glob("*.yaml"):
+        crd = yaml.safe_load(path.read_text())
+        if crd["spec"]["names"]["kind"] == kind:
+            (v1,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
+            schema = strict(v1["schema"]["openAPIV3Schema"])
+            schema["properties"]["apiVersion"]["const"] = "ray.io/v1"
+            schema["properties"]["kind"]["const"] = kind
+            return schema
+    raise AssertionError(f"no CRD for {kind} in {CRDS}")
+
+
+def validate(doc: dict) -> None:
+    """KubeRay kinds against their CRD, everything else against the Kubernetes API schema."""
+    if doc["apiVersion"].startswith("ray.io/"):
+        error = jsonschema.exceptions.best_match(crd_validator(doc["kind"]).iter_errors(doc))
+        if error is not None:
+            raise error
+    else:
+        import kubernetes_validate
+
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+
+
+def rendered_nightly(run_date: str) -> dict:
+    env = os.environ | {"RENDER_ONLY": "1", "RUN_DATE": run_date}
+    out = subprocess.run(
+        ["sh", str(INFRA / "kuberay" / "nightly-submit.sh")], env=env, capture_output=True, text=True, check=True
+    )
+    return yaml.safe_load(out.stdout)
+
+
+KUBE_FILES = sorted((INFRA / "kuberay").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", KUBE_FILES, ids=lambda p: p.name)
+def test_every_kubernetes_yaml_validates_strictly(path):
+    found = docs(path)
+    assert found, f"{path} holds no documents"
+    for doc in found:
+        validate(doc)
+
+
+def test_validation_rejects_unknown_and_misplaced_fields():
+    """The checks above can fail: a misspelt RayJob field, and a CronJob field at the wrong level."""
+    import kubernetes_validate
+
+    (rayjob,) = docs(INFRA / "kuberay" / "rayjob.yaml")
+    bad = copy.deepcopy(rayjob)
+    bad["spec"]["shutdownAfterJobFinish"] = True
+    with pytest.raises(jsonschema.ValidationError, match="shutdownAfterJobFinish"):
+        validate(bad)
+    bad = copy.deepcopy(rayjob)
+    bad["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["gpus"] = 1
+    with pytest.raises(jsonschema.ValidationError, match="gpus"):
+        validate(bad)
+    cron = next(d for d in docs(INFRA / "kuberay" / "nightly-cronjob.yaml") if d["kind"] == "CronJob")
+    bad = copy.deepcopy(cron)
+    bad["spec"]["jobTemplate"]["spec"]["schedule"] = "0 2 * * *"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        validate(bad)
+
+
+def test_rayjob_steers_each_stage_to_a_worker_group_with_weights_read_only_and_no_keys():
+    (rayjob,) = docs(INFRA / "kuberay" / "rayjob.yaml")
+    spec = rayjob["spec"]
+    assert spec["shutdownAfterJobFinishes"] is True and 0 < spec["backoffLimit"] <= 3
+    assert spec["activeDeadlineSeconds"] > 0 and spec["preRunningDeadlineSeconds"] > 0
+    manifest_path = spec["entrypoint"].split()[2]
+    manifest = load_manifest(MANIFESTS_DIR / Path(manifest_path).name, run_date="2026-11-22")
+    groups = {g["groupName"]: g for g in spec["rayClusterSpec"]["workerGroupSpecs"]}
+    declared = {k: float(v) for g in groups.values() for k, v in g.get("resources", {}).items()}
+    for stage in manifest.stages():
+        cfg = getattr(manifest, stage)
+        assert cfg.resources, f"{stage} has no resources: its pool could land on any group"
+        for name, amount in cfg.resources.items():
+            assert 0 < amount <= declared[name], f"{stage} asks {name}={amount}; groups declare {declared}"
+        assert cfg.model.startswith("/models/"), f"{stage} does not read the mounted weights"
+    for group in groups.values():
+        pod = group["template"]["spec"]
+        mounts = {m["mountPath"]: m for c in pod["containers"] for m in c.get("volumeMounts", [])}
+        assert mounts["/models"]["readOnly"] is True
+        assert {"name": "HF_HUB_OFFLINE", "value": "1"} in pod["containers"][0]["env"]
+    text = "\n".join(p.read_text() for p in KUBE_FILES)
+    assert not re.search(r"AWS_(ACCESS_KEY_ID|SECRET_ACCESS_KEY|SESSION_TOKEN)", text)
+    (sa,) = docs(INFRA / "kuberay" / "serviceaccount.yaml")
+    assert sa["metadata"]["annotations"]["eks.amazonaws.com/role-arn"].startswith("arn:aws:iam::")
+
+
+def test_only_the_staging_job_sees_the_hub_token():
+    for path in KUBE_FILES:
+        holders = [line for line in path.read_text().splitlines() if "hf-token" in line and "secretKeyRef" in line]
+        assert bool(holders) == (path.name == "stage-models-job.yaml"), path.name
+
+
+def test_nightly_rayjob_is_named_for_its_date_and_renders_that_dates_output():
+    night = rendered_nightly("2026-11-22")
+    validate(night)
+    assert night["metadata"]["name"] == "ifrender-nightly-20261122"
+    assert "--run-date 2026-11-22" in night["spec"]["entrypoint"]
+    (base,) = docs(INFRA / "kuberay" / "rayjob.yaml")
+    assert night["spec"]["rayClusterSpec"] == base["spec"]["rayClusterSpec"]
+    # The entrypoint, run as the driver would, writes to that night's prefix.
+    args = night["spec"]["entrypoint"].split()
+    manifest = load_manifest(MANIFESTS_DIR / Path(args[2]).name, run_date=args[args.index("--run-date") + 1])
+    assert manifest.output.path.endswith("/2026-11-22")
+    assert rendered_nightly("2026-11-23")["metadata"]["name"] != night["metadata"]["name"]
+    bad = subprocess.run(
+        ["sh", str(INFRA / "kuberay" / "nightly-submit.sh")],
+        env=os.environ | {"RENDER_ONLY": "1", "RUN_DATE": "tonight"},
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 2 and "expected YYYY-MM-DD" in bad.stderr
+
+
+def test_raycronjob_runs_the_same_job_as_the_rayjob():
+    (cron,) = docs(INFRA / "kuberay" / "raycronjob.yaml")
+    (base,) = docs(INFRA / "kuberay" / "rayjob.yaml")
+    assert cron["spec"]["jobTemplate"] == base["spec"]
+    assert cron["spec"]["schedule"] == "0 2 * * *"
+
+
+def test_cluster_launcher_config_passes_rays_own_validation():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    raw = yaml.safe_load((INFRA / "aws" / "cluster.yaml").read_text())
+    config = prepare_config(copy.deepcopy(raw))
+    validate_config(config)
+    # Nothing of the launcher's AWS defaults (pip-installing Ray) runs on top of the image.
+    assert not any("pip install" in c for c in config["setup_commands"] + config["worker_setup_commands"])
+    types = config["available_node_types"]
+    declared = {k for t in types.values() for k in t.get("resources", {})}
+    manifest = load_manifest(MANIFESTS_DIR / "cluster.yaml", run_date="2026-11-22")
+    wanted = {k for s in manifest.stages() for k in getattr(manifest, s).resources}
+    assert wanted <= declared
+    assert types[config["head_node_type"]]["resources"]["GPU"] == 0
+    bad = copy.deepcopy(raw)
+    bad["available_node_types"]["gpu_heavy"]["min_wrkers"] = 1
+    with pytest.raises(jsonschema.ValidationError, match="min_wrkers"):
+        validate_config(prepare_config(bad))
+
+
+def test_dockerfile_pins_the_versions_this_project_is_tested_with():
+    text = (INFRA / "Dockerfile").read_text()
+    base = re.search(r"ARG RAY_IMAGE=rayproject/ray:(\S+)-py(\d)(\d+)-gpu", text)
+    assert base and base.group(1) == version("ray"), "base image Ray differs from the installed Ray"
+    assert (base.group(2), base.group(3)) == tuple(str(v) for v in sys.version_info[:2])
+    assert f"rayproject/ray:{version('ray')}-py311-cpu" in text  # the documented CPU variant
+    torch_pin = re.search(r"torch==(\S+)", text).group(1)
+    assert torch_pin == version("torch").split("+")[0]
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    for name in ("torch", "diffusers", "transformers", "accelerate", "bitsandbytes", "ray"):
+        (pin,) = [d for d in deps if re.match(rf"{name}(\[[^\]]*\])?==", d)]
+        assert pin.split("==")[1] == version(name).split("+")[0], pin
+
+
+@pytest.mark.slow
+def test_ray_job_submit_runs_local_tiny_on_a_local_head(tmp_path):
+    """The cluster path end to end: a Ray head on 127.0.0.1, the job submitted through its job
+    server (the dashboard), the driver joining with RAY_ADDRESS as on a cluster."""
+    ray_bin = Path(sys.executable).parent / "ray"
+    # A short session directory: Ray's socket paths must fit the 107-byte limit of AF_UNIX.
+    session = Path(tempfile.mkdtemp(prefix="ifr-ray-", dir="/tmp"))
+    port, dashboard = free_port(), free_port()
+    env = os.environ | {
+        "RAY_AUTH_MODE": "disabled",
+        "PATH": f"{ray_bin.parent}:{os.environ['PATH']}",
+        "RAY_TMPDIR": str(session),
+    }
+    env.pop("RAY_ADDRESS", None)
+    start = [str(ray_bin), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}"]
+    start += ["--num-cpus=8", "--num-gpus=0", "--include-dashboard=true", "--dashboard-host=127.0.0.1"]
+    start += [f"--dashboard-port={dashboard}", f"--temp-dir={session}", "--disable-usage-stats"]
+    subprocess.run(start, env=env, check=True, capture_output=True, timeout=180)
+    out = tmp_path / "out"
+    try:
+        submit = [str(ray_bin), "job", "submit", f"--address=http://127.0.0.1:{dashboard}", "--"]
+        submit += ["ifrender", "run", str(MANIFESTS_DIR / "local-tiny.yaml"), f"--set=output.path={out}", "--quiet"]
+        result = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=900)
+    finally:
+        subprocess.run([str(ray_bin), "stop", "--force"], env=env, capture_output=True, timeout=120)
+        shutil.rmtree(session, ignore_errors=True)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "succeeded" in result.stdout
+    index = json.loads((out / "index.json").read_text())
+    prompts = [p for p in (MANIFESTS_DIR / "prompts" / "local-tiny.txt").read_text().splitlines() if p.strip()]
+    assert index["rows"] == index["ok"] == len(prompts)
+    images = sorted((out / "images").rglob("*.png"))
+    assert len(images) == len(prompts)

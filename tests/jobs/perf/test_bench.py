@@ -1,0 +1,82 @@
+"""The profiler, the bench and the simulation run end to end (their numbers are the benchmarks', not
+the tests')."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from jobs.manifest import load_manifest
+from jobs.perf.plan import Profile, plan
+
+
+def test_profiler_measures_every_stage_at_each_batch_size(tmp_path, tiny_manifest):
+    from jobs.perf.profile import profile_stages
+
+    m = tiny_manifest("last_stage=stage2", output=str(tmp_path / "o"))
+    profile, measurements = profile_stages(m, [1, 2], repeats=1)
+    assert {(x["stage"], x["batch_size"]) for x in measurements} == {
+        (s, b) for s in ("encode", "stage1", "stage2") for b in (1, 2)
+    }
+    assert all(x["seconds_per_image"] > 0 and x["peak_gb"] > 0 for x in measurements)
+    profile.save(tmp_path / "p.json")
+    again = Profile.load(tmp_path / "p.json")
+    assert again.stages == profile.stages
+    assert plan(again, 1, 80).images_per_second > 0
+
+
+@pytest.mark.slow
+def test_simulation_runs_every_image_through_stand_ins(tmp_path):
+    """In its own process: the simulation starts a Ray with N logical GPUs of its own."""
+    import subprocess
+    import sys
+
+    from jobs.manifest import MANIFESTS_DIR as M
+
+    script = M.parent / "benchmarks" / "simulate.py"
+    out, png = tmp_path / "sim.json", tmp_path / "sim.png"
+    args = [sys.executable, str(script), "--gpus", "2", "--images", "24", "--out", str(out), "--plot", str(png)]
+    result = subprocess.run(args, capture_output=True, text=True, timeout=600, cwd=M.parent)
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = json.loads(out.read_text())["results"]
+    assert [(r["gpus"], r["allocation"], r["images"]) for r in runs] == [(2, "planned", 24), (2, "naive", 24)]
+    assert all(r["steady_images_per_second"] > 0 for r in runs)
+    assert set(runs[0]["mean_gap_seconds"]) == {"encode->stage1", "stage1->stage2", "stage2->upscale"}
+    busy = runs[0]["busy_in_steady_state"]
+    assert set(busy) == {"encode", "stage1", "stage2", "upscale"}
+    assert all(0 <= b <= 1 for v in busy.values() for b in v) and max(busy["upscale"]) > 0
+    report = subprocess.run([sys.executable, str(script), "--report", str(out)], capture_output=True, text=True)
+    assert "| 2 | planned |" in report.stdout and "Planned over one pool per stage: N=2: predicted" in report.stdout
+    from PIL import Image
+
+    assert Image.open(png).size == (760, 480)
+
+
+@pytest.mark.slow
+def test_bench_renders_the_same_images_both_ways_and_reports_both(ray_local, tmp_path, tiny_manifest):
+    from jobs.perf.bench import bench, report
+
+    m = tiny_manifest("last_stage=stage2", "stage1.batch_size=2", "stage2.batch_size=2", output=str(tmp_path / "o"))
+    result = bench(m, 6, tmp_path / "bench")
+    assert result["pipeline"]["images"] == result["sequential"]["images"] == 6
+    # Same rows, seeds, steps and compute shapes: the same images, up to thread-count rounding.
+    assert result["images_compared"] == 6 and result["max_pixel_diff"] <= 2
+    assert result["ratio"] > 0 and set(result["pipeline"]["busy_fraction"]) == {"encode", "stage1", "stage2"}
+    assert set(result["pipeline"]["gap_s"]) == {"encode->stage1", "stage1->stage2"}
+    text = report(result)
+    assert (
+        "Ray pipeline:" in text
+        and "sequential (one process):" in text
+        and "same images both ways: 6/6 compared" in text
+    )
+
+
+def test_bench_wants_more_images_than_one_batch(tmp_path):
+    from jobs.perf.bench import bench
+
+    with pytest.raises(
+        ValueError, match=r"--images 4: expected more than the largest batch_size \(4\).*Fix: --images 16"
+    ):
+        bench(load_manifest(None), 4, tmp_path)
+    assert not (tmp_path / "pipeline").exists()  # refused before any rendering

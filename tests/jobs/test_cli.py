@@ -1,0 +1,99 @@
+"""The `ifrender` command as a user runs it, in a subprocess with its own local Ray."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+
+from jobs.manifest import MANIFESTS_DIR
+from tests.helpers import (
+    ifrender,
+)
+
+
+def test_bad_manifest_exits_1_naming_file_and_field(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text((MANIFESTS_DIR / "local-tiny.yaml").read_text().replace("shard_size:", "shard_sise:"))
+    result = ifrender("run", str(bad))
+    assert result.returncode == 1
+    assert f"{bad}: invalid manifest" in result.stderr and "input.shard_sise: unknown field" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_validate_prints_every_default():
+    result = ifrender("validate", "--set", "stage2.noise_level=100")
+    assert result.returncode == 0, result.stderr
+    resolved = json.loads(result.stdout)
+    assert resolved["stage2"]["noise_level"] == 100 and resolved["upscale"]["noise_level"] == 100
+    assert resolved["write"]["pool_size"] == 1
+
+
+def test_tiny_models_command_writes_hub_layout(tmp_path):
+    result = ifrender("tiny-models", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    for repo in ("IF-I-tiny", "IF-II-tiny", "x4-upscaler-tiny"):
+        assert (tmp_path / repo / "model_index.json").is_file()
+    assert (tmp_path / "IF-I-tiny" / "text_encoder" / "model.safetensors").is_file()
+    assert (tmp_path / "x4-upscaler-tiny" / "vae" / "config.json").is_file()
+
+
+@pytest.mark.slow
+def test_run_schedules_each_pool_on_its_gpu_share(tiny_root, tmp_path):
+    """A fresh local Ray with 2 logical GPUs: every stage pool asks for a GPU fraction, runs on
+    the CPU (device=cpu), and records the GPU Ray gave it. The shares fit only largest first
+    (0.7 + 0.3 on each GPU): in stage order, encode and stage I would share GPU 0 and leave no
+    room there for stage II's second actor."""
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red fox\na lighthouse\na corgi\n")
+    out = tmp_path / "out"
+    sets = [
+        f"input.path={prompts}",
+        f"output.path={out}",
+        "ray.num_gpus=2",
+        "last_stage=stage2",
+        f"encode.model={tiny_root / 'IF-I-tiny'}",
+        f"stage1.model={tiny_root / 'IF-I-tiny'}",
+        f"stage2.model={tiny_root / 'IF-II-tiny'}",
+        "stage1.num_inference_steps=2",
+        "stage2.num_inference_steps=2",
+        "stage2.pool_size=2",
+    ]
+    for stage, share in (("encode", 0.3), ("stage1", 0.3), ("stage2", 0.7)):
+        sets += [f"{stage}.num_gpus={share}", f"{stage}.device=cpu"]
+    result = ifrender("run", *[a for s in sets for a in ("--set", s)], "--quiet")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "this run: rows 3: ok 3, error 0" in result.stdout
+    assert "busy seconds per image by stage: encode" in result.stdout
+    assert "progress: 3 outputs of 3 input rows (ok 3, error 0), 1/1 shards committed" in result.stderr
+    assert "reserved 2 x {'GPU': 0.7, 'CPU': 0.5} for stage2" in result.stderr
+    status = ifrender("status", str(out))
+    assert status.returncode == 0 and "rows 3: done 3, failed 0, pending 0" in status.stdout
+    rows = pq.read_table(out / "shards").to_pylist()
+    assert len(rows) == 3 and all(r["status"] == "ok" for r in rows)
+    gpus = {}
+    for stage in ("encode", "stage1", "stage2"):
+        params = json.loads(rows[0][f"{stage}_params"])
+        assert len(params["gpus"]) == 1 and params["device"] == "cpu", (stage, params)
+        gpus[stage] = params["gpus"][0]
+    assert gpus["encode"] != gpus["stage1"], gpus
+
+
+def test_run_refuses_gpu_shares_that_do_not_pack_before_loading_models(tiny_root, tmp_path):
+    """1.8 GPUs asked of 2, but three 0.6 shares cannot share GPUs: an error, not a stalled pool."""
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red fox\n")
+    sets = [f"input.path={prompts}", f"output.path={tmp_path / 'out'}", "ray.num_gpus=2", "last_stage=stage2"]
+    sets += [f"{s}.model={tiny_root / r}" for s, r in (("encode", "IF-I-tiny"), ("stage1", "IF-I-tiny"))]
+    sets += [f"stage2.model={tiny_root / 'IF-II-tiny'}", "stage1.pool_size=2"]
+    sets += [f"{s}.{k}" for s in ("stage1", "stage2") for k in ("num_gpus=0.6", "device=cpu")]
+    result = ifrender("run", *[a for s in sets for a in ("--set", s)], "--quiet")
+    assert result.returncode != 0
+    assert "do not pack onto this local Ray's 2 GPUs" in result.stderr and "stage1 2 x 0.6" in result.stderr
+    assert "Fix:" in result.stderr
+
+
+def test_status_of_a_missing_output_says_what_is_expected(tmp_path):
+    result = ifrender("status", str(tmp_path / "nothing"))
+    assert result.returncode == 1 and "no ifrender job here" in result.stderr

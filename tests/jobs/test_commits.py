@@ -1,0 +1,66 @@
+"""Commits in process: racing creates have one winner, a losing writer drops its copy and the
+winner clears what killed runs left."""
+
+from __future__ import annotations
+
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import boto3
+import pytest
+
+from jobs.commits import Commit, Work, commit_shard, list_commits
+from jobs.shards import Shard
+from workers.columns import METADATA_SCHEMA
+from workers.storage import create_exclusive, join, list_prefix, read_bytes, write_bytes
+
+
+@pytest.fixture(params=["local", "s3"])
+def output(request, tmp_path):
+    if request.param == "local":
+        return str(tmp_path / "out")
+    request.getfixturevalue("s3_server")
+    bucket = f"race-{os.getpid()}-{time.monotonic_ns()}"
+    boto3.client("s3").create_bucket(Bucket=bucket)
+    return f"s3://{bucket}/job"
+
+
+def test_racing_creates_have_exactly_one_winner(output):
+    key = join(output, "commits/000001-000.json")
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda i: create_exclusive(key, f"writer {i}".encode()), range(8)))
+    assert results.count(True) == 1
+    assert read_bytes(key) == f"writer {results.index(True)}".encode()
+
+
+def _work(shard: int, rows: int, run: str) -> Work:
+    work = Work(Shard(shard, "in.txt", "text", shard * rows, rows, 0, 0, 1), 0)
+    for r in range(shard * rows, shard * rows + rows):
+        row = dict.fromkeys(METADATA_SCHEMA.names)
+        key = f"images/{shard:06d}-{run}/{r}.png"
+        row.update(id=str(r), row=r, shard=shard, status="ok", image_key=key, prompt="p", seed=r)
+        work.rows[r] = row
+    return work
+
+
+def test_losing_writer_drops_its_copy_and_winner_clears_leftovers(output):
+    # a killed run left images and metadata of shard 3 behind
+    write_bytes(join(output, "images/000003-killed1/6.png"), b"old")
+    write_bytes(join(output, "shards/000003-000-killed1.parquet"), b"old")
+    won = {}
+    for run_id in ("first", "second"):
+        for r in range(6, 8):
+            write_bytes(join(output, f"images/000003-{run_id}/{r}.png"), run_id.encode())
+        won[run_id] = commit_shard(output, _work(3, 2, run_id), run_id)
+    assert won == {"first": True, "second": False}
+    left = list_prefix(output)
+    assert left == [
+        "commits/000003-000.json",
+        "images/000003-first/6.png",
+        "images/000003-first/7.png",
+        "shards/000003-000-first.parquet",
+    ]
+    assert list_commits(output)[3] == Commit(
+        3, 0, "shards/000003-000-first.parquet", 2, 2, 0, "first", list_commits(output)[3].stage_seconds
+    )

@@ -1,0 +1,118 @@
+"""Manifests: every shipped one loads; typos, bad values and bad overrides are named."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from jobs.manifest import MANIFESTS_DIR, ManifestError, load_manifest
+
+
+@pytest.mark.parametrize("path", sorted(MANIFESTS_DIR.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_manifest_loads(path):
+    manifest = load_manifest(path)
+    assert manifest.stages()[0] == "encode"
+    assert manifest.input.path
+
+
+def test_typo_key_is_rejected_with_its_path(tmp_path):
+    text = (
+        (MANIFESTS_DIR / "local-tiny.yaml")
+        .read_text()
+        .replace("  num_inference_steps: 10", "  num_inference_step: 10", 1)
+    )
+    bad = tmp_path / "typo.yaml"
+    bad.write_text(text)
+    with pytest.raises(ManifestError) as err:
+        load_manifest(bad)
+    message = str(err.value)
+    assert str(bad) in message
+    assert "stage1.num_inference_step: unknown field" in message
+
+
+def test_bad_value_names_file_field_and_value(tmp_path):
+    with pytest.raises(ManifestError) as err:
+        load_manifest(None, ["stage2.batch_size=0"])
+    assert "local-tiny.yaml" in str(err.value)
+    assert "stage2.batch_size" in str(err.value) and "found 0" in str(err.value)
+
+
+def test_set_overrides_typed_values():
+    manifest = load_manifest(
+        None, ["stage1.batch_size=8", "stage1.timesteps=smart27", "last_stage=stage2", "ray.address=auto"]
+    )
+    assert manifest.stage1.batch_size == 8
+    assert manifest.stage1.timesteps == "smart27"
+    assert manifest.stages() == ("encode", "stage1", "stage2")
+    assert manifest.ray.address == "auto"
+
+
+@pytest.mark.parametrize("assignment", ["stage1.batch_size", "=3", "seed.x=1"])
+def test_malformed_overrides_are_explained(assignment):
+    with pytest.raises(ManifestError, match="--set"):
+        load_manifest(None, [assignment])
+
+
+def test_unknown_timestep_preset_is_rejected():
+    with pytest.raises(ManifestError, match="stage1.timesteps"):
+        load_manifest(None, ["stage1.timesteps=smart999"])
+
+
+def test_missing_manifest_file():
+    with pytest.raises(ManifestError, match="manifest not found"):
+        load_manifest(Path("/nonexistent/job.yaml"))
+
+
+def test_relative_input_path_is_relative_to_the_manifest():
+    manifest = load_manifest(None)
+    assert Path(manifest.input.path).is_file()
+
+
+def test_every_field_is_described():
+    from pydantic import BaseModel
+
+    from jobs.manifest import Manifest
+
+    def walk(model: type[BaseModel], prefix: str):
+        for name, field in model.model_fields.items():
+            assert field.description, f"{prefix}{name} has no description"
+            if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+                yield from walk(field.annotation, f"{prefix}{name}.")
+            yield name
+
+    assert len(list(walk(Manifest, ""))) > 50
+
+
+def test_paths_template_the_run_date_and_run_id(tmp_path):
+    m = load_manifest(None, ["output.path=s3://renders/nightly/{run_date}/{run_id}"], "2026-11-22", "night-7")
+    assert m.output.path == "s3://renders/nightly/2026-11-22/night-7"
+    # Without --run-id, {run_id} is an error that says how to give it; {run_date} defaults to today.
+    with pytest.raises(ManifestError, match=r"output.path .* placeholder \{run_id\} .* --run-id"):
+        load_manifest(None, ["output.path=/out/{run_id}"])
+    with pytest.raises(ManifestError, match=r"placeholder \{date\}.*use \{run_date\} or \{run_id\}"):
+        load_manifest(None, ["output.path=/out/{date}"], "2026-11-22")
+    with pytest.raises(ManifestError, match=r"--run-date '22/11/2026': expected a date as YYYY-MM-DD"):
+        load_manifest(None, ["output.path=/out/{run_date}"], "22/11/2026")
+
+
+def test_pool_resources_are_runtime_settings_not_part_of_the_images(tmp_path):
+    from jobs.job_record import fingerprint
+
+    plain = load_manifest(None, ["output.path=/o"])
+    steered = load_manifest(None, ["output.path=/o", "stage1.resources={ifrender_heavy: 1}"])
+    assert steered.stage1.resources == {"ifrender_heavy": 1.0}
+    assert fingerprint(plain) == fingerprint(steered)  # moving a pool to other nodes resumes the job
+
+
+def test_a_relative_output_is_made_absolute_against_the_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert load_manifest(None, ["output.path=out/x"]).output.path == str(tmp_path / "out" / "x")
+    assert load_manifest(None, ["output.path=s3://b/p"]).output.path == "s3://b/p"
+
+
+def test_a_gpu_share_above_one_must_be_whole():
+    assert load_manifest(None, ["stage1.num_gpus=2"]).stage1.num_gpus == 2
+    with pytest.raises(ManifestError) as err:
+        load_manifest(None, ["stage1.num_gpus=1.5"])
+    assert "stage1.num_gpus" in str(err.value) and "whole number of GPUs, found 1.5" in str(err.value)

@@ -1,0 +1,428 @@
+"""End to end on a local Ray with tiny models: local disk and a real S3 server, bad rows, determinism."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+
+import boto3
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from jobs.commits import list_commits
+from jobs.render import run
+from tests.helpers import (
+    png,
+    read_output,
+)
+from workers.errors import ChangedManifestError, StorageError
+
+GOOD = [
+    "a red fox in the snow",
+    "a lighthouse in a storm",
+    "a corgi on a skateboard",
+    "a bowl of ramen",
+    "a castle in fog",
+]
+
+
+LINES = [
+    {"prompt": GOOD[0]},
+    {"prompt": None},
+    {"prompt": GOOD[1], "negative_prompt": "blurry"},
+    {"prompt": GOOD[2], "seed": "not-a-seed"},
+    {"prompt": GOOD[2], "id": "corgi/1", "seed": 42},
+    "{broken json",
+    {"prompt": GOOD[3]},
+    {"prompt": GOOD[4]},
+]
+
+
+OK_COUNT = 5
+
+
+@pytest.fixture(scope="module")
+def prompts(tmp_path_factory):
+    path = tmp_path_factory.mktemp("prompts") / "prompts.jsonl"
+    path.write_text("\n".join(line if isinstance(line, str) else json.dumps(line) for line in LINES) + "\n")
+    return path
+
+
+def check_complete(rows, images, size):
+    """Every input row exactly once; images decodable, of the right size, matching their digests."""
+    assert len(rows) == len(LINES)
+    assert sorted(r["row"] for r in rows) == list(range(len(LINES)))
+    assert len({r["id"] for r in rows}) == len(rows)
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert len(ok) == OK_COUNT
+    for r in rows:
+        if r["status"] == "ok":
+            data = images[r["image_key"]]
+            assert hashlib.sha256(data).hexdigest() == r["sha256"]
+            assert Image.open(io.BytesIO(data)).size == (size, size) == (r["width"], r["height"])
+            assert r["error"] is None
+        else:
+            assert r["image_key"] is None and r["sha256"] is None and r["error"]
+    assert len(images) == OK_COUNT
+
+
+@pytest.fixture(scope="module")
+def local_run(ray_local, prompts, tmp_path_factory, tiny_manifest):
+    """The full cascade to a local directory, batch sizes of local-tiny."""
+    out = tmp_path_factory.mktemp("local") / "out"
+    manifest = tiny_manifest(f"input.path={prompts}", "input.shard_size=3", output=str(out))
+    summary = run(manifest, progress=False)
+    return out, summary
+
+
+@pytest.mark.slow
+def test_local_run_renders_every_good_row_and_reports_bad_ones(local_run):
+    out, summary = local_run
+    rows, images = read_output(str(out))
+    check_complete(rows, images, 256)
+    by_prompt = {r["prompt"]: r for r in rows}
+    assert by_prompt[GOOD[1]]["negative_prompt"] == "blurry"
+    errors = [r["error"] for r in rows if r["status"] == "error"]
+    assert any("prompt: expected non-empty text" in e for e in errors)
+    assert any("seed: expected an integer" in e and "not-a-seed" in e for e in errors)
+    assert any("not valid JSON" in e for e in errors)
+    corgi = next(r for r in rows if r["id"] == "corgi/1")
+    assert corgi["seed"] == 42 and "/corgi_1-" in corgi["image_key"]
+    for r in rows:
+        if r["status"] == "ok":
+            assert all(r[f"{s}_seconds"] > 0 for s in ("encode", "stage1", "stage2", "upscale", "write"))
+            assert json.loads(r["stage1_params"])["num_inference_steps"] == 2
+            assert r["upscale_model"].endswith("x4-upscaler-tiny") and r["last_stage"] == "upscale"
+            assert r["source_file"].endswith("prompts.jsonl") and r["source_row"] >= 1
+    assert (summary.rows, summary.ok, summary.error) == (len(LINES), OK_COUNT, len(LINES) - OK_COUNT)
+    assert summary.committed_shards == 3 and summary.uncommitted_shards == 0
+    job = json.loads((out / "job.json").read_text())
+    assert job["manifest"]["stage1"]["num_inference_steps"] == 2
+    assert json.loads((out / "summary.json").read_text())["ok"] == OK_COUNT
+
+
+@pytest.mark.slow
+def test_a_row_renders_the_same_whatever_batch_pool_and_block_layout(local_run, prompts, tmp_path, tiny_manifest):
+    """Other batch sizes, pool sizes, shards and blocks: the upscaled images stay within 1/255."""
+    out, _ = local_run
+    manifest = tiny_manifest(
+        f"input.path={prompts}",
+        "input.shard_size=5",
+        "ray.block_rows=3",
+        "encode.batch_size=3",
+        "stage1.batch_size=3",
+        "stage1.pool_size=2",
+        "stage2.batch_size=1",
+        "upscale.batch_size=3",
+        "write.batch_size=2",
+        output=str(tmp_path / "other"),
+    )
+    run(manifest, progress=False)
+    base, base_images = read_output(str(out))
+    other, other_images = read_output(str(tmp_path / "other"))
+    assert [r["id"] for r in base] == [r["id"] for r in other]
+    for a, b in zip(base, other):
+        assert (a["status"], a["seed"]) == (b["status"], b["seed"])
+        if a["status"] == "ok":
+            pa_ = np.asarray(Image.open(io.BytesIO(base_images[a["image_key"]]))).astype(int)
+            pb_ = np.asarray(Image.open(io.BytesIO(other_images[b["image_key"]]))).astype(int)
+            assert np.abs(pa_ - pb_).max() <= 1, a["id"]
+
+
+@pytest.mark.slow
+def test_stage2_output_is_bit_identical_across_layouts(ray_local, prompts, tmp_path, tiny_manifest):
+    layouts = {
+        "small": [
+            "input.shard_size=1",
+            "ray.block_rows=1",
+            "encode.batch_size=1",
+            "stage1.batch_size=1",
+            "stage2.batch_size=1",
+        ],
+        "large": [
+            "input.shard_size=8",
+            "ray.block_rows=4",
+            "encode.batch_size=4",
+            "stage1.batch_size=4",
+            "stage1.pool_size=2",
+            "stage2.batch_size=3",
+        ],
+    }
+    digests = {}
+    for name, overrides in layouts.items():
+        manifest = tiny_manifest(f"input.path={prompts}", "last_stage=stage2", *overrides, output=str(tmp_path / name))
+        run(manifest, progress=False)
+        rows, images = read_output(str(tmp_path / name))
+        check_complete(rows, images, 64)
+        digests[name] = {r["id"]: r["sha256"] for r in rows}
+    assert digests["small"] == digests["large"]
+
+
+@pytest.mark.slow
+def test_s3_output_on_a_real_s3_server(ray_local, prompts, tiny_manifest):
+    boto3.client("s3").create_bucket(Bucket="renders")
+    manifest = tiny_manifest(f"input.path={prompts}", "last_stage=stage2", output="s3://renders/nightly/run-1")
+    summary = run(manifest, progress=False)
+    assert summary.ok == OK_COUNT
+    rows, images = read_output("s3://renders/nightly/run-1")
+    check_complete(rows, images, 64)
+    keys = {o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket="renders")["Contents"]}
+    assert {f"nightly/run-1/{k}" for k in images} <= keys and "nightly/run-1/commits/000000-000.json" in keys
+
+
+@pytest.mark.slow
+def test_rerun_renders_nothing_and_changes_nothing(local_run, prompts, tiny_manifest):
+    out, _ = local_run
+    before = read_output(str(out))
+    # pools and batch sizes may differ on a resume: they change no pixel
+    manifest = tiny_manifest(f"input.path={prompts}", "input.shard_size=3", "stage1.batch_size=1", output=str(out))
+    summary = run(manifest, progress=False)
+    assert (summary.rows, summary.skipped_shards, summary.output_rows) == (0, 3, len(LINES))
+    assert read_output(str(out)) == before
+
+
+@pytest.mark.slow
+def test_changed_manifest_is_refused_naming_the_change(local_run, prompts, tiny_manifest):
+    out, _ = local_run
+    manifest = tiny_manifest(
+        f"input.path={prompts}", "input.shard_size=3", "stage1.num_inference_steps=3", output=str(out)
+    )
+    with pytest.raises(ChangedManifestError, match="stage1.num_inference_steps: 2 -> 3.*--allow-changed"):
+        run(manifest, progress=False)
+
+
+@pytest.mark.slow
+def test_retry_errors_reruns_only_failed_rows_as_a_new_attempt(prompts, ray_local, tmp_path, tiny_manifest):
+    out = str(tmp_path / "retry")
+    run(
+        tiny_manifest(f"input.path={prompts}", "last_stage=stage1", "input.shard_size=3", output=out),
+        progress=False,
+    )
+    first, first_images = read_output(out)
+    summary = run(
+        tiny_manifest(f"input.path={prompts}", "last_stage=stage1", "input.shard_size=3", output=out),
+        retry_errors=True,
+        progress=False,
+    )
+    assert summary.rows == len(LINES) - OK_COUNT  # only the failed rows went through again
+    assert summary.skipped_shards == 1  # shard 2 (rows 6, 7) had no error
+    again, again_images = read_output(out)
+    check_complete(again, again_images, 16)
+    assert again_images == first_images and [r["id"] for r in again] == [r["id"] for r in first]
+    assert {s: c.attempt for s, c in list_commits(out).items()} == {0: 1, 1: 1, 2: 0}
+
+
+def test_missing_bucket_fails_at_once(s3_server, prompts, tiny_manifest):
+    with pytest.raises(StorageError, match="bucket 'no-such-bucket' is not usable \\(the bucket does not exist\\)"):
+        run(tiny_manifest(f"input.path={prompts}", output="s3://no-such-bucket/x"), progress=False)
+
+
+def test_unreachable_endpoint_fails_at_once(s3_server, prompts, monkeypatch, tiny_manifest):
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:9")  # discard port: nothing listens
+    with pytest.raises(StorageError, match="cannot reach http://127.0.0.1:9"):
+        run(tiny_manifest(f"input.path={prompts}", output="s3://renders/x"), progress=False)
+
+
+def test_missing_weights_fail_with_staging_advice(prompts, tmp_path, tiny_manifest):
+    from jobs.preflight import resolve_models
+    from workers.errors import ModelLoadError
+
+    cases = {
+        str(tmp_path / "not-there"): "Expected a directory in the hub layout there.*hf download REPO --local-dir",
+        "DeepFloyd/IF-I-XL-v1.0": "not in the Hugging Face cache.*hf download DeepFloyd/IF-I-XL-v1.0",
+    }
+    for model, advice in cases.items():
+        manifest = tiny_manifest(f"input.path={prompts}", f"stage1.model={model}", output=str(tmp_path / "o"))
+        with pytest.raises(ModelLoadError, match=f"stage1: could not load model '{model}' offline.*{advice}"):
+            resolve_models(manifest)
+
+
+def test_gpu_pools_without_gpus_fail_before_rendering(ray_local, prompts, tmp_path, tiny_manifest):
+    manifest = tiny_manifest(f"input.path={prompts}", "stage1.num_gpus=1", output=str(tmp_path / "o"))
+    with pytest.raises(RuntimeError, match="stage1: asks for 1 GPU\\(s\\) per actor but this local Ray has 0"):
+        run(manifest, progress=False)
+
+
+def test_pools_steered_to_resources_this_ray_lacks_fail_before_rendering(ray_local, prompts, tmp_path, tiny_manifest):
+    manifest = tiny_manifest(
+        f"input.path={prompts}", "stage2.resources={ifrender_light: 1}", output=str(tmp_path / "o")
+    )
+    with pytest.raises(RuntimeError, match=r"stage2.resources: asks for \{'ifrender_light': 1.0\} per actor"):
+        run(manifest, progress=False)
+
+
+@pytest.mark.slow
+def test_outputs_load_with_datasets_and_webdataset(ray_local, prompts, tmp_path, tiny_manifest):
+    import datasets
+    import webdataset as wds
+
+    out = tmp_path / "formats"
+    args = (f"input.path={prompts}", "input.shard_size=3", "last_stage=stage1")
+    manifest = tiny_manifest(*args, "output.embed_images=true", "output.webdataset=true", output=str(out))
+    run(manifest, progress=False)
+    rows, images = read_output(str(out))
+    check_complete(rows, images, 16)
+
+    index = json.loads((out / "index.json").read_text())
+    files = [str(out / s["metadata"]) for s in index["shards"]]
+    ds = datasets.load_dataset("parquet", data_files=files, split="train", cache_dir=str(tmp_path / "hf"))
+    assert len(ds) == len(LINES)
+    for sample in ds:
+        if sample["status"] == "ok":
+            assert sample["image"].size == (16, 16) and sample["image"].mode == "RGB"
+            np.testing.assert_array_equal(
+                np.asarray(sample["image"]), np.asarray(Image.open(io.BytesIO(images[sample["image_key"]])))
+            )
+        else:
+            assert sample["image"] is None
+
+    tars = sorted(p.name for p in (out / "webdataset").glob("*.tar"))
+    assert tars == ["000000.tar", "000001.tar", "000002.tar"]
+    samples = list(wds.WebDataset([str(out / "webdataset" / t) for t in tars], shardshuffle=False).decode("pil"))
+    assert len(samples) == OK_COUNT  # successful rows only; failures stay in the Parquet
+    by_id = {r["id"]: r for r in rows}
+    for sample in samples:
+        meta = sample["json"]
+        assert sample["txt"] == by_id[meta["id"]]["prompt"] and sample["png"].size == (16, 16)
+        assert sample["__key__"] == f"{meta['row']:09d}"
+
+    # a tar lost after its commit (a kill between the two) is rebuilt by the next run
+    (out / "webdataset" / "000001.tar").unlink()
+    (out / "webdataset" / ".stamps" / "000001.json").unlink()
+    summary = run(manifest, progress=False)
+    assert summary.rows == 0 and (out / "webdataset" / "000001.tar").is_file()
+    assert len(list(wds.WebDataset(str(out / "webdataset" / "000001.tar"), shardshuffle=False))) == 1
+
+
+HOSTILE = [
+    {"prompt": "x" * 100_000},
+    {"prompt": "bell\x07 and null\x00 and escape\x1b[31m red"},
+    {"prompt": "dup a", "id": "same"},
+    {"prompt": "dup b", "id": "same"},  # same shard: fails
+    {"prompt": "dup c", "id": "same"},  # later shard: its own image directory
+    {"prompt": "up", "id": "../../etc/passwd"},
+    {"prompt": "abs", "id": "/abs/path"},
+    {"prompt": "ctl", "id": "tab\there\nnewline"},
+    {"prompt": "dots", "id": ".."},
+    {"prompt": "seed", "seed": "12abc"},
+    {"prompt": "seed", "seed": 1e30},
+    {"prompt": None, "id": 7},
+    {"prompt": {"nested": "object"}},
+]
+
+
+@pytest.mark.slow
+def test_hostile_rows_all_accounted_for_and_keys_stay_inside(ray_local, tmp_path, tiny_manifest):
+    path = tmp_path / "hostile.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in HOSTILE))
+    out = tmp_path / "out"
+    args = (f"input.path={path}", "input.shard_size=4", "last_stage=stage1")
+    summary = run(tiny_manifest(*args, output=str(out)), progress=False)
+    rows = pq.read_table(out / "shards").to_pylist()
+    assert len(rows) == len(HOSTILE) == summary.ok + summary.error  # rows in = ok + error
+    by_prompt = {r["prompt"]: r for r in rows}
+    assert by_prompt["dup b"]["status"] == "error" and "ids must be unique" in by_prompt["dup b"]["error"]
+    assert by_prompt["dup a"]["status"] == by_prompt["dup c"]["status"] == "ok"
+    assert by_prompt["dup a"]["image_key"] != by_prompt["dup c"]["image_key"]
+    assert {by_prompt[p]["status"] for p in ("x" * 100_000, "up", "abs", "ctl", "dots")} == {"ok"}
+    assert by_prompt["seed"]["status"] == "error"
+    for r in rows:
+        if r["image_key"]:
+            assert (out / r["image_key"]).resolve().is_relative_to(out / "images")
+            assert r["image_key"].isprintable() and ".." not in r["image_key"]
+
+
+def test_overwrite_empties_the_output_first(tmp_path, prompts, tiny_manifest):
+    from jobs.preflight import prepare_output
+
+    out = tmp_path / "old"
+    (out / "images" / "000000-x").mkdir(parents=True)
+    (out / "images" / "000000-x" / "a.png").write_bytes(b"old")
+    (out / "commits").mkdir()
+    (out / "commits" / "000000-000.json").write_text("{}")
+    manifest = tiny_manifest(f"input.path={prompts}", output=str(out))
+    prepare_output(manifest, overwrite=False)
+    assert (out / "commits" / "000000-000.json").exists()  # resuming keeps everything
+    prepare_output(manifest, overwrite=True)
+    assert not [p for p in out.rglob("*") if p.is_file()]
+
+
+def test_unknown_tiny_model_is_named(prompts, tmp_path, tiny_manifest):
+    from jobs.preflight import resolve_models
+
+    manifest = tiny_manifest(f"input.path={prompts}", "stage2.model=tiny:IF-III", output=str(tmp_path / "o"))
+    with pytest.raises(ValueError, match="stage2.model: unknown tiny model 'IF-III'; expected one of"):
+        resolve_models(manifest)
+
+
+@pytest.mark.slow
+def test_mixed_dataset_end_to_end_with_retry_and_contact_sheets(ray_local, tmp_path, tiny_manifest):
+    (tmp_path / "fox.png").write_bytes(png((180, 90, 20)))
+    (tmp_path / "mask.png").write_bytes(png(0, mask=True))
+    records = [
+        {"id": "text", "prompt": "a lighthouse", "num_images": 2, "upscale_noise_level": 50},
+        {"id": "img2img", "prompt": "a fox", "image": "fox.png", "strength": 0.6},
+        {"id": "inpaint", "prompt": "a fox", "image": "fox.png", "mask_image": "mask.png"},
+        {"id": "late", "prompt": "an owl", "image": "owl.png"},  # missing until the retry
+        {"id": "bad", "prompt": "a cat", "stage2_noise_level": -3},
+    ]
+    prompts = tmp_path / "rows.jsonl"
+    prompts.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    out = tmp_path / "out"
+    manifest = tiny_manifest(f"input.path={prompts}", "input.shard_size=3", output=str(out))
+    summary = run(manifest, progress=False)
+    assert (summary.rows, summary.ok, summary.error) == (6, 4, 2)
+    assert summary.encode_texts - round(summary.encodes) >= 3  # "" once per actor, "a fox" shared
+
+    def metadata():
+        index = json.loads((out / "index.json").read_text())
+        found = []
+        for shard in index["shards"]:
+            found += pq.read_table(out / shard["metadata"]).to_pylist()
+        return {r["id"]: r for r in found}
+
+    meta = metadata()
+    assert sorted(meta) == ["bad", "img2img", "inpaint", "late", "text-0", "text-1"]
+    assert meta["img2img"]["mode"] == "img2img" and meta["inpaint"]["mode"] == "inpaint"
+    assert json.loads(meta["img2img"]["stage1_params"])["strength"] == 0.6
+    assert json.loads(meta["text-1"]["upscale_params"])["noise_level"] == 50
+    assert meta["text-0"]["seed"] != meta["text-1"]["seed"] and meta["text-0"]["sha256"] != meta["text-1"]["sha256"]
+    assert meta["inpaint"]["nsfw_detected"] is False and meta["inpaint"]["watermarked"] is True
+    assert "owl.png not found" in meta["late"]["error"] and "stage2_noise_level" in meta["bad"]["error"]
+    for name in ("000000.jpg", "000001.jpg", "job.jpg"):
+        assert Image.open(out / "contact" / name).size[0] >= 128
+
+    # The missing image appears; a retry renders just that row as the shard's next attempt.
+    (tmp_path / "owl.png").write_bytes(png((60, 60, 60)))
+    summary = run(manifest, retry_errors=True, progress=False)
+    assert (summary.rows, summary.ok) == (2, 1)  # "late" now renders; "bad" stays bad
+    after = metadata()
+    assert after["late"]["status"] == "ok" and after["late"]["mode"] == "img2img"
+    assert {k: v["sha256"] for k, v in after.items() if k != "late"} == {
+        k: v["sha256"] for k, v in meta.items() if k != "late"
+    }
+
+
+@pytest.mark.parametrize(
+    ("last_stage", "models"),
+    [
+        ("stage1", ["EncodeWorker", "Stage1Worker"]),
+        ("upscale", ["EncodeWorker", "Stage1Worker", "Stage2Worker", "UpscaleWorker"]),
+    ],
+)
+def test_the_chain_runs_the_registry_stages_in_order(ray_local, prompts, tmp_path, tiny_manifest, last_stage, models):
+    from jobs.commits import Work
+    from jobs.render import build_dataset
+    from jobs.shards import plan_shards
+
+    m = tiny_manifest(f"input.path={prompts}", f"last_stage={last_stage}", output=str(tmp_path / "o"))
+    op = build_dataset(m, [Work(s, 0) for s in plan_shards(m.input)], "r1")._logical_plan.dag
+    chain = []
+    while op is not None:
+        chain.append(op.name)
+        op = op.input_dependencies[0] if op.input_dependencies else None
+    maps = [name[len("MapBatches(") : -1] for name in reversed(chain) if name.startswith("MapBatches(")]
+    assert maps == ["read_shards", *models, "WriteWorker"]

@@ -1,0 +1,65 @@
+"""The writer: images of the last stage in; image files, keys and digests out, one bad row alone."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+
+import numpy as np
+from PIL import Image
+
+from tests.helpers import rows
+from workers.write import WriteWorker, image_name
+
+PROMPTS = ["a red fox in the snow", "a lighthouse in a storm", "a red fox in the snow", "a corgi on a skateboard"]
+
+
+def stage_images(column: str) -> dict:
+    """A batch as the stage before the writer hands it on: upscaler images (B, 256, 256, 3) uint8,
+    or stage I images (B, 3, 16, 16) in [-1, 1]."""
+    rng = np.random.default_rng(0)
+    if column == "upscale_image":
+        images = rng.integers(0, 256, (len(PROMPTS), 256, 256, 3), dtype=np.uint8)
+    else:
+        images = rng.uniform(-1, 1, (len(PROMPTS), 3, 16, 16)).astype(np.float32)
+    return rows(PROMPTS, **{column: images})
+
+
+def test_write_stores_images_with_matching_digests(tmp_path):
+    batch = stage_images("upscale_image")
+    batch["id"] = np.array(["plain", "../escape", "a/b", "a_b"], dtype=object)
+    batch["status"] = np.array(["ok", "ok", "ok", "error"], dtype=object)
+    batch["shard"] = np.array([3, 3, 3, 3])
+    out = WriteWorker(str(tmp_path), "r1", "upscale_image")(batch)
+    assert "upscale_image" not in out
+    keys = list(out["image_key"])
+    assert keys[3] is None and out["status"][3] == "error"
+    assert keys[0] == "images/000003-r1/plain.png"
+    assert len(set(keys[:3])) == 3 and all(".." not in k and k.count("/") == 2 for k in keys[:3])
+    for i, key in enumerate(keys[:3]):
+        data = (tmp_path / key).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == out["sha256"][i]
+        image = Image.open(io.BytesIO(data))
+        assert image.size == (256, 256)
+        np.testing.assert_array_equal(np.asarray(image), batch["upscale_image"][i])
+    assert sorted(p.name for p in (tmp_path / "images" / "000003-r1").iterdir()) == sorted(
+        k.split("/")[2] for k in keys[:3]
+    )
+
+
+def test_write_converts_stage_images_and_fails_an_unwritable_row_alone(tmp_path):
+    batch = dict(stage_images("stage1_image"), shard=np.zeros(4, dtype=np.int64))
+    (tmp_path / "images" / "000000-r1" / "r1.jpg").mkdir(parents=True)  # a directory where the image should go
+    out = WriteWorker(str(tmp_path), "r1", "stage1_image", image_format="jpeg")(batch)
+    assert list(out["status"]) == ["ok", "error", "ok", "ok"]
+    assert out["error"][1].startswith("write: ") and out["image_key"][1] is None
+    assert out["image_key"][0] == "images/000000-r1/r0.jpg"
+    assert Image.open(tmp_path / "images/000000-r1/r0.jpg").size == (16, 16)
+
+
+def test_image_names_are_distinct_for_distinct_ids():
+    ids = ["a/b", "a_b", "a:b", "..", ".", "x" * 300, "tab\there", "nul\x00", "/etc/passwd", "ok-id_1.2"]
+    names = [image_name(i) for i in ids]
+    assert len(set(names)) == len(ids)
+    assert names[-1] == "ok-id_1.2"
+    assert all("/" not in n and not n.startswith(".") and len(n) < 140 and n.isprintable() for n in names)

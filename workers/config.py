@@ -1,0 +1,170 @@
+"""Each stage's typed settings, as the manifest holds them and the stage actors receive them.
+
+jobs/manifest.py composes the job manifest from these. Every field has a description, unknown
+fields are errors (`extra="forbid"`), and a stage has only the settings its worker applies.
+`ROW_SETTINGS` names the fields a row may override (workers/overrides.py derives the per-row
+columns, with these fields' bounds, from it).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+TIMESTEP_PRESETS = ("fast27", "smart27", "smart50", "smart100", "smart185", "super27", "super40", "super100")
+Preset = Literal[TIMESTEP_PRESETS]  # type: ignore[valid-type]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PoolConfig(Strict):
+    """How one stage's actor pool sits on Ray."""
+
+    pool_size: int = Field(1, ge=1, description="Number of actors in this stage's fixed-size pool.")
+    batch_size: int = Field(4, ge=1, description="Rows per call of this stage's worker.")
+    num_gpus: float = Field(0, ge=0, description="GPUs reserved per actor (fractions share a GPU).")
+    num_cpus: float = Field(1, gt=0, description="Logical CPUs reserved per actor.")
+    resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Custom Ray resources reserved per actor, e.g. {ifrender_heavy: 1}: steers this "
+        "stage's pool to the nodes (worker groups) that declare them.",
+    )
+
+    @field_validator("num_gpus")
+    @classmethod
+    def _whole_or_share(cls, value: float) -> float:
+        # Ray refuses a fractional request above one GPU: it cannot split an actor across GPUs.
+        if value > 1 and value != int(value):
+            raise ValueError(
+                f"expected a share of one GPU (below 1) or a whole number of GPUs, found {value:g}. "
+                f"Fix: {int(value)} or {int(value) + 1}, or more actors of a smaller share"
+            )
+        return value
+
+
+class ModelStageConfig(PoolConfig):
+    """A stage that loads a model."""
+
+    ROW_SETTINGS: ClassVar[tuple[str, ...]] = ()
+
+    model: str = Field(
+        description="Hub id (already staged in the Hugging Face cache) or local directory in "
+        "the hub layout; 'tiny:' builds tiny random-weight models into the cache on first use."
+    )
+    dtype: Literal["fp32", "fp16", "bf16"] = Field("fp32", description="Weights and compute dtype.")
+    variant: str | None = Field(None, description="Weights file variant, e.g. fp16 (from_pretrained's variant).")
+    micro_batch: int = Field(
+        4,
+        ge=1,
+        description="Rows per model call (short calls are padded). Pixels are bit-identical "
+        "for a fixed micro_batch whatever batch_size, pool size or neighbours; changing it can change "
+        "them at float-rounding level, as kernels pick their algorithm by shape.",
+    )
+    watchdog_s: float = Field(
+        1800,
+        gt=0,
+        description="Seconds one call may run before its actor is taken as hung, "
+        "exits and has the batch retried on a fresh actor.",
+    )
+    device: Literal["auto", "cuda", "cpu"] = Field(
+        "auto", description="auto: CUDA when num_gpus > 0, else CPU. cuda without a GPU is an error."
+    )
+
+
+class EncodeConfig(ModelStageConfig):
+    """T5-XXL, loaded by transformers: no UNet, so no attention, compile or offload settings."""
+
+    load_in_8bit: bool = Field(False, description="Load T5 in 8 bit through bitsandbytes.")
+    clean_caption: bool = Field(True, description="Clean captions as IF does (needs bs4 and ftfy).")
+
+
+class UNetStageConfig(ModelStageConfig):
+    """A diffusers pipeline around a UNet: stages I and II and the upscaler."""
+
+    offload: Literal["none", "model", "sequential"] = Field(
+        "none",
+        description="CPU offload for small GPUs: model (whole models move to the GPU when used; "
+        "little slower) or sequential (layer by layer; least memory, much slower). CUDA only.",
+    )
+    attention: Literal["sdpa", "eager", "xformers"] = Field(
+        "sdpa",
+        description="Attention kernels: sdpa (PyTorch scaled_dot_product_attention), eager (plain "
+        "matmuls, the reference), xformers (needs the xformers package).",
+    )
+    compile: bool = Field(False, description="torch.compile the stage's UNet: slower start, faster steps on GPUs.")
+
+
+class Stage1Config(UNetStageConfig):
+    ROW_SETTINGS: ClassVar[tuple[str, ...]] = ("guidance_scale", "num_inference_steps", "timesteps", "strength")
+
+    num_inference_steps: int = Field(100, ge=1, le=1000, description="Denoising steps (ignored when timesteps is set).")
+    timesteps: Preset | None = Field(None, description=f"IF timestep preset, one of {', '.join(TIMESTEP_PRESETS)}.")
+    guidance_scale: float = Field(7.0, ge=0, le=100, description="Classifier-free guidance scale (<= 1 disables it).")
+    strength: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="How far img2img/inpainting rows move from their image; none: the diffusers "
+        "default (0.7 img2img, 1.0 inpainting).",
+    )
+
+
+class Stage2Config(UNetStageConfig):
+    ROW_SETTINGS: ClassVar[tuple[str, ...]] = (
+        "guidance_scale",
+        "num_inference_steps",
+        "timesteps",
+        "noise_level",
+        "strength",
+    )
+
+    num_inference_steps: int = Field(50, ge=1, le=1000, description="Denoising steps (ignored when timesteps is set).")
+    timesteps: Preset | None = Field(None, description=f"IF timestep preset, one of {', '.join(TIMESTEP_PRESETS)}.")
+    guidance_scale: float = Field(4.0, ge=0, le=100, description="Classifier-free guidance scale (<= 1 disables it).")
+    noise_level: int = Field(250, ge=0, le=1000, description="Noise added to the stage I image.")
+    strength: float | None = Field(
+        None, gt=0, le=1, description="img2img/inpainting strength at stage II; none: the diffusers default (0.8)."
+    )
+
+
+class UpscaleConfig(UNetStageConfig):
+    ROW_SETTINGS: ClassVar[tuple[str, ...]] = ("guidance_scale", "num_inference_steps", "noise_level")
+
+    num_inference_steps: int = Field(75, ge=1, le=1000, description="Denoising steps.")
+    guidance_scale: float = Field(9.0, ge=0, le=100, description="Classifier-free guidance scale.")
+    noise_level: int = Field(100, ge=0, le=350, description="Noise added to the stage II image (max 350).")
+
+
+class WriteConfig(PoolConfig):
+    batch_size: int = Field(8, ge=1, description="Images encoded and stored per call.")
+    num_cpus: float = Field(0.5, gt=0, description="Logical CPUs reserved per writer actor.")
+
+
+class SafetyConfig(Strict):
+    checker: bool | Literal["auto"] = Field(
+        "auto",
+        description="Run IF's safety checker on each final image and record its verdicts "
+        "(nsfw_detected, watermark_detected). auto: when the weights provide one; true: required.",
+    )
+    watermark: bool | Literal["auto"] = Field(
+        "auto", description="Apply IF's watermarker to each final image, as the IF pipelines do. auto: when provided."
+    )
+    model: str | None = Field(
+        None,
+        description="Checkpoint holding safety_checker/, feature_extractor/ and watermarker/ "
+        "(default: stage1.model, the IF-I repo).",
+    )
+    nsfw_threshold: float = Field(0.5, description="NSFW head score above which an image is flagged.")
+    watermark_threshold: float = Field(0.5, description="Watermark head score above which an image is flagged.")
+    on_flagged: Literal["blank", "error"] = Field(
+        "blank",
+        description="A flagged image: blank (black image, as the IF pipelines return) or error (no "
+        "image; the row fails with the verdict).",
+    )
+
+    def wanted(self) -> bool:
+        """Whether the last stage finishes its images with the checker or the watermark."""
+        return self.checker is not False or self.watermark is not False

@@ -1,0 +1,82 @@
+"""The stage registry: one table of what each stage is, read by the chain, the profiler, the
+bench and the simulation.
+
+Per stage: its worker class, its config class, the columns it needs (and those it reads when a
+row has them), and the columns it produces. What a stage drops is derived: the payload columns
+(tensors and init images) no later stage reads leave the object store as early as they can.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+from workers.config import EncodeConfig, ModelStageConfig, Stage1Config, Stage2Config, UpscaleConfig
+
+EMBEDS = ("prompt_embeds", "negative_prompt_embeds")
+INIT_IMAGES = ("image", "mask_image")  # img2img and inpainting rows' inputs, from the reader
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    worker: str  # "module:Class" under workers/, imported on use: torch stays out of the driver's start-up
+    config: type[ModelStageConfig]
+    needs: tuple[str, ...]
+    optional: tuple[str, ...]  # read when present (img2img and inpainting rows)
+    produces: tuple[str, ...]  # payload columns only; every stage also records <stage>_model, _params, ...
+
+    def worker_class(self) -> type:
+        module, _, name = self.worker.partition(":")
+        return getattr(importlib.import_module(f"workers.{module}"), name)
+
+    @property
+    def image_column(self) -> str:
+        return f"{self.name}_image"
+
+
+STAGES = {
+    s.name: s
+    for s in (
+        Stage("encode", "encode:EncodeWorker", EncodeConfig, ("prompt", "negative_prompt"), (), EMBEDS),
+        Stage("stage1", "stage1:Stage1Worker", Stage1Config, ("seed", *EMBEDS), INIT_IMAGES, ("stage1_image",)),
+        Stage(
+            "stage2",
+            "stage2:Stage2Worker",
+            Stage2Config,
+            ("seed", *EMBEDS, "stage1_image"),
+            INIT_IMAGES,
+            ("stage2_image",),
+        ),
+        Stage(
+            "upscale",
+            "upscale:UpscaleWorker",
+            UpscaleConfig,
+            ("seed", "prompt", "negative_prompt", "stage2_image"),
+            (),
+            ("upscale_image",),
+        ),
+    )
+}
+# The cascade in order; one name per stage everywhere (manifest key, module, worker, columns).
+MODEL_STAGES = tuple(STAGES)
+
+
+def stages_to(last_stage: str) -> tuple[str, ...]:
+    """The model stages a job with this last stage runs, in order."""
+    return MODEL_STAGES[: MODEL_STAGES.index(last_stage) + 1]
+
+
+def drops(last_stage: str) -> dict[str, tuple[str, ...]]:
+    """Per stage, the payload columns it drops: those no later stage reads and the writer does
+    not write (the last stage's image)."""
+    stages = stages_to(last_stage)
+    present = list(INIT_IMAGES)
+    out = {}
+    for i, stage in enumerate(stages):
+        later = {c for s in stages[i + 1 :] for c in STAGES[s].needs + STAGES[s].optional}
+        later.add(STAGES[last_stage].image_column)
+        present += STAGES[stage].produces
+        out[stage] = tuple(c for c in present if c not in later)
+        present = [c for c in present if c in later]
+    return out

@@ -1,0 +1,225 @@
+"""Local paths and s3:// URIs behind one small interface, plus fail-fast checks.
+
+Objects are written and read through one cached boto3 client per process on S3; pyarrow
+filesystems stream the input files. Used by the driver and the actors alike."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import time
+import uuid
+from pathlib import Path
+
+import pyarrow.fs as pafs
+
+from workers.errors import StorageError
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith("s3://")
+
+
+def s3_endpoint() -> str | None:
+    """A custom S3 endpoint (MinIO, a local test server), as boto3 reads it from the environment."""
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+
+
+def s3_filesystem() -> pafs.S3FileSystem:
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+    endpoint = s3_endpoint()
+    retry = pafs.AwsStandardS3RetryStrategy(max_attempts=_S3_ATTEMPTS)
+    if not endpoint:
+        return pafs.S3FileSystem(region=region, retry_strategy=retry)
+    # pyarrow does not read the endpoint variables itself: pass them on explicitly.
+    scheme, _, host = endpoint.partition("://")
+    return pafs.S3FileSystem(
+        region=region, endpoint_override=host or scheme, scheme=scheme if host else "https", retry_strategy=retry
+    )
+
+
+def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path inside it). S3 honours AWS_ENDPOINT_URL_S3 and the usual AWS credentials."""
+    if is_s3(uri):
+        return s3_filesystem(), uri[len("s3://") :].rstrip("/")
+    if "://" in uri:
+        raise StorageError(f"{uri}: unsupported scheme; expected a local path or s3://bucket/prefix")
+    return pafs.LocalFileSystem(), str(Path(uri).expanduser().resolve())
+
+
+def join(uri: str, *parts: str) -> str:
+    return "/".join([uri.rstrip("/"), *parts])
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write a whole object. Locally through a temporary name and a rename, so a reader never
+    sees a half-written file; on S3 one PUT (atomic already) through the process's client."""
+    if is_s3(uri):
+        bucket, key = bucket_key(uri)
+        s3_client().put_object(Bucket=bucket, Key=key, Body=data)
+        return
+    path = resolve(uri)[1]
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def check_output_writable(uri: str) -> None:
+    """Fail before any model work when the output cannot be written."""
+    if not is_s3(uri):
+        path = Path(resolve(uri)[1])
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            probe = path / f".ifrender-probe-{uuid.uuid4().hex}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as err:
+            raise StorageError(
+                f"output.path {uri}: cannot write there ({err}). Fix: choose a writable directory."
+            ) from err
+        return
+
+    import boto3
+    from botocore.config import Config
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    bucket = uri[len("s3://") :].split("/", 1)[0]
+    # A few tries ride out a passing 503; an unreachable endpoint still fails within seconds.
+    client = boto3.client("s3", config=Config(connect_timeout=5, read_timeout=10, retries={"max_attempts": 3}))
+    try:
+        client.head_bucket(Bucket=bucket)
+    except ClientError as err:
+        code = err.response.get("Error", {}).get("Code", "?")
+        hint = {
+            "404": "the bucket does not exist",
+            "NoSuchBucket": "the bucket does not exist",
+            "403": "access denied: check the credentials or role",
+        }.get(code, f"error {code}")
+        raise StorageError(
+            f"output.path {uri}: bucket '{bucket}' is not usable ({hint}). Fix: create it or point output.path elsewhere."
+        ) from err
+    except BotoCoreError as err:
+        endpoint = s3_endpoint() or "AWS S3"
+        raise StorageError(
+            f"output.path {uri}: cannot reach {endpoint} ({err}). Fix: check the network, the endpoint and the credentials."
+        ) from err
+
+
+# ---- objects: read, list, delete, create-once ----------------------------------------------
+
+_S3_ATTEMPTS = 10  # transient errors (503 SlowDown, resets, timeouts) retried with backoff
+
+
+def s3_client():
+    """One client per process and endpoint: building one costs more than a small GET."""
+    return _new_s3_client(s3_endpoint())
+
+
+@functools.cache
+def _new_s3_client(endpoint: str | None):
+    import boto3
+    from botocore.config import Config
+
+    config = Config(retries={"mode": "standard", "max_attempts": _S3_ATTEMPTS}, max_pool_connections=32)
+    return boto3.client("s3", endpoint_url=endpoint, config=config)
+
+
+def bucket_key(uri: str) -> tuple[str, str]:
+    bucket, _, key = uri[len("s3://") :].partition("/")
+    return bucket, key
+
+
+def read_bytes(uri: str) -> bytes | None:
+    """The whole object, or None when there is none. On S3 through boto3: pyarrow can report a
+    throttled HEAD as a missing object, and a commit marker taken for missing is a lost commit."""
+    if is_s3(uri):
+        bucket, key = bucket_key(uri)
+        client = s3_client()
+        try:
+            return client.get_object(Bucket=bucket, Key=key)["Body"].read()
+        except client.exceptions.NoSuchKey:
+            return None
+    fs, path = resolve(uri)
+    try:
+        with fs.open_input_stream(path) as f:
+            return f.read()
+    except FileNotFoundError:
+        return None
+
+
+def list_prefix(root: str, prefix: str = "") -> list[str]:
+    """Keys relative to `root` (a directory or s3:// prefix) of every object under it whose key
+    starts with `prefix` (a folder like "commits/" or a name start like "images/000001-"), sorted."""
+    if is_s3(root):
+        bucket, base = bucket_key(root.rstrip("/") + "/")
+        found = []
+        for page in s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=base + prefix):
+            found += [o["Key"][len(base) :] for o in page.get("Contents", [])]
+        return sorted(found)
+    top = Path(resolve(root)[1])
+    folder, _, start = prefix.rpartition("/")
+    parent = top / folder if folder else top
+    if not parent.is_dir():
+        return []
+    found = []
+    for entry in parent.iterdir():
+        if entry.name.startswith(start) and ".tmp-" not in entry.name:
+            files = [p for p in entry.rglob("*") if p.is_file()] if entry.is_dir() else [entry]
+            found += [p.relative_to(top).as_posix() for p in files]
+    return sorted(found)
+
+
+def delete(uris: list[str]) -> None:
+    if not uris:
+        return
+    if is_s3(uris[0]):
+        client = s3_client()
+        for i in range(0, len(uris), 1000):
+            bucket = bucket_key(uris[i])[0]
+            objects = [{"Key": bucket_key(u)[1]} for u in uris[i : i + 1000]]
+            client.delete_objects(Bucket=bucket, Delete={"Objects": objects, "Quiet": True})
+        return
+    for uri in uris:
+        Path(uri).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # remove the directory once it is empty
+            Path(uri).parent.rmdir()
+
+
+def create_exclusive(uri: str, data: bytes) -> bool:
+    """Create an object only if none exists: True if this call created it, False if it existed.
+    S3: a conditional PUT (If-None-Match: *); 412 means another writer won, 409 means a racing
+    conditional write is in flight, so retry until it resolves. Locally: link() of a complete
+    temporary file, which fails if the name exists, so the object appears whole or not at all."""
+    if is_s3(uri):
+        from botocore.exceptions import ClientError
+
+        bucket, key = bucket_key(uri)
+        client = s3_client()
+        for attempt in range(8):
+            try:
+                client.put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
+                return True
+            except ClientError as err:
+                status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+                if status == 412:
+                    # A retried PUT whose first try landed but whose answer was lost also gets
+                    # 412: the object then holds exactly our bytes, and this call did create it.
+                    return client.get_object(Bucket=bucket, Key=key)["Body"].read() == data
+                if status != 409:
+                    raise
+                time.sleep(0.1 * 2**attempt)
+        raise StorageError(f"{uri}: conditional writes kept conflicting (409) after 8 tries")
+    path = Path(resolve(uri)[1])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp-{uuid.uuid4().hex}")
+    tmp.write_bytes(data)
+    try:
+        os.link(tmp, path)
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        tmp.unlink()
