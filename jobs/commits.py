@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -131,8 +132,13 @@ def work_left(out: str, shards: list[Shard], commits: dict[int, Commit], retry_e
         elif retry_errors and commit.error:
             rows = read_metadata(out, commit)
             done = [r for r in rows if r["status"] == "ok"]
-            failed = tuple(item_key(r["row"], r["image_index"] or 0) for r in rows if r["status"] != "ok")
-            work.append(Work(replace(shard, only_rows=failed), commit.attempt + 1, carried=done))
+            outputs = Counter(r["row"] for r in rows)
+            failed = [r for r in rows if r["status"] != "ok"]
+            # A row that failed before it was expanded into its images (at read time) has one
+            # output: its retry renders all its images. Otherwise exactly the failed ones.
+            whole = tuple(r["row"] for r in failed if outputs[r["row"]] == 1)
+            items = tuple(item_key(r["row"], r["image_index"] or 0) for r in failed if outputs[r["row"]] > 1)
+            work.append(Work(replace(shard, only_rows=items, whole_rows=whole), commit.attempt + 1, carried=done))
     return work
 
 

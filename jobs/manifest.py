@@ -41,6 +41,29 @@ class InputConfig(Strict):
     shard_size: int = Field(
         256, ge=1, description="Rows per read shard: the unit in which the input is read and streamed."
     )
+    pattern: str | None = Field(
+        None,
+        description="For a directory input: which files hold prompts, as a glob on their path inside "
+        "it (e.g. '*.json', 'part-*.parquet'). Default: the format's extensions (.json left out), "
+        "README/LICENSE files never.",
+    )
+    max_record_bytes: int = Field(
+        1 << 20,
+        ge=1,
+        description="Longest text line, JSONL line or CSV record (and CSV field) read; a longer one is an error row.",
+    )
+    image_roots: list[str] | None = Field(
+        None,
+        description="Where init images and masks may be read from: local directories or s3:// "
+        "prefixes. Relative paths resolve against the input file's directory; a path outside "
+        "every root is refused. Default: the input's own directory (or its S3 bucket).",
+    )
+    max_image_bytes: int = Field(
+        64 << 20, ge=1, description="Largest init image or mask file, checked before it is read."
+    )
+    max_image_pixels: int = Field(
+        64_000_000, ge=1, description="Most pixels of an init image or mask, checked before it is decoded."
+    )
 
 
 class OutputConfig(Strict):
@@ -209,6 +232,12 @@ def load_manifest(
     source_path = data.get("input", {}).get("path") if isinstance(data.get("input"), dict) else None
     if isinstance(source_path, str) and "://" not in source_path and not Path(source_path).expanduser().is_absolute():
         data["input"]["path"] = str((path.parent / source_path).resolve())
+    roots = data.get("input", {}).get("image_roots") if isinstance(data.get("input"), dict) else None
+    if isinstance(roots, list):  # local roots, like the input, are relative to the manifest
+        data["input"]["image_roots"] = [
+            r if not isinstance(r, str) or "://" in r else str((path.parent / Path(r).expanduser()).resolve())
+            for r in roots
+        ]
     try:
         return Manifest.model_validate(data)
     except ValidationError as err:

@@ -49,7 +49,7 @@ def run(
     commits = list_commits(out)
     work = work_left(out, shards, commits, retry_errors)
     summary = Summary(manifest.name, out, skipped_shards=len(shards) - len(work))
-    todo = sum(len(w.shard.only_rows) or w.shard.num_rows for w in work)
+    todo = sum(w.shard.todo for w in work)
     log.info(
         "%s: %d rows in %d shards; %d shards committed before, %d rows to render",
         manifest.name,
@@ -99,7 +99,7 @@ def build_dataset(manifest: Manifest, work: list[Work], run_id: str, placed: dic
         read_shards,
         batch_size=1,
         num_cpus=0.25,
-        fn_kwargs={"job_seed": manifest.seed, "num_images": manifest.num_images},
+        fn_kwargs={"job_seed": manifest.seed, "cfg": manifest.input, "num_images": manifest.num_images},
     )
     # 2. Small blocks give each stage several tasks, so the stages overlap instead of taking turns.
     ds = ds.repartition(target_num_rows_per_block=rows)
@@ -135,7 +135,7 @@ def collect(manifest: Manifest, ds, work: list[Work], run_id: str, summary: Summ
     out = manifest.output.path
     derived = Derived(manifest.output.embed_images, manifest.output.webdataset, manifest.contact_sheets)
     pending = {w.shard.index: w for w in work}
-    todo = sum(len(w.shard.only_rows) or w.shard.num_rows for w in work)
+    todo = sum(w.shard.todo for w in work)
     open_rows = 0  # rendered rows whose shard is not committed yet
     last_report = time.perf_counter()
     for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):

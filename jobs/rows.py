@@ -6,26 +6,30 @@ that names the problem, never an exception.
 
 from __future__ import annotations
 
-import csv
 import io
 import json
 import math
+import os
+import posixpath
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
 
-from jobs.shards import Shard, records
+from jobs.manifest import InputConfig
+from jobs.shards import Record, Shard, records
 from workers.keys import derive_seed, item_key
 from workers.overrides import OVERRIDE_COLUMNS, STAGE_PREFIXES, parse_overrides, row_mode
-from workers.storage import read_bytes, resolve
+from workers.storage import bucket_key, is_s3, object_size, read_bytes, resolve
 
 COLUMNS = ("prompt", "negative_prompt", "seed", "id", "image", "mask_image") + OVERRIDE_COLUMNS
 MAX_SEED = 2**63
+MAX_EXACT_FLOAT = 2**53  # floats above it skip integers: a seed there was rounded before it came
 
 
-def _raw_records(shard: Shard) -> Iterator[tuple[int, dict[str, Any] | str]]:
+def _raw_records(shard: Shard, cfg: InputConfig) -> Iterator[tuple[int, dict[str, Any] | str]]:
     """(source row, record dict or an error message) for each row of a shard."""
     fs, path = resolve(shard.uri)
     if shard.format == "parquet":
@@ -35,40 +39,54 @@ def _raw_records(shard: Shard) -> Iterator[tuple[int, dict[str, Any] | str]]:
         for rg in range(pf.num_row_groups):
             n = pf.metadata.row_group(rg).num_rows
             if offset + n > shard.start and offset < stop:
-                table = pf.read_row_group(rg, columns=columns)
                 lo, hi = max(shard.start - offset, 0), min(stop - offset, n)
-                for i, rec in enumerate(table.slice(lo, hi - lo).to_pylist()):
+                try:
+                    found = pf.read_row_group(rg, columns=columns).slice(lo, hi - lo).to_pylist()
+                except Exception as err:  # noqa: BLE001 - a corrupt row group fails its rows, not the job
+                    found = [f"row group {rg} of {shard.uri} cannot be read ({type(err).__name__}: {err})"] * (hi - lo)
+                for i, rec in enumerate(found):
                     yield offset + lo + i, rec
             offset += n
         return
     with fs.open_input_file(path) as f:
         f.seek(shard.start)
         data = f.read(shard.end - shard.start)
-    header = next(csv.reader([shard.header])) if shard.format == "csv" else []
-    for _, _, line_no, raw in records(io.BytesIO(data), shard.format):
-        line = shard.first_line + line_no - 1
+    header = json.loads(shard.header) if shard.format == "csv" else []
+    for record in records(io.BytesIO(data), shard.format, shard.start, shard.first_line, cfg.max_record_bytes):
+        yield record.line, _parse_record(shard, header, record)
+
+
+def _parse_record(shard: Shard, header: list[str], record: Record) -> dict[str, Any] | str:
+    """A record's columns, or what is wrong with it (naming the line and the file)."""
+    where = f"line {record.line} of {shard.uri}"
+    if record.problem:
+        return f"{where}: {record.problem}"
+    if shard.format == "csv":
+        raw = "".join(record.value)
+    else:
+        raw = record.value
+    try:
+        # CSV fields carry undecodable bytes as surrogates: re-encoding finds them.
+        text = raw.encode("utf-8") if isinstance(raw, str) else raw
+        text = text.decode("utf-8")
+    except UnicodeError as err:
+        return f"{where} is not valid UTF-8 ({err}); expected UTF-8 text"
+    if shard.format == "text":
+        return {"prompt": text.rstrip("\r\n")}
+    if shard.format == "jsonl":
         try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as err:
-            yield line, f"line {line} of {shard.uri} is not valid UTF-8 ({err}); expected UTF-8 text"
-            continue
-        if shard.format == "text":
-            yield line, {"prompt": text.rstrip("\r\n")}
-        elif shard.format == "jsonl":
-            try:
-                value = json.loads(text)
-            except ValueError as err:
-                yield line, f"line {line} of {shard.uri} is not valid JSON ({err})"
-                continue
-            yield (
-                line,
-                value
-                if isinstance(value, dict)
-                else f"line {line} of {shard.uri}: expected a JSON object, found {type(value).__name__}",
-            )
-        else:
-            values = next(csv.reader([text]), [])
-            yield line, {k: (v if v != "" else None) for k, v in zip(header, values)}
+            value = json.loads(text)
+        except ValueError as err:
+            return f"{where} is not valid JSON ({err})"
+        if not isinstance(value, dict):
+            return f"{where}: expected a JSON object, found {type(value).__name__}"
+        return value
+    if len(record.value) > len(header):
+        return (
+            f"{where}: {len(record.value)} fields, but the header names {len(header)}; expected one value per "
+            f"column. Fix: quote fields that hold commas"
+        )
+    return {k: (v if v != "" else None) for k, v in zip(header, record.value)}
 
 
 def _short(value: Any) -> str:
@@ -77,13 +95,14 @@ def _short(value: Any) -> str:
 
 
 def parse_seed(value: Any) -> int:
-    """An integer seed in [0, 2**63); integral floats and integer strings (CSV) are accepted."""
+    """An integer seed in [0, 2**63); integer strings (CSV) are accepted, and floats that hold an
+    exact integer (up to 2**53, beyond which a float has already rounded the seed it was given)."""
     if isinstance(value, bool):
         raise ValueError
     if isinstance(value, str):
         value = int(value.strip())
-    elif isinstance(value, float):
-        if not math.isfinite(value) or not value.is_integer():
+    elif isinstance(value, (float, np.floating)):
+        if not math.isfinite(value) or not float(value).is_integer() or abs(value) > MAX_EXACT_FLOAT:
             raise ValueError
         value = int(value)
     elif not isinstance(value, (int, np.integer)):
@@ -94,10 +113,46 @@ def parse_seed(value: Any) -> int:
     return value
 
 
-def load_image(field: str, value: Any, source: str) -> tuple[bytes | None, str]:
-    """An init image or mask as encoded bytes, from bytes, a datasets Image struct, a local path
-    (relative to the input file's directory) or an s3:// URI; (None, problem) when unusable."""
-    from PIL import Image, UnidentifiedImageError
+def image_roots(cfg: InputConfig) -> list[str]:
+    """Where a job's init images may come from: input.image_roots, else the input's directory
+    (or its S3 bucket)."""
+    if cfg.image_roots is not None:
+        return [r.rstrip("/") for r in cfg.image_roots]
+    if is_s3(cfg.path):
+        return ["s3://" + bucket_key(cfg.path)[0]]
+    path = Path(cfg.path)
+    return [str(path if path.is_dir() else path.parent)]
+
+
+def image_location(field: str, value: str, source: str, roots: list[str]) -> tuple[str, str]:
+    """(uri, problem) of an image path: relative paths resolve against the input file's
+    directory; the result must lie under one of `roots`. Decided on the path's text alone (and
+    the links on its way), so a refused path gets the same answer whether or not it exists."""
+    if "://" in value and not is_s3(value):
+        return "", f"{field}: {_short(value)} has an unsupported scheme; expected a path or an s3:// URI"
+    if is_s3(value):
+        uri = value
+    elif value.startswith("/"):
+        uri = os.path.realpath(value)
+    elif is_s3(source):
+        uri = posixpath.normpath(posixpath.join(source.rsplit("/", 1)[0][len("s3://") :], value))
+        uri = "s3://" + uri
+    else:
+        uri = os.path.realpath(os.path.join(os.path.dirname(source), value))
+    for root in roots:
+        if is_s3(root) == is_s3(uri) and (uri == root or uri.startswith(root + "/")) and "/../" not in uri + "/":
+            return uri, ""
+    return "", (
+        f"{field}: {_short(value)} lies outside the image roots {roots}; expected a path inside them. "
+        f"Fix: move the image there, or list its directory or s3:// prefix in input.image_roots"
+    )
+
+
+def load_image(field: str, value: Any, source: str, cfg: InputConfig) -> tuple[bytes | None, str]:
+    """An init image or mask as encoded bytes, from bytes, a datasets Image struct, a path or an
+    s3:// URI under the image roots; (None, problem) when unusable. Sizes are checked before
+    anything is read, and pixels before anything is decoded."""
+    from PIL import Image
 
     where = "the row's bytes"
     if isinstance(value, dict):  # a datasets Image column: {"bytes": ..., "path": ...}
@@ -105,28 +160,44 @@ def load_image(field: str, value: Any, source: str) -> tuple[bytes | None, str]:
     if isinstance(value, (bytes, bytearray)):
         data = bytes(value)
     elif isinstance(value, str):
-        uri = value.strip()
-        if "://" not in uri and not uri.startswith("/"):
-            base = source.rsplit("/", 1)[0] if "/" in source else "."
-            uri = f"{base}/{uri}"
-        where = uri
+        where, problem = image_location(field, value.strip(), source, image_roots(cfg))
+        if problem:
+            return None, problem
         try:
-            data = read_bytes(uri)
+            size = object_size(where)
+            if size is None:
+                return None, f"{field}: {where} not found; expected an image file (local path, s3:// URI) or bytes"
+            if size > cfg.max_image_bytes:
+                return None, f"{field}: {where} is {size} bytes, over input.max_image_bytes={cfg.max_image_bytes}"
+            data = read_bytes(where)
         except Exception as err:  # noqa: BLE001 - any unreadable location fails the row only
-            return None, f"{field}: cannot read {uri} ({type(err).__name__}: {err})"
+            return None, f"{field}: cannot read {where} ({type(err).__name__}: {err})"
         if data is None:
-            return None, f"{field}: {uri} not found; expected an image file (local path, s3:// URI) or bytes"
+            return None, f"{field}: {where} not found; expected an image file (local path, s3:// URI) or bytes"
     else:
         return None, f"{field}: expected an image path, s3:// URI or bytes, found {_short(value)}"
+    if len(data) > cfg.max_image_bytes:
+        return None, f"{field}: {where} is {len(data)} bytes, over input.max_image_bytes={cfg.max_image_bytes}"
     try:
         with Image.open(io.BytesIO(data)) as img:
+            width, height = img.size  # from the header: nothing decoded yet
+            if width * height > cfg.max_image_pixels:
+                return None, (
+                    f"{field}: {where} is {width}x{height} pixels, over input.max_image_pixels="
+                    f"{cfg.max_image_pixels}; expected a smaller image (it is resized to the stage's size anyway)"
+                )
             img.load()
-    except (UnidentifiedImageError, OSError, ValueError) as err:
-        return None, f"{field}: {where} is not a readable image ({err}); expected PNG, JPEG or WebP"
+    except Exception as err:  # noqa: BLE001 - bombs, truncation, garbage: the row fails, not the job
+        return (
+            None,
+            f"{field}: {where} is not a readable image ({type(err).__name__}: {err}); expected PNG, JPEG or WebP",
+        )
     return data, ""
 
 
-def validate_row(record: dict[str, Any] | str, global_row: int, job_seed: int, source: str = "") -> dict[str, Any]:
+def validate_row(
+    record: dict[str, Any] | str, global_row: int, job_seed: int, source: str, cfg: InputConfig
+) -> dict[str, Any]:
     """One output row from one input record; problems go into `error`, never raised."""
     errors: list[str] = []
     if isinstance(record, str):
@@ -150,7 +221,9 @@ def validate_row(record: dict[str, Any] | str, global_row: int, job_seed: int, s
         try:
             seed_value = parse_seed(seed)
         except (ValueError, TypeError, OverflowError):
-            errors.append(f"seed: expected an integer in [0, 2**63), found {_short(seed)}")
+            errors.append(
+                f"seed: expected an integer in [0, 2**63) (as a float, an exact one up to 2**53), found {_short(seed)}"
+            )
             seed_value = 0
 
     overrides, problems = parse_overrides(record)
@@ -160,7 +233,7 @@ def validate_row(record: dict[str, Any] | str, global_row: int, job_seed: int, s
         value = record.get(field)
         images[field] = None
         if value is not None and value != "" and not errors:
-            images[field], problem = load_image(field, value, source)
+            images[field], problem = load_image(field, value, source, cfg)
             if problem:
                 errors.append(problem)
     if images["mask_image"] is not None and images["image"] is None and not errors:
@@ -194,36 +267,49 @@ def expand(row: dict[str, Any], num_images: int) -> list[dict[str, Any]]:
     ]  # fmt: skip
 
 
-def read_shards(batch: dict[str, np.ndarray], job_seed: int, num_images: int = 1) -> dict[str, np.ndarray]:
+def read_shards(
+    batch: dict[str, np.ndarray], job_seed: int, cfg: InputConfig, num_images: int = 1
+) -> dict[str, np.ndarray]:
     """Ray map_batches UDF: a batch of shard descriptions in, their validated rows out (a row
-    with num_images > 1 becomes that many output rows)."""
+    with num_images > 1 becomes that many output rows). Nothing in one record raises: whatever
+    goes wrong becomes that row's error."""
     rows = []
     for i in range(len(batch["index"])):
         fields = {k: _plain(batch[k][i]) for k in Shard.__dataclass_fields__}
-        fields["only_rows"] = tuple(int(r) for r in fields["only_rows"])
-        shard = Shard(**fields)
-        wanted = set(shard.only_rows)
-        first_seen: dict[str, int] = {}
-        shard_rows = []
-        for n, (source_row, record) in enumerate(_raw_records(shard)):
-            global_row = shard.first_row + n
-            for row in expand(validate_row(record, global_row, job_seed, shard.uri), num_images):
-                # Two rows with one id would share an image: the later one fails, the earlier renders.
-                earlier = first_seen.setdefault(row["id"], global_row)
-                if earlier != global_row and row["status"] == "ok":
-                    row["status"] = "error"
-                    row["error"] = f"id: {_short(row['id'])} is also the id of row {earlier}; ids must be unique"
-                item = item_key(global_row, row["image_index"])
-                if wanted and item not in wanted:
-                    continue
-                row.update(row=global_row, item=item, shard=shard.index, source_file=shard.uri, source_row=source_row)
-                shard_rows.append(row)
-        for row in shard_rows:
-            row["shard_items"] = len(shard_rows)  # what the driver waits for before committing
-        rows += shard_rows
+        for name in ("only_rows", "whole_rows"):
+            fields[name] = tuple(int(r) for r in fields[name])
+        rows += _shard_rows(Shard(**fields), job_seed, cfg, num_images)
     columns = list(rows[0]) if rows else []
     ints = ("seed", "row", "item", "shard", "source_row", "image_index", "shard_items")
     return {c: np.array([r[c] for r in rows], dtype=np.int64 if c in ints else object) for c in columns}
+
+
+def _shard_rows(shard: Shard, job_seed: int, cfg: InputConfig, num_images: int) -> list[dict[str, Any]]:
+    wanted, whole = set(shard.only_rows), set(shard.whole_rows)
+    first_seen: dict[str, int] = {}
+    shard_rows = []
+    for n, (source_row, record) in enumerate(_raw_records(shard, cfg)):
+        global_row = shard.first_row + n
+        try:
+            outputs = expand(validate_row(record, global_row, job_seed, shard.uri, cfg), num_images)
+        except Exception as err:  # noqa: BLE001 - a bug or an input nobody foresaw fails its row only
+            where = f"row {source_row} of {shard.uri}"
+            outputs = [validate_row(f"{where}: {type(err).__name__}: {err}", global_row, job_seed, shard.uri, cfg)]
+            outputs[0]["image_index"] = 0
+        for row in outputs:
+            # Two rows with one id would share an image: the later one fails, the earlier renders.
+            earlier = first_seen.setdefault(row["id"], global_row)
+            if earlier != global_row and row["status"] == "ok":
+                row["status"] = "error"
+                row["error"] = f"id: {_short(row['id'])} is also the id of row {earlier}; ids must be unique"
+            item = item_key(global_row, row["image_index"])
+            if (wanted or whole) and item not in wanted and global_row not in whole:
+                continue
+            row.update(row=global_row, item=item, shard=shard.index, source_file=shard.uri, source_row=source_row)
+            shard_rows.append(row)
+    for row in shard_rows:
+        row["shard_items"] = len(shard_rows)  # what the driver waits for before committing
+    return shard_rows
 
 
 def _plain(value: Any) -> Any:

@@ -8,7 +8,9 @@ stable global index however Ray later splits the work. jobs/rows.py reads each s
 from __future__ import annotations
 
 import csv
+import fnmatch
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -29,6 +31,12 @@ EXTENSIONS = {
     ".txt": "text",
     ".text": "text",
 }
+# What a directory input reads by default, per format: data files only. `.json` is left out, as a
+# directory's .json files are usually metadata (dataset_info.json); name them with input.pattern.
+PATTERNS = {"parquet": ("*.parquet",), "jsonl": ("*.jsonl", "*.ndjson"), "csv": ("*.csv",), "text": ("*.txt", "*.text")}
+# Documentation beside the data, never read as prompts unless input.pattern names it.
+NOT_DATA = ("readme*", "license*", "changelog*", "notice*")
+BOM = b"\xef\xbb\xbf"
 
 
 @dataclass(frozen=True)
@@ -41,8 +49,15 @@ class Shard:
     start: int  # byte offset (text, jsonl, csv) or row offset in the file (parquet)
     end: int  # byte offset one past the shard (text, jsonl, csv); unused for parquet
     first_line: int  # 1-based line number of the first row (line formats), else row offset
-    header: str = ""  # CSV header record
-    only_rows: tuple[int, ...] = ()  # global indexes to read (a retry of failed rows); () = all
+    header: str = ""  # the CSV header's fields, as JSON
+    only_rows: tuple[int, ...] = ()  # item keys to read (a retry of failed outputs); () = all
+    whole_rows: tuple[int, ...] = ()  # global rows to read with all their images (a retry of read failures)
+
+    @property
+    def todo(self) -> int:
+        """What a run of this shard reads: its rows, or on a retry the outputs and rows retried."""
+        retried = len(self.only_rows) + len(self.whole_rows)
+        return retried or self.num_rows
 
 
 def _format_of(uri: str, fmt: str) -> str:
@@ -58,16 +73,38 @@ def _format_of(uri: str, fmt: str) -> str:
     )
 
 
+def _data_files(cfg: InputConfig, root: str, files: list[str]) -> list[str]:
+    """A directory's files that hold prompts: those matching input.pattern, else those with the
+    chosen format's extensions (any data format's, with auto), documentation files left out."""
+    names = {f: f[len(root) :].lstrip("/") for f in files}
+    if cfg.pattern:
+        return [f for f in files if fnmatch.fnmatch(names[f], cfg.pattern)]
+    patterns = PATTERNS[cfg.format] if cfg.format != "auto" else [p for ps in PATTERNS.values() for p in ps]
+    found = []
+    for f in files:
+        base = names[f].rsplit("/", 1)[-1].lower()
+        if any(fnmatch.fnmatch(base, p) for p in patterns) and not any(fnmatch.fnmatch(base, n) for n in NOT_DATA):
+            found.append(f)
+    return found
+
+
 def list_files(cfg: InputConfig) -> list[tuple[str, str]]:
-    """[(uri, format)] of the input: the file itself, or a directory's files in name order."""
+    """[(uri, format)] of the input: the file itself, or a directory's data files in name order."""
     fs, path = resolve(cfg.path)
     try:
         info = fs.get_file_info(path)
         if info.type == pafs.FileType.Directory or (is_s3(cfg.path) and info.type == pafs.FileType.NotFound):
             infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
-            files = sorted(
+            every = sorted(
                 i.path for i in infos if i.type == pafs.FileType.File and not i.base_name.startswith((".", "_"))
             )
+            files = _data_files(cfg, path, every)
+            if every and not files:
+                raise InputError(
+                    f"input.path {cfg.path}: none of its {len(every)} files is a data file (found e.g. "
+                    f"{[f[len(path) :].lstrip('/') for f in every[:5]]}). Expected {', '.join(sorted(EXTENSIONS))} "
+                    f"files. Fix: set input.pattern to the data files' names, e.g. '*.json'."
+                )
         elif info.type == pafs.FileType.File:
             files = [path]
         else:
@@ -80,49 +117,79 @@ def list_files(cfg: InputConfig) -> list[tuple[str, str]]:
             f"Expected a prompt file (.parquet, .jsonl, .csv, .txt) or a directory of them."
         )
     prefix = "s3://" if is_s3(cfg.path) else ""
-    if cfg.format == "auto":
-        files = [f for f in files if any(f.lower().endswith(e) for e in EXTENSIONS)] or files
     return [(prefix + f, _format_of(prefix + f, cfg.format)) for f in files]
 
 
-def _lines(stream: Any, chunk: int = 1 << 20) -> Iterator[bytes]:
-    """Lines of a binary stream, each with its line ending, read in chunks."""
+_LINE = re.compile(rb"[^\r\n]*(?:\r\n|\r|\n)")
+
+
+def lines(stream: Any, chunk: int = 1 << 20) -> Iterator[bytes]:
+    """Lines of a binary stream, each with its ending (LF, CRLF or a lone CR), read in chunks."""
     rest = b""
     while True:
         data = stream.read(chunk)
         if not data:
             break
         rest += data
-        *lines, rest = rest.split(b"\n")
-        for line in lines:
-            yield line + b"\n"
+        # A CR at the end of the buffer may be the first half of a CRLF: keep it for the next chunk.
+        end, pos = len(rest) - rest.endswith(b"\r"), 0
+        for match in _LINE.finditer(rest, 0, end):
+            yield match.group()
+            pos = match.end()
+        rest = rest[pos:]
     if rest:
         yield rest
 
 
-def records(stream: Any, fmt: str) -> Iterator[tuple[int, int, int, bytes]]:
-    """(start byte, end byte, line number, raw record) for each non-blank record of a line format.
-    A CSV record ends where its double quotes balance, so quoted newlines stay inside."""
-    offset, line_no = 0, 0
-    pending, pending_start, pending_line, quotes = b"", 0, 0, 0
-    for line in _lines(stream):
-        start = offset
-        offset += len(line)
-        line_no += 1
-        if fmt == "csv":
-            if not pending:
-                pending_start, pending_line = start, line_no
-            pending += line
-            quotes += line.count(b'"')
-            if quotes % 2:
-                continue
-            record, pending, quotes = pending, b"", 0
-            if record.strip():
-                yield pending_start, offset, pending_line, record
-        elif line.strip():
-            yield start, offset, line_no, line
-    if pending.strip():
-        yield pending_start, offset, pending_line, pending
+@dataclass(frozen=True)
+class Record:
+    start: int  # byte offset of the record in its file
+    end: int  # byte offset one past it
+    line: int  # 1-based line number where it starts
+    value: bytes | list[str]  # a text or JSONL line; a CSV record's fields
+    problem: str = ""  # a CSV record the csv module could not parse
+
+
+def records(stream: Any, fmt: str, offset: int = 0, first_line: int = 1, max_bytes: int = 1 << 20) -> Iterator[Record]:
+    """Each non-blank record of a line format, with where it lies. CSV goes through the csv
+    module (quotes inside unquoted fields, quoted newlines, any line ending); a UTF-8 BOM at the
+    start of the file is skipped; a record over `max_bytes` is a problem, not a value."""
+    state = {"offset": offset, "line": first_line - 1}
+    too_big = f"longer than input.max_record_bytes={max_bytes}; expected shorter records, or raise the cap"
+
+    def counted() -> Iterator[bytes]:
+        for line in lines(stream):
+            if state["offset"] == 0 and line.startswith(BOM):
+                state["offset"] += len(BOM)
+                line = line[len(BOM) :]
+            state["offset"] += len(line)
+            state["line"] += 1
+            yield line
+
+    if fmt != "csv":
+        for line in counted():
+            if len(line) > max_bytes:
+                yield Record(state["offset"] - len(line), state["offset"], state["line"], b"", f"a line {too_big}")
+            elif line.strip():
+                yield Record(state["offset"] - len(line), state["offset"], state["line"], line)
+        return
+    csv.field_size_limit(max_bytes)  # one field may hold the whole record
+    # The csv module reads text: bytes that are not UTF-8 pass through as surrogates, so byte
+    # offsets stay exact and the read task can name the row.
+    reader = csv.reader(line.decode("utf-8", "surrogateescape") for line in counted())
+    while True:
+        start, line = state["offset"], state["line"] + 1
+        try:
+            fields = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as err:
+            yield Record(start, state["offset"], line, [], f"line {line}: not a CSV record ({err})")
+            continue
+        if state["offset"] - start > max_bytes:
+            yield Record(start, state["offset"], line, [], f"a CSV record {too_big}")
+        elif any(f.strip() for f in fields):
+            yield Record(start, state["offset"], line, fields)
 
 
 def _check_columns(uri: str, found: list[str]) -> None:
@@ -149,18 +216,21 @@ def plan_shards(cfg: InputConfig) -> list[Shard]:
             continue
         header, seen_prompt, sample = "", False, []
         boundary: tuple[int, int] | None = None  # (byte, line) where the open shard starts
-        count = 0
+        count, end = 0, 0
         with fs.open_input_stream(path) as stream:
-            for start, end, line_no, raw in records(stream, fmt):
+            for record in records(stream, fmt, max_bytes=cfg.max_record_bytes):
+                end = record.end
                 if fmt == "csv" and not header:
-                    header = raw.decode("utf-8", errors="replace")
-                    _check_columns(uri, next(csv.reader([header])))
+                    if record.problem:
+                        raise InputError(f"{uri}: the CSV header cannot be read ({record.problem})")
+                    header = json.dumps(record.value)
+                    _check_columns(uri, record.value)
                     continue
                 if fmt == "jsonl" and not seen_prompt and len(sample) < 100:
-                    sample.append(raw)
-                    seen_prompt = _has_prompt_key(raw)
+                    sample.append(record.value)
+                    seen_prompt = _has_prompt_key(record.value)
                 if boundary is None:
-                    boundary = (start, line_no)
+                    boundary = (record.start, record.line)
                 count += 1
                 if count % cfg.shard_size == 0:
                     shards.append(

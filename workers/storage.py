@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import stat
 import time
 import uuid
 from pathlib import Path
@@ -148,6 +149,27 @@ def read_bytes(uri: str) -> bytes | None:
             return f.read()
     except FileNotFoundError:
         return None
+
+
+def object_size(uri: str) -> int | None:
+    """An object's size in bytes, None when there is none; a local path that is not a regular
+    file (a directory, FIFO, device) is refused before anything reads it, as reading could block."""
+    if is_s3(uri):
+        bucket, key = bucket_key(uri)
+        client = s3_client()
+        try:
+            return client.head_object(Bucket=bucket, Key=key)["ContentLength"]
+        except client.exceptions.ClientError as err:
+            if err.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
+                return None
+            raise
+    try:
+        info = os.stat(resolve(uri)[1])
+    except FileNotFoundError:
+        return None
+    if not stat.S_ISREG(info.st_mode):
+        raise StorageError(f"{uri}: not a regular file; expected an image file")
+    return info.st_size
 
 
 def list_prefix(root: str, prefix: str = "") -> list[str]:

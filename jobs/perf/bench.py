@@ -183,7 +183,10 @@ def bench(manifest: Manifest, images: int, workdir: Path) -> dict:
     pipeline, done = run_pipeline(manifest)
     log.info("bench: (b) sequential, one process")
     items = shard_items(plan_shards(manifest.input))
-    batches = [read_shards({k: np.array([s[k]], dtype=object) for k in s}, job_seed=manifest.seed) for s in items]
+    batches = [
+        read_shards({k: np.array([s[k]], dtype=object) for k in s}, job_seed=manifest.seed, cfg=manifest.input)
+        for s in items
+    ]
     rows = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
     sequential, digests = run_sequential(manifest, rows, str(workdir / "sequential"))
     # Both ways must render the same images, or the comparison means nothing. Not bit for bit:

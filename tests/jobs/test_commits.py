@@ -64,3 +64,45 @@ def test_losing_writer_drops_its_copy_and_winner_clears_leftovers(output):
     assert list_commits(output)[3] == Commit(
         3, 0, "shards/000003-000-first.parquet", 2, 2, 0, "first", list_commits(output)[3].stage_seconds
     )
+
+
+def test_a_retry_renders_every_image_of_a_row_that_failed_before_it_was_expanded(tmp_path):
+    import json
+
+    import numpy as np
+
+    from jobs.commits import work_left
+    from jobs.manifest import load_manifest
+    from jobs.rows import read_shards
+    from jobs.shards import plan_shards, shard_items
+    from tests.helpers import png
+    from workers.keys import item_key
+
+    rows = [{"prompt": "late", "num_images": 3, "image": "late.png"}, {"prompt": "fine", "num_images": 2}]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    m = load_manifest(None, [f"input.path={tmp_path / 'rows.jsonl'}", f"output.path={tmp_path / 'out'}"])
+    out, shards = m.output.path, plan_shards(m.input)
+
+    def read(shard: Shard) -> list[dict]:
+        item = shard_items([shard])[0]
+        batch = read_shards({k: np.array([v], dtype=object) for k, v in item.items()}, job_seed=0, cfg=m.input)
+        return [dict(zip(batch, values)) for values in zip(*batch.values())]
+
+    first = read(shards[0])
+    assert [(r["row"], r["image_index"], r["status"]) for r in first] == [(0, 0, "error"), (1, 0, "ok"), (1, 1, "ok")]
+    first[2].update(status="error", error="stage1: failed")  # one rendered image of row 1 failed too
+    work = Work(shards[0], 0)
+    names = METADATA_SCHEMA.names
+    work.rows = {r["item"]: dict.fromkeys(names) | {k: v for k, v in r.items() if k in names} for r in first}
+    assert commit_shard(out, work, "r1")
+    (tmp_path / "late.png").write_bytes(png((5, 5, 5)))
+    [retry] = work_left(out, shards, list_commits(out), retry_errors=True)
+    assert retry.shard.whole_rows == (0,) and retry.shard.only_rows == (item_key(1, 1),)
+    again = read(retry.shard)
+    assert [(r["row"], r["image_index"], r["status"]) for r in again] == [
+        (0, 0, "ok"),
+        (0, 1, "ok"),
+        (0, 2, "ok"),
+        (1, 1, "ok"),
+    ]
+    assert {r["shard_items"] for r in again} == {4} and retry.shard.todo == 2

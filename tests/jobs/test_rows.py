@@ -36,7 +36,7 @@ PROMPTS = [
 def read_all(cfg: InputConfig, job_seed: int = 0) -> list[dict]:
     rows = []
     for item in shard_items(plan_shards(cfg)):
-        out = read_shards({k: np.array([v], dtype=object) for k, v in item.items()}, job_seed)
+        out = read_shards({k: np.array([v], dtype=object) for k, v in item.items()}, job_seed, cfg)
         rows += [dict(zip(out, values)) for values in zip(*out.values())]
     return rows
 
@@ -199,7 +199,7 @@ def read(tmp_path: Path, records: list[dict], num_images: int = 1) -> dict:
         k: np.array([s[k] for s in shard_items(plan_shards(cfg))], dtype=object)
         for k in shard_items(plan_shards(cfg))[0]
     }
-    return read_shards(batch, job_seed=7, num_images=num_images)
+    return read_shards(batch, job_seed=7, cfg=cfg, num_images=num_images)
 
 
 def test_every_invalid_row_value_becomes_an_error_row_naming_it(tmp_path):
@@ -254,10 +254,11 @@ def test_num_images_expands_rows_with_distinct_reproducible_seeds(tmp_path):
     assert list(again["seed"]) == list(out["seed"])
 
 
-def read_parquet(path: Path, table: pa.Table) -> dict:
+def read_parquet(path: Path, table: pa.Table, *overrides: str) -> dict:
     pq.write_table(table, path)
-    items = shard_items(plan_shards(load_manifest(None, ["output.path=/o", f"input.path={path}"]).input))
-    return read_shards({k: np.array([s[k] for s in items], dtype=object) for k in items[0]}, job_seed=1)
+    cfg = load_manifest(None, ["output.path=/o", f"input.path={path}", *overrides]).input
+    items = shard_items(plan_shards(cfg))
+    return read_shards({k: np.array([s[k] for s in items], dtype=object) for k in items[0]}, job_seed=1, cfg=cfg)
 
 
 def test_images_come_from_paths_s3_bytes_and_datasets_columns(tmp_path, s3_server):
@@ -267,7 +268,8 @@ def test_images_come_from_paths_s3_bytes_and_datasets_columns(tmp_path, s3_serve
     boto3.client("s3").put_object(Bucket="inits", Key="a.png", Body=png((200, 0, 0)))
     (tmp_path / "b.png").write_bytes(png((0, 200, 0)))
     uris = pa.table({"prompt": ["s3 init", "relative path", "text"], "image": ["s3://inits/a.png", "b.png", None]})
-    out = read_parquet(tmp_path / "uris.parquet", uris)
+    # The images' bucket is an image root beside the input's own directory.
+    out = read_parquet(tmp_path / "uris.parquet", uris, f"input.image_roots=[{tmp_path}, s3://inits]")
     assert list(out["mode"]) == ["img2img", "img2img", "text2img"], out["error"]
     assert out["image"][0] == png((200, 0, 0)) and out["image"][1] == png((0, 200, 0))
     # Raw bytes, and the {bytes, path} struct of a datasets Image column.
@@ -281,3 +283,116 @@ def test_images_come_from_paths_s3_bytes_and_datasets_columns(tmp_path, s3_serve
     out = read_parquet(tmp_path / "raw.parquet", raw)
     assert out["image"][0] == png((1, 2, 3)) and out["status"][1] == "error"
     assert "the row's bytes is not a readable image" in out["error"][1]
+
+
+# ---- hardened input --------------------------------------------------------------------------
+
+
+def read_file(path, *overrides: str) -> dict:
+    cfg = load_manifest(None, ["output.path=/o", f"input.path={path}", *overrides]).input
+    items = shard_items(plan_shards(cfg))
+    return read_shards({k: np.array([s[k] for s in items], dtype=object) for k in items[0]}, job_seed=1, cfg=cfg)
+
+
+@pytest.mark.parametrize("newline", [b"\n", b"\r\n", b"\r"])
+def test_csv_with_inch_marks_quoted_newlines_any_line_ending_and_a_bom(tmp_path, newline):
+    lines = [b"id,prompt,seed", b'c1,a 12" pizza on a table,1', b'c2,"two' + newline + b'lines",2', b"c3,plain,3"]
+    path = tmp_path / "p.csv"
+    path.write_bytes(b"\xef\xbb\xbf" + newline.join(lines) + newline)
+    out = read_file(path, "input.shard_size=1")
+    assert list(out["status"]) == ["ok"] * 3, out["error"]
+    assert list(out["id"]) == ["c1", "c2", "c3"]  # the BOM did not rename the first column
+    assert out["prompt"][0] == 'a 12" pizza on a table' and out["prompt"][1] == "two" + newline.decode() + "lines"
+    assert list(out["seed"]) == [1, 2, 3] and list(out["source_row"]) == [2, 3, 5]  # c2 spans lines 3-4
+
+
+def test_boms_in_jsonl_and_text_and_over_long_records_fail_alone(tmp_path):
+    (tmp_path / "a.jsonl").write_bytes(b'\xef\xbb\xbf{"prompt": "first"}\n{"prompt": "' + b"x" * 300 + b'"}\n')
+    (tmp_path / "b.txt").write_bytes(b"\xef\xbb\xbfsecond\nthird\n")
+    out = read_file(tmp_path, "input.max_record_bytes=200")
+    assert list(out["prompt"][[0, 2, 3]]) == ["first", "second", "third"]
+    assert out["status"][1] == "error" and "longer than input.max_record_bytes=200" in out["error"][1]
+    assert out["error"][1].startswith("line 2 of ")
+
+
+def test_a_csv_row_with_more_fields_than_the_header_is_an_error_row(tmp_path):
+    (tmp_path / "p.csv").write_text("id,prompt\na,a fox, in snow\nb,an owl\n")
+    out = read_file(tmp_path / "p.csv")
+    assert list(out["status"]) == ["error", "ok"]
+    assert out["error"][0].startswith("line 2 of ") and "3 fields, but the header names 2" in out["error"][0]
+
+
+def test_float_seeds_must_be_exact_integers(tmp_path):
+    seeds = [3.0, 2.0**53, 2.0**60, 1.5, 2**62]
+    out = read(tmp_path, [{"prompt": "p", "seed": s} for s in seeds])
+    assert list(out["status"]) == ["ok", "ok", "error", "error", "ok"]
+    assert out["seed"][1] == 2**53 and out["seed"][4] == 2**62
+    assert "an exact one up to 2**53" in out["error"][2]
+
+
+def test_a_directory_reads_only_its_data_files(tmp_path):
+    (tmp_path / "part-0.jsonl").write_text('{"prompt": "a fox"}\n')
+    (tmp_path / "README.txt").write_text("This dataset holds prompts.\n")
+    (tmp_path / "dataset_info.json").write_text('{"prompt": "not a row"}\n')
+    (tmp_path / "notes.md").write_text("# notes\n")
+    assert [r["prompt"] for r in read_all(InputConfig(path=str(tmp_path)))] == ["a fox"]
+    picked = read_all(InputConfig(path=str(tmp_path), pattern="*.json"))
+    assert [r["prompt"] for r in picked] == ["not a row"]
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "README.txt").write_text("only documentation here\n")
+    with pytest.raises(InputError, match=r"none of its 1 files is a data file.*Fix: set input.pattern"):
+        read_all(InputConfig(path=str(tmp_path / "docs")))
+
+
+def test_image_paths_stay_inside_the_image_roots_and_refusals_do_not_reveal_existence(tmp_path):
+    data, outside = tmp_path / "data", tmp_path / "outside"
+    data.mkdir()
+    outside.mkdir()
+    (outside / "secret.png").write_bytes(png((1, 1, 1)))
+    (data / "link.png").symlink_to(outside / "secret.png")
+    (data / "ok.png").write_bytes(png((2, 2, 2)))
+    records = [
+        {"prompt": "p", "image": "ok.png"},
+        {"prompt": "p", "image": "../outside/secret.png"},  # exists
+        {"prompt": "p", "image": "../outside/nothing.png"},  # does not
+        {"prompt": "p", "image": str(outside / "secret.png")},
+        {"prompt": "p", "image": "link.png"},  # a link out of the root
+        {"prompt": "p", "image": "s3://someone-elses-bucket/x.png"},
+    ]
+    out = read(data, records)
+    assert list(out["status"]) == ["ok"] + ["error"] * 5
+    refusals = [e.split(" lies outside", 1)[1] for e in out["error"][1:]]
+    assert len(set(refusals)) == 1 and "input.image_roots" in refusals[0]
+    # Listing the other folder as a root allows exactly those paths.
+    path = data / "allowed.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records[1:4]))
+    assert list(read_file(path, f"input.image_roots=[{data}, {outside}]")["status"]) == ["ok", "error", "ok"]
+
+
+def test_image_files_are_checked_before_they_are_read_or_decoded(tmp_path):
+    import os
+
+    from PIL import Image
+
+    Image.new("L", (2000, 2000)).save(tmp_path / "big.png")  # tiny file, many pixels
+    (tmp_path / "heavy.png").write_bytes(png((3, 3, 3)) + b"\0" * 5000)
+    os.mkfifo(tmp_path / "fifo.png")  # reading it would block forever
+    records = [{"prompt": "p", "image": name} for name in ("big.png", "heavy.png", "fifo.png")]
+    path = tmp_path / "rows.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    out = read_file(path, "input.max_image_pixels=1000000", "input.max_image_bytes=4000")
+    assert list(out["status"]) == ["error"] * 3
+    assert "2000x2000 pixels, over input.max_image_pixels=1000000" in out["error"][0]
+    assert "bytes, over input.max_image_bytes=4000" in out["error"][1]
+    assert "not a regular file" in out["error"][2]
+
+
+def test_repeated_ids_across_shards_render_both_rows_into_their_own_shards(tmp_path):
+    # The policy: ids are unique per shard (a repeat there fails); across shards both render,
+    # each into its own shard's image directory, with the same derived seed.
+    out = read(tmp_path, [{"prompt": "a", "id": "x"}, {"prompt": "b", "id": "x"}, {"prompt": "c", "id": "x"}])
+    assert list(out["status"]) == ["ok", "error", "error"] and "is also the id of row 0" in out["error"][1]
+    path = tmp_path / "rows.jsonl"
+    split = read_file(path, "input.shard_size=1")
+    assert list(split["status"]) == ["ok", "ok", "ok"] and len(set(split["seed"])) == 1
+    assert len(set(split["shard"])) == 3
