@@ -43,10 +43,31 @@ def fingerprint(manifest: Manifest) -> dict[str, Any]:
     return data
 
 
+_MISSING = object()
+
+
+def _default_at(path: str) -> Any:
+    """The default of a manifest field by its dotted path (_MISSING where there is none)."""
+    model: Any = Manifest
+    for name in path.split("."):
+        field = getattr(model, "model_fields", {}).get(name)
+        if field is None:
+            return _MISSING
+        model = field.annotation
+    return field.default
+
+
 def _diff(old: Any, new: Any, path: str = "") -> list[str]:
     if isinstance(old, dict) and isinstance(new, dict):
-        return [d for k in sorted(set(old) | set(new)) for d in _diff(old.get(k), new.get(k), f"{path}.{k}".strip("."))]
-    return [] if old == new else [f"{path}: {old!r} -> {new!r}"]
+        return [
+            d
+            for k in sorted(set(old) | set(new))
+            for d in _diff(old.get(k, _MISSING), new.get(k, _MISSING), f"{path}.{k}".strip("."))
+        ]
+    # A field added since the output was made, at its default, renders as the output did.
+    if old is _MISSING and new == _default_at(path):
+        return []
+    return [] if old == new else [f"{path}: {None if old is _MISSING else old!r} -> {new!r}"]
 
 
 def check_job(out: str, manifest: Manifest, allow_changed: bool) -> None:

@@ -10,10 +10,16 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 TIMESTEP_PRESETS = ("fast27", "smart27", "smart50", "smart100", "smart185", "super27", "super40", "super100")
 Preset = Literal[TIMESTEP_PRESETS]  # type: ignore[valid-type]
+# Schedulers a UNet stage may use instead of its checkpoint's own ("default": IF's DDPM, the
+# upscaler's DDIM), each configured from the checkpoint's scheduler config (workers/models.py).
+SCHEDULERS = ("default", "ddpm", "ddim", "dpmsolver_multistep", "unipc", "euler")
+# Those whose set_timesteps takes a custom schedule, as the timestep presets are.
+PRESET_SCHEDULERS = ("default", "ddpm", "dpmsolver_multistep", "euler")
+Scheduler = Literal[SCHEDULERS]  # type: ignore[valid-type]
 
 
 class Strict(BaseModel):
@@ -95,10 +101,35 @@ class UNetStageConfig(ModelStageConfig):
         "matmuls, the reference), xformers (needs the xformers package).",
     )
     compile: bool = Field(False, description="torch.compile the stage's UNet: slower start, faster steps on GPUs.")
+    scheduler: Scheduler = Field(
+        "default",
+        description="Denoising scheduler: default (the checkpoint's own), or "
+        f"{', '.join(SCHEDULERS[1:])}, configured from the checkpoint's scheduler config. "
+        "A faster scheduler at fewer steps is the guides' speed lesson.",
+    )
+    attention_slicing: bool = Field(
+        False, description="Compute attention in slices: less memory on small GPUs, slower; replaces `attention`."
+    )
+
+    @model_validator(mode="after")
+    def _preset_needs_a_scheduler_that_takes_it(self):
+        if getattr(self, "timesteps", None) and self.scheduler not in PRESET_SCHEDULERS:
+            raise ValueError(
+                f"timesteps: {self.timesteps} is a custom schedule, which scheduler {self.scheduler} cannot take; "
+                f"expected one of {', '.join(PRESET_SCHEDULERS)}. Fix: drop timesteps (use num_inference_steps), "
+                f"or choose one of those schedulers"
+            )
+        return self
 
 
 class Stage1Config(UNetStageConfig):
-    ROW_SETTINGS: ClassVar[tuple[str, ...]] = ("guidance_scale", "num_inference_steps", "timesteps", "strength")
+    ROW_SETTINGS: ClassVar[tuple[str, ...]] = (
+        "guidance_scale",
+        "num_inference_steps",
+        "timesteps",
+        "strength",
+        "scheduler",
+    )
 
     num_inference_steps: int = Field(100, ge=1, le=1000, description="Denoising steps (ignored when timesteps is set).")
     timesteps: Preset | None = Field(None, description=f"IF timestep preset, one of {', '.join(TIMESTEP_PRESETS)}.")
@@ -119,6 +150,7 @@ class Stage2Config(UNetStageConfig):
         "timesteps",
         "noise_level",
         "strength",
+        "scheduler",
     )
 
     num_inference_steps: int = Field(50, ge=1, le=1000, description="Denoising steps (ignored when timesteps is set).")
@@ -131,11 +163,17 @@ class Stage2Config(UNetStageConfig):
 
 
 class UpscaleConfig(UNetStageConfig):
-    ROW_SETTINGS: ClassVar[tuple[str, ...]] = ("guidance_scale", "num_inference_steps", "noise_level")
+    ROW_SETTINGS: ClassVar[tuple[str, ...]] = ("guidance_scale", "num_inference_steps", "noise_level", "scheduler")
 
     num_inference_steps: int = Field(75, ge=1, le=1000, description="Denoising steps.")
     guidance_scale: float = Field(9.0, ge=0, le=100, description="Classifier-free guidance scale.")
     noise_level: int = Field(100, ge=0, le=350, description="Noise added to the stage II image (max 350).")
+    vae_slicing: bool = Field(
+        False, description="Decode the 1024 px images one at a time: less peak memory at batch > 1."
+    )
+    vae_tiling: bool = Field(
+        False, description="Decode each 1024 px image in overlapping tiles: far less memory; seams can show."
+    )
 
 
 class WriteConfig(PoolConfig):

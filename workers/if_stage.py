@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from workers.base import Batch, StageWorker, row_generators, to_numpy
-from workers.models import load_pipeline, preset_timesteps, recorded_settings
+from workers.models import Schedulers, load_pipeline, preset_timesteps, recorded_settings
 from workers.overrides import effective_settings, row_mode
 from workers.safety import Safety
 
@@ -60,6 +60,7 @@ class IFStageWorker(StageWorker):
         text2img, img2img, inpaint = (getattr(diffusers, name) for name in self.pipelines)
         self.pipe = load_pipeline(self.stage, text2img, cfg, self.device, text_encoder=None, tokenizer=None)
         self.pipes = mode_pipelines(self.pipe, img2img, inpaint)
+        self.schedulers = Schedulers(self.pipe.scheduler)
         self.size = self.pipe.unet.config.sample_size
         self.column = f"{self.stage}_image"
         # The last stage finishes its images as the IF pipelines do: checker, watermark.
@@ -94,7 +95,9 @@ class IFStageWorker(StageWorker):
             output_type="pt",
         )
         kwargs |= self.inputs(batch, rows, settings) | self.mode_inputs(batch, rows, settings)
-        images = self.pipes[settings["mode"]](**kwargs).images
+        pipe = self.pipes[settings["mode"]]
+        pipe.scheduler = self.schedulers[settings["scheduler"]]
+        images = pipe(**kwargs).images
         values = {self.column: to_numpy(images.float())}
         return self.safety.finish(values, self.column) if self.safety else values
 

@@ -137,7 +137,42 @@ def load_encode_pipeline(cfg: Any, device: torch.device) -> Any:
 
 def recorded_settings(cfg: Any) -> dict[str, Any]:
     """The loading settings of a UNet stage, recorded with each row it renders."""
-    return {"offload": cfg.offload, "attention": cfg.attention, "compile": cfg.compile}
+    names = ("offload", "attention", "compile", "attention_slicing", "vae_slicing", "vae_tiling")
+    return {name: getattr(cfg, name) for name in names if hasattr(cfg, name)}
+
+
+# The diffusers classes behind workers/config.py's SCHEDULERS names.
+SCHEDULER_CLASSES = {
+    "ddpm": "DDPMScheduler",
+    "ddim": "DDIMScheduler",
+    "dpmsolver_multistep": "DPMSolverMultistepScheduler",
+    "unipc": "UniPCMultistepScheduler",
+    "euler": "EulerDiscreteScheduler",
+}
+
+
+class Schedulers:
+    """A stage's schedulers by setting name, each built once from the checkpoint's own config,
+    so only the class changes: betas, timestep spacing, IF's thresholding carry over."""
+
+    def __init__(self, default: Any) -> None:
+        self.built = {"default": default}
+
+    def __getitem__(self, name: str) -> Any:
+        if name not in self.built:
+            import inspect
+
+            import diffusers
+
+            cls = getattr(diffusers, SCHEDULER_CLASSES[name])
+            config = dict(self.built["default"].config)
+            # IF's UNets predict a variance too: a scheduler without a learned-variance mode is
+            # told the variance is fixed, so the IF pipelines drop it before the step.
+            learned = config.get("variance_type") in ("learned", "learned_range")
+            if learned and "variance_type" not in inspect.signature(cls.__init__).parameters:
+                config["variance_type"] = "fixed_small"
+            self.built[name] = cls.from_config(config)
+        return self.built[name]
 
 
 def load_pipeline(stage: str, pipeline_cls: Any, cfg: Any, device: torch.device, **components: Any) -> Any:
@@ -148,6 +183,8 @@ def load_pipeline(stage: str, pipeline_cls: Any, cfg: Any, device: torch.device,
     )
     pipe.set_progress_bar_config(disable=True)
     set_attention(stage, pipe.unet, cfg.attention)
+    if cfg.attention_slicing:
+        pipe.enable_attention_slicing()
     if cfg.compile:
         pipe.unet = torch.compile(pipe.unet)
     if cfg.offload == "none":

@@ -9,7 +9,7 @@ import torch
 
 from workers.base import Batch, StageWorker, row_generators
 from workers.if_stage import row_overrides
-from workers.models import load_pipeline, recorded_settings
+from workers.models import Schedulers, load_pipeline, recorded_settings
 from workers.overrides import effective_settings
 from workers.safety import Safety
 
@@ -22,6 +22,12 @@ class UpscaleWorker(StageWorker):
         from diffusers import StableDiffusionUpscalePipeline
 
         self.pipe = load_pipeline(self.stage, StableDiffusionUpscalePipeline, cfg, self.device)
+        self.schedulers = Schedulers(self.pipe.scheduler)
+        # The 1024 px decode is the upscaler's memory peak: one image at a time, or in tiles.
+        if cfg.vae_slicing:
+            self.pipe.vae.enable_slicing()
+        if cfg.vae_tiling:
+            self.pipe.vae.enable_tiling()
         # The last stage finishes its images as the IF pipelines do: checker, watermark.
         self.safety = Safety.load(safety, self.device) if safety is not None else None
 
@@ -33,6 +39,7 @@ class UpscaleWorker(StageWorker):
     @torch.inference_mode()
     def run(self, batch: Batch, rows: np.ndarray, settings: dict[str, Any]) -> Batch:
         low_res = self.tensor(batch, "stage2_image", rows)
+        self.pipe.scheduler = self.schedulers[settings["scheduler"]]
         images = self.pipe(
             prompt=[str(p) for p in batch["prompt"][rows]],
             negative_prompt=[str(p or "") for p in batch["negative_prompt"][rows]],
