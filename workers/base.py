@@ -199,6 +199,14 @@ class StageWorker:
         start = time.perf_counter()
         try:
             values = self._run_micro_batches(batch, rows, settings)
+            for column, value in values.items():
+                want = out[column].shape[1:] if column in out else value.shape[1:]
+                if value.shape[1:] != want:
+                    raise ValueError(
+                        f"{column}: the model returned {value.shape[1:]} per row where this stage renders {want}; "
+                        "an img2img or inpainting init image keeps its aspect ratio, and images that are not "
+                        "square are not rendered yet. Fix: crop the init image to a square"
+                    )
         except MissingColumnsError:
             raise
         except Exception as err:  # noqa: BLE001 - a row's failure is recorded, never raised
