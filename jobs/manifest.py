@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, model_validator
 
 from workers.config import (
     EncodeConfig,
@@ -24,6 +24,7 @@ from workers.config import (
 )
 from workers.errors import ManifestError
 from workers.keys import MAX_IMAGES
+from workers.sizes import SCALE, stage1_size
 from workers.stages import stages_to
 
 MANIFESTS_DIR = Path(__file__).resolve().parent.parent / "manifests"
@@ -129,6 +130,15 @@ class Manifest(Strict):
         description="Images per prompt row (a row's num_images column overrides it): each is its "
         "own output row, id ID-N, with its own seed.",
     )
+    width: int | None = Field(
+        None,
+        ge=8,
+        description="Final image width in px at last_stage, for text-to-image rows (a row's width "
+        "column overrides it); with height. Stage I renders width / 16 at upscale (/ 4 at stage2), a "
+        "multiple of 8. None: the checkpoints' own square size. img2img and inpainting rows follow "
+        "their init image's aspect ratio.",
+    )
+    height: int | None = Field(None, ge=8, description="Final image height in px at last_stage; see width.")
     safety: SafetyConfig = Field(default_factory=SafetyConfig, description="Safety checker and watermark.")
     contact_sheets: bool = Field(
         True, description="Write contact/NNNNNN.jpg per shard and contact/job.jpg: thumbnails with ids."
@@ -139,6 +149,24 @@ class Manifest(Strict):
     def stages(self) -> tuple[str, ...]:
         """The model stages this job runs, in order."""
         return stages_to(self.last_stage)
+
+    @model_validator(mode="after")
+    def _size_fits_the_cascade(self):
+        if (self.width is None) != (self.height is None):
+            raise ValueError("width and height: expected both or neither; found only one. Fix: set the other too")
+        if self.width is not None:
+            width, height, problem = stage1_size(self.width, self.height, self.last_stage)
+            if problem:
+                raise ValueError(problem)
+            for i, stage in enumerate(self.stages()[1:]):  # stage1, stage2, upscale: each x4
+                area = width * height * SCALE ** (2 * i)
+                if area > getattr(self, stage).max_pixels:
+                    raise ValueError(
+                        f"width/height: {self.width}x{self.height} makes {stage} render {area} pixels, over "
+                        f"{stage}.max_pixels={getattr(self, stage).max_pixels}. Fix: a smaller size, or raise "
+                        f"{stage}.max_pixels if its GPU has the memory"
+                    )
+        return self
 
 
 def _apply_override(data: dict[str, Any], assignment: str) -> None:
@@ -161,6 +189,8 @@ def _format_errors(source: str, err: ValidationError) -> str:
         where = ".".join(str(p) for p in e["loc"]) or "(top level)"
         if e["type"] == "extra_forbidden":
             lines.append(f"  {where}: unknown field (check its spelling; `ifrender validate` lists every field)")
+        elif not e["loc"]:  # a check of the whole manifest: its message names the fields
+            lines.append(f"  {e['msg'].removeprefix('Value error, ')}")
         else:
             lines.append(f"  {where}: {e['msg']} (found {e.get('input')!r})")
     return "\n".join(lines)

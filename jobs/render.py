@@ -25,6 +25,7 @@ from jobs.rows import read_shards
 from jobs.shards import plan_shards, shard_items
 from jobs.summary import Summary
 from workers.keys import item_key
+from workers.sizes import JobSize
 from workers.stages import STAGES, drops
 from workers.storage import join, write_bytes
 from workers.write import WriteWorker
@@ -99,7 +100,12 @@ def build_dataset(manifest: Manifest, work: list[Work], run_id: str, placed: dic
         read_shards,
         batch_size=1,
         num_cpus=0.25,
-        fn_kwargs={"job_seed": manifest.seed, "cfg": manifest.input, "num_images": manifest.num_images},
+        fn_kwargs={
+            "job_seed": manifest.seed,
+            "cfg": manifest.input,
+            "num_images": manifest.num_images,
+            "size": JobSize(manifest.width, manifest.height, manifest.last_stage),
+        },
     )
     # 2. Small blocks give each stage several tasks, so the stages overlap instead of taking turns.
     ds = ds.repartition(target_num_rows_per_block=rows)

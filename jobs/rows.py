@@ -22,6 +22,7 @@ from jobs.manifest import InputConfig
 from jobs.shards import Record, Shard, records
 from workers.keys import derive_seed, item_key
 from workers.overrides import OVERRIDE_COLUMNS, STAGE_PREFIXES, parse_overrides, row_mode
+from workers.sizes import NATIVE, JobSize, stage1_size
 from workers.storage import bucket_key, is_s3, object_size, read_bytes, resolve
 
 COLUMNS = ("prompt", "negative_prompt", "seed", "id", "image", "mask_image") + OVERRIDE_COLUMNS
@@ -196,7 +197,12 @@ def load_image(field: str, value: Any, source: str, cfg: InputConfig) -> tuple[b
 
 
 def validate_row(
-    record: dict[str, Any] | str, global_row: int, job_seed: int, source: str, cfg: InputConfig
+    record: dict[str, Any] | str,
+    global_row: int,
+    job_seed: int,
+    source: str,
+    cfg: InputConfig,
+    size: JobSize = NATIVE,
 ) -> dict[str, Any]:
     """One output row from one input record; problems go into `error`, never raised."""
     errors: list[str] = []
@@ -238,6 +244,10 @@ def validate_row(
                 errors.append(problem)
     if images["mask_image"] is not None and images["image"] is None and not errors:
         errors.append("mask_image: given without image; inpainting needs both (or drop the mask for img2img)")
+    mode = row_mode(images["image"], images["mask_image"])
+    width, height, problem = _stage1_target(overrides, mode, size)
+    if problem and not errors:
+        errors.append(problem)
     return {
         "id": row_id,
         "prompt": prompt if isinstance(prompt, str) else ("" if prompt is None else str(prompt)),
@@ -246,11 +256,35 @@ def validate_row(
         "status": "error" if errors else "ok",
         "error": "; ".join(errors),
         "overrides": json.dumps(overrides, sort_keys=True) if overrides else "",
-        "image": images["image"],
-        "mask_image": images["mask_image"],
-        "mode": row_mode(images["image"], images["mask_image"]),
+        # Empty bytes, not None, for a row without one: the column keeps one type in every block.
+        "image": images["image"] or b"",
+        "mask_image": images["mask_image"] or b"",
+        "mode": mode,
         "num_images": overrides.get("num_images"),
+        "stage1_width": width,
+        "stage1_height": height,
     }
+
+
+def _stage1_target(overrides: dict[str, Any], mode: str, size: JobSize) -> tuple[int, int, str]:
+    """(stage I width, height, problem) a row renders at; 0 x 0: the checkpoint's own size (and
+    img2img and inpainting rows, whose init image decides)."""
+    given = {k: overrides[k] for k in ("width", "height") if k in overrides}
+    if given and mode != "text2img":
+        return (
+            0,
+            0,
+            (
+                f"width/height: set on an {mode} row, whose size follows its init image's aspect ratio; expected "
+                "them on text-to-image rows only. Fix: drop them, or resize the init image"
+            ),
+        )
+    if len(given) == 1:
+        return 0, 0, "width/height: expected both or neither; found only one. Fix: set the other too"
+    width, height = given.get("width", size.width), given.get("height", size.height)
+    if mode != "text2img" or width is None:
+        return 0, 0, ""
+    return stage1_size(width, height, size.last_stage)
 
 
 def expand(row: dict[str, Any], num_images: int) -> list[dict[str, Any]]:
@@ -268,7 +302,7 @@ def expand(row: dict[str, Any], num_images: int) -> list[dict[str, Any]]:
 
 
 def read_shards(
-    batch: dict[str, np.ndarray], job_seed: int, cfg: InputConfig, num_images: int = 1
+    batch: dict[str, np.ndarray], job_seed: int, cfg: InputConfig, num_images: int = 1, size: JobSize = NATIVE
 ) -> dict[str, np.ndarray]:
     """Ray map_batches UDF: a batch of shard descriptions in, their validated rows out (a row
     with num_images > 1 becomes that many output rows). Nothing in one record raises: whatever
@@ -278,20 +312,20 @@ def read_shards(
         fields = {k: _plain(batch[k][i]) for k in Shard.__dataclass_fields__}
         for name in ("only_rows", "whole_rows"):
             fields[name] = tuple(int(r) for r in fields[name])
-        rows += _shard_rows(Shard(**fields), job_seed, cfg, num_images)
+        rows += _shard_rows(Shard(**fields), job_seed, cfg, num_images, size)
     columns = list(rows[0]) if rows else []
-    ints = ("seed", "row", "item", "shard", "source_row", "image_index", "shard_items")
+    ints = ("seed", "row", "item", "shard", "source_row", "image_index", "shard_items", "stage1_width", "stage1_height")
     return {c: np.array([r[c] for r in rows], dtype=np.int64 if c in ints else object) for c in columns}
 
 
-def _shard_rows(shard: Shard, job_seed: int, cfg: InputConfig, num_images: int) -> list[dict[str, Any]]:
+def _shard_rows(shard: Shard, job_seed: int, cfg: InputConfig, num_images: int, size: JobSize) -> list[dict[str, Any]]:
     wanted, whole = set(shard.only_rows), set(shard.whole_rows)
     first_seen: dict[str, int] = {}
     shard_rows = []
     for n, (source_row, record) in enumerate(_raw_records(shard, cfg)):
         global_row = shard.first_row + n
         try:
-            outputs = expand(validate_row(record, global_row, job_seed, shard.uri, cfg), num_images)
+            outputs = expand(validate_row(record, global_row, job_seed, shard.uri, cfg, size), num_images)
         except Exception as err:  # noqa: BLE001 - a bug or an input nobody foresaw fails its row only
             where = f"row {source_row} of {shard.uri}"
             outputs = [validate_row(f"{where}: {type(err).__name__}: {err}", global_row, job_seed, shard.uri, cfg)]

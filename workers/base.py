@@ -69,6 +69,24 @@ def to_uint8_hwc(images: np.ndarray) -> np.ndarray:
     return np.round(scaled).astype(np.uint8).transpose(0, 2, 3, 1)
 
 
+def per_row(n: int, value: np.ndarray) -> np.ndarray:
+    """An image column whose rows may differ in shape: an object array, `value` in every row."""
+    column = np.empty(n, dtype=object)
+    for i in range(n):
+        column[i] = value
+    return column
+
+
+def stacked(column: np.ndarray) -> np.ndarray:
+    """An image column as one array when its rows share a shape (so it travels as a fixed-shape
+    tensor), else as it is: rows of several shapes (Ray Data's variable-shaped tensors)."""
+    if column.dtype != object or not len(column) or not isinstance(column[0], np.ndarray):
+        return column
+    if len({image.shape for image in column}) > 1:
+        return column
+    return np.stack(list(column))
+
+
 def _ray_gpu_ids() -> list:
     """The GPUs Ray assigned to this actor (none outside Ray or without num_gpus)."""
     try:
@@ -112,7 +130,8 @@ class StageWorker:
         """Rows of a column as a tensor on this stage's device and dtype."""
         from workers.models import DTYPES
 
-        return torch.from_numpy(batch[column][rows]).to(self.device, DTYPES[self.cfg.dtype])
+        # A column of several shapes arrives as an object array; a group's rows share one.
+        return torch.from_numpy(np.stack(list(batch[column][rows]))).to(self.device, DTYPES[self.cfg.dtype])
 
     def run(self, batch: Batch, rows: np.ndarray, settings: dict[str, Any]) -> Batch:
         """The new columns for `rows` (indexes of ok rows, all with these settings). May add
@@ -171,7 +190,7 @@ class StageWorker:
             self._run_isolating(batch, np.array(rows), settings[key], out, seconds, status, error)
         # 5. The batch handed on: payload no later stage reads dropped, this stage's columns added.
         result = {k: v for k, v in batch.items() if k not in self.drop}
-        result.update(out)
+        result.update({k: stacked(v) for k, v in out.items()})
         result["status"] = status
         result["error"] = error
         result[f"{self.stage}_model"] = np.full(n, self.cfg.model, dtype=object)
@@ -199,14 +218,6 @@ class StageWorker:
         start = time.perf_counter()
         try:
             values = self._run_micro_batches(batch, rows, settings)
-            for column, value in values.items():
-                want = out[column].shape[1:] if column in out else value.shape[1:]
-                if value.shape[1:] != want:
-                    raise ValueError(
-                        f"{column}: the model returned {value.shape[1:]} per row where this stage renders {want}; "
-                        "an img2img or inpainting init image keeps its aspect ratio, and images that are not "
-                        "square are not rendered yet. Fix: crop the init image to a square"
-                    )
         except MissingColumnsError:
             raise
         except Exception as err:  # noqa: BLE001 - a row's failure is recorded, never raised
@@ -228,7 +239,11 @@ class StageWorker:
         elapsed = time.perf_counter() - start
         flagged = values.pop("flagged", None)
         for column, value in values.items():
-            out[column][rows] = value
+            if out[column].dtype == object and value.ndim > 1:  # images: each row its own shape
+                for row, image in zip(rows, value):
+                    out[column][row] = image
+            else:
+                out[column][rows] = value
         seconds[rows] = elapsed / len(rows)
         if flagged is not None:  # run's own verdicts (the safety checker's, with on_flagged=error)
             for row, reason in zip(rows, flagged):

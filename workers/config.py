@@ -110,6 +110,12 @@ class UNetStageConfig(ModelStageConfig):
     attention_slicing: bool = Field(
         False, description="Compute attention in slices: less memory on small GPUs, slower; replaces `attention`."
     )
+    max_pixels: int = Field(
+        1 << 24,
+        ge=64,
+        description="Largest image (width x height) this stage renders, what its GPU memory is sized "
+        "for; a larger row fails with the sizes.",
+    )
 
     @model_validator(mode="after")
     def _preset_needs_a_scheduler_that_takes_it(self):
@@ -132,6 +138,7 @@ class Stage1Config(UNetStageConfig):
     )
 
     num_inference_steps: int = Field(100, ge=1, le=1000, description="Denoising steps (ignored when timesteps is set).")
+    max_pixels: int = Field(256 * 256, ge=64, description="Largest image (width x height) stage I renders.")
     timesteps: Preset | None = Field(None, description=f"IF timestep preset, one of {', '.join(TIMESTEP_PRESETS)}.")
     guidance_scale: float = Field(7.0, ge=0, le=100, description="Classifier-free guidance scale (<= 1 disables it).")
     strength: float | None = Field(
@@ -154,6 +161,7 @@ class Stage2Config(UNetStageConfig):
     )
 
     num_inference_steps: int = Field(50, ge=1, le=1000, description="Denoising steps (ignored when timesteps is set).")
+    max_pixels: int = Field(1024 * 1024, ge=64, description="Largest image (width x height) stage II renders.")
     timesteps: Preset | None = Field(None, description=f"IF timestep preset, one of {', '.join(TIMESTEP_PRESETS)}.")
     guidance_scale: float = Field(4.0, ge=0, le=100, description="Classifier-free guidance scale (<= 1 disables it).")
     noise_level: int = Field(250, ge=0, le=1000, description="Noise added to the stage I image.")

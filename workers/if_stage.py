@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from workers.base import Batch, StageWorker, row_generators, to_numpy
+from workers.base import Batch, StageWorker, per_row, row_generators, to_numpy
 from workers.models import Schedulers, load_pipeline, preset_timesteps, recorded_settings
 from workers.overrides import effective_settings, row_mode
 from workers.safety import Safety
@@ -67,7 +67,23 @@ class IFStageWorker(StageWorker):
         self.safety = Safety.load(safety, self.device) if safety is not None else None
 
     def row_settings(self, batch: Batch, row: int) -> dict[str, Any]:
-        return effective_settings(self.stage, self.cfg, row_overrides(batch, row), mode_of(batch, row))
+        mode = mode_of(batch, row)
+        settings = effective_settings(self.stage, self.cfg, row_overrides(batch, row), mode)
+        settings["width"], settings["height"] = self.output_size(batch, row, mode)
+        return settings
+
+    def output_size(self, batch: Batch, row: int, mode: str) -> tuple[int, int]:
+        """(width, height) this stage renders the row at; rows of one size run together."""
+        raise NotImplementedError
+
+    def check_size(self, settings: dict[str, Any]) -> None:
+        area = settings["width"] * settings["height"]
+        if area > self.cfg.max_pixels:
+            raise ValueError(
+                f"{settings['width']}x{settings['height']} is {area} pixels, over {self.stage}.max_pixels="
+                f"{self.cfg.max_pixels} (what this stage's GPU memory was sized for); expected a smaller image. "
+                f"Fix: a smaller width/height or init image, or raise {self.stage}.max_pixels"
+            )
 
     def inputs(self, batch: Batch, rows: np.ndarray, settings: dict[str, Any]) -> dict[str, Any]:
         """Pipeline arguments of this stage alone."""
@@ -77,7 +93,7 @@ class IFStageWorker(StageWorker):
         """The arguments a mode adds: the output size for text-to-image; the init image, strength
         and mask otherwise."""
         if settings["mode"] == "text2img":
-            return {"height": self.size, "width": self.size}
+            return {"height": settings["height"], "width": settings["width"]}
         extra = {self.init_image_arg: decode(batch, "image", rows), "strength": settings["strength"]}
         if settings["mode"] == "inpaint":
             extra["mask_image"] = decode(batch, "mask_image", rows, "L")
@@ -85,6 +101,7 @@ class IFStageWorker(StageWorker):
 
     @torch.inference_mode()
     def run(self, batch: Batch, rows: np.ndarray, settings: dict[str, Any]) -> Batch:
+        self.check_size(settings)
         kwargs: dict[str, Any] = dict(
             prompt_embeds=self.tensor(batch, "prompt_embeds", rows),
             negative_prompt_embeds=self.tensor(batch, "negative_prompt_embeds", rows),
@@ -102,5 +119,5 @@ class IFStageWorker(StageWorker):
         return self.safety.finish(values, self.column) if self.safety else values
 
     def blank(self, batch: Batch, n: int) -> Batch:
-        values = {self.column: np.zeros((n, 3, self.size, self.size), dtype=np.float32)}
+        values = {self.column: per_row(n, np.zeros((3, self.size, self.size), dtype=np.float32))}
         return values | (self.safety.blank(n) if self.safety else {})

@@ -50,6 +50,9 @@ def _optional(field) -> tuple[Any, Any]:
 def _row_model() -> type[BaseModel]:
     fields: dict[str, tuple[Any, Any]] = {
         "num_images": (int | None, Field(None, ge=1, le=MAX_IMAGES)),
+        # The row's final size at last_stage (text-to-image rows; workers/sizes.py).
+        "width": (int | None, Field(None, ge=8, le=16384)),
+        "height": (int | None, Field(None, ge=8, le=16384)),
         # One strength for both IF stages; stage1_strength / stage2_strength win over it.
         "strength": (float | None, Field(None, gt=0, le=1)),
     }

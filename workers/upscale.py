@@ -1,4 +1,5 @@
-"""upscale: `stage2_image` and `prompt` in; x4 upscaler image `upscale_image` (B, 1024, 1024, 3) uint8 out."""
+"""upscale: `stage2_image` and `prompt` in; x4 upscaler image `upscale_image` (4H, 4W, 3) uint8 per
+row out: 1024 x 1024 by default, the stage II image's aspect ratio."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from workers.if_stage import row_overrides
 from workers.models import Schedulers, load_pipeline, recorded_settings
 from workers.overrides import effective_settings
 from workers.safety import Safety
+from workers.sizes import SCALE
 
 
 class UpscaleWorker(StageWorker):
@@ -34,10 +36,18 @@ class UpscaleWorker(StageWorker):
     def row_settings(self, batch: Batch, row: int) -> dict[str, Any]:
         settings = effective_settings(self.stage, self.cfg, row_overrides(batch, row), "text2img")
         settings.pop("mode")  # the upscaler has one mode
+        _, height, width = batch["stage2_image"][row].shape
+        settings["width"], settings["height"] = SCALE * width, SCALE * height  # rows of one size run together
         return settings
 
     @torch.inference_mode()
     def run(self, batch: Batch, rows: np.ndarray, settings: dict[str, Any]) -> Batch:
+        area = settings["width"] * settings["height"]
+        if area > self.cfg.max_pixels:
+            raise ValueError(
+                f"{settings['width']}x{settings['height']} is {area} pixels, over upscale.max_pixels="
+                f"{self.cfg.max_pixels}; expected a smaller image. Fix: a smaller width/height, or raise it"
+            )
         low_res = self.tensor(batch, "stage2_image", rows)
         self.pipe.scheduler = self.schedulers[settings["scheduler"]]
         images = self.pipe(
@@ -57,6 +67,9 @@ class UpscaleWorker(StageWorker):
         return self.safety.finish(values, "upscale_image") if self.safety else values
 
     def blank(self, batch: Batch, n: int) -> Batch:
-        _, _, h, w = batch["stage2_image"].shape
-        values = {"upscale_image": np.zeros((n, 4 * h, 4 * w, 3), dtype=np.uint8)}
+        column = np.empty(n, dtype=object)
+        for i, low_res in enumerate(batch["stage2_image"]):
+            _, h, w = low_res.shape
+            column[i] = np.zeros((SCALE * h, SCALE * w, 3), dtype=np.uint8)
+        values = {"upscale_image": column}
         return values | (self.safety.blank(n) if self.safety else {})

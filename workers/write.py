@@ -46,6 +46,13 @@ def encode_image(pixels: np.ndarray, image_format: str, quality: int) -> bytes:
     return buf.getvalue()
 
 
+def pixels(image: np.ndarray) -> np.ndarray:
+    """One row's image as (H, W, 3) uint8: stage I / II rows are (3, H, W) in [-1, 1]."""
+    if image.ndim == 3 and image.shape[0] == 3 and image.dtype != np.uint8:
+        return to_uint8_hwc(image[None])[0]
+    return image
+
+
 def thumbnail(data: bytes, size: int = THUMB) -> bytes:
     """A small JPEG of an encoded image, for the contact sheets."""
     with Image.open(io.BytesIO(data)) as img:
@@ -80,9 +87,7 @@ class WriteWorker:
     def __call__(self, batch: Batch) -> Batch:
         require_columns(self.stage, batch, ROW_COLUMNS + ("shard", self.image_column))
         n = len(batch["id"])
-        images = batch[self.image_column]
-        if images.ndim == 4 and images.shape[1] == 3 and images.dtype != np.uint8:
-            images = to_uint8_hwc(images)  # stage I / II output: (B, 3, H, W) in [-1, 1]
+        images = [pixels(image) for image in batch[self.image_column]]  # rows may differ in size
         status, error = batch["status"].copy(), batch["error"].copy()
         keys = np.full(n, None, dtype=object)
         digests = np.full(n, None, dtype=object)
@@ -111,8 +116,8 @@ class WriteWorker:
             error=error,
             image_key=keys,
             sha256=digests,
-            width=np.full(n, images.shape[2], dtype=np.int64),
-            height=np.full(n, images.shape[1], dtype=np.int64),
+            width=np.array([image.shape[1] for image in images], dtype=np.int64),
+            height=np.array([image.shape[0] for image in images], dtype=np.int64),
             write_seconds=seconds,
         )
         if self.keep_bytes:

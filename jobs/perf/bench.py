@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from jobs.manifest import Manifest
+from workers.sizes import JobSize
 from workers.stages import STAGES
 
 log = logging.getLogger(__name__)
@@ -184,7 +185,12 @@ def bench(manifest: Manifest, images: int, workdir: Path) -> dict:
     log.info("bench: (b) sequential, one process")
     items = shard_items(plan_shards(manifest.input))
     batches = [
-        read_shards({k: np.array([s[k]], dtype=object) for k in s}, job_seed=manifest.seed, cfg=manifest.input)
+        read_shards(
+            {k: np.array([s[k]], dtype=object) for k in s},
+            job_seed=manifest.seed,
+            cfg=manifest.input,
+            size=JobSize(manifest.width, manifest.height, manifest.last_stage),
+        )
         for s in items
     ]
     rows = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}

@@ -116,3 +116,19 @@ def test_a_gpu_share_above_one_must_be_whole():
     with pytest.raises(ManifestError) as err:
         load_manifest(None, ["stage1.num_gpus=1.5"])
     assert "stage1.num_gpus" in str(err.value) and "whole number of GPUs, found 1.5" in str(err.value)
+
+
+def test_a_job_size_must_fit_the_cascade_and_each_stage_limit():
+    m = load_manifest(None, ["width=1536", "height=1024"])
+    assert (m.width, m.height) == (1536, 1024)
+    with pytest.raises(ManifestError, match="1000x600 at upscale is 62.5x37.5 at stage I.*896x512 or 1024x640"):
+        load_manifest(None, ["width=1000", "height=600"])
+    with pytest.raises(ManifestError, match="width and height: expected both or neither"):
+        load_manifest(None, ["width=1024"])
+    with pytest.raises(ManifestError, match="makes upscale render 33554432 pixels, over upscale.max_pixels=16777216"):
+        load_manifest(None, ["width=8192", "height=4096", "stage1.max_pixels=200000", "stage2.max_pixels=3000000"])
+    with pytest.raises(
+        ManifestError, match=r"makes stage1 render 131072 pixels, over stage1.max_pixels=65536\. Fix"
+    ) as err:
+        load_manifest(None, ["width=8192", "height=4096"])
+    assert "found {" not in str(err.value)  # a whole-manifest check does not print the whole manifest

@@ -426,3 +426,46 @@ def test_the_chain_runs_the_registry_stages_in_order(ray_local, prompts, tmp_pat
         op = op.input_dependencies[0] if op.input_dependencies else None
     maps = [name[len("MapBatches(") : -1] for name in reversed(chain) if name.startswith("MapBatches(")]
     assert maps == ["read_shards", *models, "WriteWorker"]
+
+
+@pytest.mark.slow
+def test_a_mixed_file_renders_every_good_row_at_its_own_size(ray_local, tmp_path, tiny_manifest):
+    import csv
+
+    from tests.workers.test_sizes import png_of
+
+    (tmp_path / "wide.png").write_bytes(png_of(48, 32))  # 3:2, as the guides' 768 x 512
+    (tmp_path / "tall.png").write_bytes(png_of(32, 48))
+    (tmp_path / "tall-mask.png").write_bytes(png_of(32, 48, mask=True))
+    (tmp_path / "corrupt.png").write_bytes(png_of(32, 32)[:30])
+    records = [
+        {"id": "square", "prompt": "a fox"},
+        {"id": "wide", "prompt": 'a 12" pizza on a table', "width": 24, "height": 16},
+        {"id": "tall916", "prompt": "a tower", "width": 72, "height": 128},
+        {"id": "img2img", "prompt": "a fox", "image": "wide.png"},
+        {"id": "inpaint", "prompt": "a fox", "image": "tall.png", "mask_image": "tall-mask.png"},
+        {"id": "corrupt", "prompt": "a fox", "image": "corrupt.png"},
+        {"id": "badsize", "prompt": "a fox", "width": 20, "height": 16},
+    ]
+    # Sizes at last_stage=stage1 (the tiny stage I renders 16 px): each row its own.
+    expected = {"square": (16, 16), "wide": (24, 16), "tall916": (72, 128), "img2img": (24, 16), "inpaint": (16, 24)}
+    jsonl = tmp_path / "mixed.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in records))
+    columns = ["id", "prompt", "width", "height", "image", "mask_image"]
+    with open(tmp_path / "mixed.csv", "w", newline="", encoding="utf-8-sig") as f:  # with a BOM
+        writer = csv.writer(f, quoting=csv.QUOTE_NONE, escapechar=None, quotechar="\x07")
+        writer.writerow(columns)
+        writer.writerows([[r.get(c, "") for c in columns] for r in records])  # the inch mark unquoted
+    assert b'a 12" pizza' in (tmp_path / "mixed.csv").read_bytes()
+    for name in ("mixed.jsonl", "mixed.csv"):
+        out = tmp_path / f"out-{name}"
+        m = tiny_manifest(f"input.path={tmp_path / name}", "input.shard_size=3", "last_stage=stage1", output=str(out))
+        summary = run(m, progress=False)
+        by_id = {r["id"]: r for r in pq.read_table(out / "shards").to_pylist()}
+        assert (summary.ok, summary.error) == (5, 2), (name, summary.errors)
+        for row_id, (width, height) in expected.items():
+            assert (by_id[row_id]["width"], by_id[row_id]["height"]) == (width, height), (name, row_id)
+            assert Image.open(out / by_id[row_id]["image_key"]).size == (width, height)
+        assert by_id["wide"]["prompt"] == 'a 12" pizza on a table'
+        assert "not a readable image" in by_id["corrupt"]["error"]
+        assert "Nearest valid: 16x16 or 24x16" in by_id["badsize"]["error"]

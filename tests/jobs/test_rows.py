@@ -396,3 +396,20 @@ def test_repeated_ids_across_shards_render_both_rows_into_their_own_shards(tmp_p
     split = read_file(path, "input.shard_size=1")
     assert list(split["status"]) == ["ok", "ok", "ok"] and len(set(split["seed"])) == 1
     assert len(set(split["shard"])) == 3
+
+
+def test_row_sizes_become_stage_one_targets_or_errors_naming_the_nearest_valid_sizes(tmp_path):
+    (tmp_path / "i.png").write_bytes(png((1, 2, 3)))
+    records = [
+        {"prompt": "native"},
+        {"prompt": "3:2", "width": 1536, "height": 1024},
+        {"prompt": "odd", "width": 1000, "height": 600},
+        {"prompt": "half", "width": 1024},
+        {"prompt": "img2img", "image": "i.png", "width": 1024, "height": 1024},
+    ]
+    out = read(tmp_path, records)
+    assert list(out["status"]) == ["ok", "ok", "error", "error", "error"]
+    assert [(w, h) for w, h in zip(out["stage1_width"], out["stage1_height"])][:2] == [(0, 0), (96, 64)]
+    assert "Nearest valid: 896x512 or 1024x640" in out["error"][2]
+    assert "expected both or neither" in out["error"][3]
+    assert "set on an img2img row, whose size follows its init image" in out["error"][4]

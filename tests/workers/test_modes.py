@@ -126,18 +126,3 @@ def test_timestep_presets_run_per_row_and_per_job(stage_workers, tiny_root):
     m = load_manifest(None, [f"stage1.model={tiny_root / 'IF-I-tiny'}", "stage1.timesteps=smart27"])
     job = Stage1Worker(m.stage1)(batch)
     assert json.loads(job["stage1_params"][1])["timesteps"] == "smart27" and job["status"][1] == "ok"
-
-
-def test_a_non_square_init_image_fails_its_row_not_the_batch(stage_workers):
-    import io
-
-    from PIL import Image
-
-    encode, stage1, _ = stage_workers
-    buf = io.BytesIO()
-    Image.new("RGB", (48, 32), (200, 10, 10)).save(buf, format="PNG")  # 3:2, as the guides' 768x512
-    batch = encode(rows(["a fox", "a fox"], image=np.array([buf.getvalue(), png((200, 10, 10))], dtype=object)))
-    out = stage1(batch)
-    assert list(out["status"]) == ["error", "ok"]
-    assert out["error"][0].startswith("stage1: ValueError: stage1_image: the model returned (3, 16, 24)")
-    assert "crop the init image to a square" in out["error"][0]
