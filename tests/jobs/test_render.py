@@ -434,9 +434,9 @@ def test_a_mixed_file_renders_every_good_row_at_its_own_size(ray_local, tmp_path
 
     from tests.workers.test_sizes import png_of
 
-    (tmp_path / "wide.png").write_bytes(png_of(48, 32))  # 3:2, as the guides' 768 x 512
-    (tmp_path / "tall.png").write_bytes(png_of(32, 48))
-    (tmp_path / "tall-mask.png").write_bytes(png_of(32, 48, mask=True))
+    (tmp_path / "wide.png").write_bytes(png_of(768, 512))  # the guides' init image
+    (tmp_path / "tall.png").write_bytes(png_of(512, 768))
+    (tmp_path / "tall-mask.png").write_bytes(png_of(512, 768, mask=True))
     (tmp_path / "corrupt.png").write_bytes(png_of(32, 32)[:30])
     records = [
         {"id": "square", "prompt": "a fox"},
