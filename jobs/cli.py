@@ -150,33 +150,31 @@ def _sync_models(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="ifrender", description="Render a prompt dataset through the DeepFloyd IF cascade on Ray."
+def manifest_args(p: argparse.ArgumentParser) -> None:
+    """The arguments every command that reads a manifest takes."""
+    p.add_argument(
+        "manifest",
+        nargs="?",
+        default=str(DEFAULT_MANIFEST),
+        help=f"job manifest (default: {DEFAULT_MANIFEST.name})",
     )
-    sub = parser.add_subparsers(dest="command", required=True)
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a manifest field, e.g. --set stage1.batch_size=8 (repeatable)",
+    )
+    p.add_argument(
+        "--run-date",
+        metavar="YYYY-MM-DD",
+        help="fills {run_date} in input.path/output.path (default: $IFRENDER_RUN_DATE, else today in UTC)",
+    )
+    p.add_argument("--run-id", metavar="ID", help="fills {run_id} in input.path/output.path ($IFRENDER_RUN_ID)")
 
-    def manifest_args(p: argparse.ArgumentParser) -> None:
-        p.add_argument(
-            "manifest",
-            nargs="?",
-            default=str(DEFAULT_MANIFEST),
-            help=f"job manifest (default: {DEFAULT_MANIFEST.name})",
-        )
-        p.add_argument(
-            "--set",
-            action="append",
-            default=[],
-            metavar="KEY=VALUE",
-            help="override a manifest field, e.g. --set stage1.batch_size=8 (repeatable)",
-        )
-        p.add_argument(
-            "--run-date",
-            metavar="YYYY-MM-DD",
-            help="fills {run_date} in input.path/output.path (default: $IFRENDER_RUN_DATE, else today in UTC)",
-        )
-        p.add_argument("--run-id", metavar="ID", help="fills {run_id} in input.path/output.path ($IFRENDER_RUN_ID)")
 
+def _render_commands(sub) -> None:
+    """run."""
     p = sub.add_parser("run", help="render a manifest's prompts to images and metadata")
     manifest_args(p)
     p.add_argument("--overwrite", action="store_true", help="delete the output first and start over")
@@ -190,6 +188,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.set_defaults(func=_run)
 
+
+def _perf_commands(sub) -> None:
+    """The instruments: bench, profile, plan."""
     p = sub.add_parser("bench", help="the Ray pipeline against the sequential baseline, side by side")
     p.add_argument("manifest", nargs="?", help="default: manifests/bench-tiny.yaml")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a manifest field")
@@ -217,6 +218,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--save", metavar="PLAN.json", help="write the plan for `ifrender run --plan`")
     p.set_defaults(func=_plan)
 
+
+def _output_and_model_commands(sub) -> None:
+    """status, validate, and the model staging commands."""
     p = sub.add_parser("status", help="done / pending / failed rows per shard of an output")
     p.add_argument("output", help="the job's output.path (directory or s3://bucket/prefix)")
     p.add_argument("--all", action="store_true", help="list every shard, not only unfinished ones")
@@ -241,6 +245,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache", help="local root (default: $IFRENDER_MODEL_CACHE or ~/.cache/ifrender/models)")
     p.set_defaults(func=_sync_models)
 
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="ifrender", description="Render a prompt dataset through the DeepFloyd IF cascade on Ray."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    _render_commands(sub)
+    _perf_commands(sub)
+    _output_and_model_commands(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     try:

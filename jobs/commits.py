@@ -34,7 +34,8 @@ from workers.write import image_dir
 
 log = logging.getLogger(__name__)
 
-_MARKER = re.compile(r"(\d{6})-(\d{3})\.json$")
+# A marker's name is its shard and attempt, zero-padded but never cut: shard 1,000,000 is 1000000-000.
+_MARKER = re.compile(r"^commits/(\d+)-(\d+)\.json$")
 
 
 @dataclass
@@ -66,7 +67,7 @@ def list_commits(out: str) -> dict[int, Commit]:
     """The committed attempt of every committed shard (the highest attempt wins)."""
     latest: dict[int, tuple[int, str]] = {}
     for key in list_prefix(out, "commits/"):
-        match = _MARKER.search(key)
+        match = _MARKER.match(key)
         if match:
             shard, attempt = int(match[1]), int(match[2])
             if attempt >= latest.get(shard, (-1, ""))[0]:

@@ -220,30 +220,10 @@ def validate_row(
     if negative is not None and not isinstance(negative, str):
         errors.append(f"negative_prompt: expected text or null, found {_short(negative)}")
 
-    seed = record.get("seed")
-    if seed is None:
-        seed_value = derive_seed(job_seed, row_id)
-    else:
-        try:
-            seed_value = parse_seed(seed)
-        except (ValueError, TypeError, OverflowError):
-            errors.append(
-                f"seed: expected an integer in [0, 2**63) (as a float, an exact one up to 2**53), found {_short(seed)}"
-            )
-            seed_value = 0
-
+    seed_value = _seed(record.get("seed"), row_id, job_seed, errors)
     overrides, problems = parse_overrides(record)
     errors += problems
-    images: dict[str, bytes | None] = {}
-    for field in ("image", "mask_image"):
-        value = record.get(field)
-        images[field] = None
-        if value is not None and value != "" and not errors:
-            images[field], problem = load_image(field, value, source, cfg)
-            if problem:
-                errors.append(problem)
-    if images["mask_image"] is not None and images["image"] is None and not errors:
-        errors.append("mask_image: given without image; inpainting needs both (or drop the mask for img2img)")
+    images = _init_images(record, source, cfg, errors)
     mode = row_mode(images["image"], images["mask_image"])
     width, height, problem = _stage1_target(overrides, mode, size)
     if problem and not errors:
@@ -264,6 +244,34 @@ def validate_row(
         "stage1_width": width,
         "stage1_height": height,
     }
+
+
+def _seed(seed: Any, row_id: str, job_seed: int, errors: list[str]) -> int:
+    """The row's seed, or one derived from the job seed and the row id when it has none."""
+    if seed is None:
+        return derive_seed(job_seed, row_id)
+    try:
+        return parse_seed(seed)
+    except (ValueError, TypeError, OverflowError):
+        errors.append(
+            f"seed: expected an integer in [0, 2**63) (as a float, an exact one up to 2**53), found {_short(seed)}"
+        )
+        return 0
+
+
+def _init_images(record: dict[str, Any], source: str, cfg: InputConfig, errors: list[str]) -> dict[str, Any]:
+    """The row's init image and mask as bytes (None where absent); read only for rows still valid."""
+    images: dict[str, bytes | None] = {}
+    for field in ("image", "mask_image"):
+        value = record.get(field)
+        images[field] = None
+        if value is not None and value != "" and not errors:
+            images[field], problem = load_image(field, value, source, cfg)
+            if problem:
+                errors.append(problem)
+    if images["mask_image"] is not None and images["image"] is None and not errors:
+        errors.append("mask_image: given without image; inpainting needs both (or drop the mask for img2img)")
+    return images
 
 
 def _stage1_target(overrides: dict[str, Any], mode: str, size: JobSize) -> tuple[int, int, str]:

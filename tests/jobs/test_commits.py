@@ -106,3 +106,15 @@ def test_a_retry_renders_every_image_of_a_row_that_failed_before_it_was_expanded
         (1, 1, "ok"),
     ]
     assert {r["shard_items"] for r in again} == {4} and retry.shard.todo == 2
+
+
+def test_marker_names_hold_any_number_of_shards_and_attempts(tmp_path):
+    from jobs.commits import try_commit
+
+    out = str(tmp_path / "out")
+    for shard, attempt in ((0, 0), (1_000_000, 0), (7, 999), (7, 1000)):
+        assert try_commit(out, Commit(shard, attempt, f"shards/{shard}-{attempt}.parquet", 1, 1, 0, "r"))
+    commits = list_commits(out)
+    assert sorted(commits) == [0, 7, 1_000_000]
+    assert commits[1_000_000].shard == 1_000_000 and commits[0].metadata == "shards/0-0.parquet"
+    assert commits[7].attempt == 1000  # the highest attempt counts, past three digits too
