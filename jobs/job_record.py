@@ -88,3 +88,16 @@ def check_job(out: str, manifest: Manifest, allow_changed: bool) -> None:
             )
     record = {"fingerprint": new, "manifest": manifest.model_dump(mode="json")}
     write_bytes(uri, json.dumps(record, indent=1).encode())
+
+
+def recorded_manifest(record: dict[str, Any]) -> Manifest:
+    """The manifest a job.json holds. A field this version no longer has (encode.offload,
+    encode.attention and encode.compile, never applied to T5) is left out: it rendered nothing."""
+
+    def known(data: Any, model: Any) -> Any:
+        fields = getattr(model, "model_fields", None)
+        if not isinstance(data, dict) or fields is None:
+            return data
+        return {k: known(v, fields[k].annotation) for k, v in data.items() if k in fields}
+
+    return Manifest.model_validate(known(record["manifest"], Manifest))

@@ -6,7 +6,7 @@ import json
 from collections import Counter
 
 from jobs.commits import list_commits, read_metadata
-from jobs.manifest import Manifest
+from jobs.job_record import recorded_manifest
 from jobs.shards import plan_shards
 from workers.storage import join, read_bytes
 
@@ -15,7 +15,7 @@ def status(out: str, show_all: bool = False, top_errors: int = 5) -> str:
     record = read_bytes(join(out, "job.json"))
     if record is None:
         raise FileNotFoundError(f"{out}: no ifrender job here (no job.json). Expected the output.path of a job.")
-    manifest = Manifest.model_validate(json.loads(record)["manifest"])
+    manifest = recorded_manifest(json.loads(record))
     shards = plan_shards(manifest.input)
     commits = list_commits(out)
     errors: Counter[str] = Counter()

@@ -132,3 +132,12 @@ def test_a_job_size_must_fit_the_cascade_and_each_stage_limit():
     ) as err:
         load_manifest(None, ["width=8192", "height=4096"])
     assert "found {" not in str(err.value)  # a whole-manifest check does not print the whole manifest
+
+
+def test_a_job_record_from_before_encode_lost_its_unused_settings_still_loads(tmp_path):
+    from jobs.job_record import recorded_manifest
+
+    manifest = load_manifest(None, [f"output.path={tmp_path}"]).model_dump(mode="json")
+    manifest["encode"] |= {"offload": "none", "attention": "sdpa", "compile": False}  # as older outputs hold
+    loaded = recorded_manifest({"manifest": manifest})
+    assert loaded.encode.model == manifest["encode"]["model"] and not hasattr(loaded.encode, "offload")
