@@ -177,7 +177,11 @@ def _render_commands(sub) -> None:
     """run."""
     p = sub.add_parser("run", help="render a manifest's prompts to images and metadata")
     manifest_args(p)
-    p.add_argument("--overwrite", action="store_true", help="delete the output first and start over")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start over: delete what an earlier job wrote to this output (an ifrender output only), after the input is checked",
+    )
     p.add_argument("--retry-errors", action="store_true", help="render again the rows that failed before")
     p.add_argument(
         "--allow-changed", action="store_true", help="continue an output made with other settings, using the new ones"

@@ -13,7 +13,7 @@ from typing import Any
 from jobs.manifest import Manifest
 from workers.errors import ChangedManifestError
 from workers.stages import MODEL_STAGES
-from workers.storage import join, read_bytes, write_bytes
+from workers.storage import create_exclusive, join, read_bytes, write_bytes
 
 # Settings that change no pixel and no row: free to differ between a run and its resume.
 RUNTIME_FIELDS = (
@@ -70,11 +70,27 @@ def _diff(old: Any, new: Any, path: str = "") -> list[str]:
     return [] if old == new else [f"{path}: {None if old is _MISSING else old!r} -> {new!r}"]
 
 
+def is_job_record(data: bytes | None) -> bool:
+    """Whether bytes are a job.json that ifrender wrote."""
+    try:
+        record = json.loads(data) if data is not None else None
+    except ValueError:
+        return False
+    return isinstance(record, dict) and {"fingerprint", "manifest"} <= set(record)
+
+
 def check_job(out: str, manifest: Manifest, allow_changed: bool) -> None:
-    """Record the job in a new output; refuse a resume whose manifest would render differently."""
+    """Record the job in a new output; refuse a resume whose manifest would render differently.
+    A new output's record is created once (create-exclusive): of two jobs starting on one
+    output at once, the second compares itself with the first's record like any resume."""
     uri = join(out, "job.json")
     new = fingerprint(manifest)
+    record = json.dumps({"fingerprint": new, "manifest": manifest.model_dump(mode="json")}, indent=1).encode()
     existing = read_bytes(uri)
+    if existing is None:
+        if create_exclusive(uri, record):
+            return
+        existing = read_bytes(uri)  # another job created it first
     if existing is not None:
         changes = _diff(json.loads(existing)["fingerprint"], new)
         if not changes:
@@ -86,8 +102,7 @@ def check_job(out: str, manifest: Manifest, allow_changed: bool) -> None:
                 + ". Fix: choose another output.path, pass --allow-changed to render the rest with "
                 "the new settings, or --overwrite to start over."
             )
-    record = {"fingerprint": new, "manifest": manifest.model_dump(mode="json")}
-    write_bytes(uri, json.dumps(record, indent=1).encode())
+    write_bytes(uri, record)  # --allow-changed: the rest renders with the new settings
 
 
 def recorded_manifest(record: dict[str, Any]) -> Manifest:

@@ -11,11 +11,12 @@ import os
 from pathlib import Path
 
 from jobs.formats import check_packages
+from jobs.job_record import is_job_record
 from jobs.manifest import Manifest
 from jobs.pools import cluster_address, job_pools, packs
-from workers.errors import ModelLoadError
+from workers.errors import ModelLoadError, StorageError
 from workers.models import check_model_available
-from workers.storage import check_output_writable, delete, join, list_prefix
+from workers.storage import check_output_writable, delete, join, list_prefix, read_bytes
 
 
 def tiny_models_dir() -> Path:
@@ -73,14 +74,38 @@ def resolve_models(manifest: Manifest) -> Manifest:
     return manifest
 
 
+# What an ifrender output holds: all that --overwrite may delete.
+OUTPUT_FILES = ("job.json", "index.json", "summary.json")
+OUTPUT_FOLDERS = ("commits/", "shards/", "images/", "webdataset/", "contact/")
+
+
 def prepare_output(manifest: Manifest, overwrite: bool) -> None:
-    """The output can be written (and, with --overwrite, is emptied); the formats it asks for
-    have their packages."""
+    """The output can be written (and, with --overwrite, loses what an earlier job wrote
+    there); the formats it asks for have their packages. Call it after the input is planned:
+    nothing is deleted before the manifest and the input have been checked."""
     check_packages(manifest.output)
     out = manifest.output.path
     check_output_writable(out)
     if overwrite:
-        delete([join(out, key) for key in list_prefix(out)])
+        delete([join(out, key) for key in overwritable(out)])
+
+
+def overwritable(out: str) -> list[str]:
+    """The keys --overwrite deletes: an ifrender output's own files, only where an ifrender
+    job.json says the output is one; anything else there is left alone. Refuses any other path."""
+    found = list_prefix(out)
+    if not found:
+        return []
+    if not is_job_record(read_bytes(join(out, "job.json"))):
+        shown = ", ".join(found[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else "")
+        raise StorageError(
+            f"output.path {out}: --overwrite deletes an ifrender output only, and this holds no job.json "
+            f"written by ifrender (found {shown}). Nothing was deleted. Fix: point output.path at a new or "
+            f"empty location, or at an ifrender output."
+        )
+    ours = [k for k in found if k in OUTPUT_FILES or k.startswith(OUTPUT_FOLDERS)]
+    # job.json goes last: an overwrite cut short still finds the output is ifrender's.
+    return sorted(ours, key=lambda k: k == "job.json")
 
 
 def check_resources(manifest: Manifest, have: dict[str, float]) -> None:

@@ -42,9 +42,10 @@ def run(
 ) -> Summary:
     started = time.perf_counter()
     out = manifest.output.path
-    # 1. Everything that can fail without a model: output, input, the job record.
-    prepare_output(manifest, overwrite)
+    # 1. Everything that can fail without a model: input, output, the job record. The input is
+    # planned before --overwrite deletes anything.
     shards = plan_shards(manifest.input)
+    prepare_output(manifest, overwrite)
     check_job(out, manifest, allow_changed)
     # 2. What is left: shards without a commit, and with --retry-errors the failed rows of the rest.
     commits = list_commits(out)

@@ -246,6 +246,15 @@ def sync_mirror(uri: str, cache: Path | None = None) -> Path:
     objects = []
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
         objects += [(o["Key"][len(prefix) :], o["Size"], o["ETag"]) for o in page.get("Contents", [])]
+    # Folder markers (keys ending in "/") hold nothing; a key that would land outside the cache
+    # directory (an absolute or ".." path) is refused before anything is written.
+    objects = [o for o in objects if o[0] and not o[0].endswith("/")]
+    for name, _, _ in objects:
+        if name.startswith("/") or ".." in Path(name).parts:
+            raise StagingError(
+                f"{uri}{name}: a key of the mirror that would be written outside {target}; expected keys of "
+                f"a staged checkpoint (model_index.json, unet/...). Fix: remove it from the mirror."
+            )
     if not any(name == "model_index.json" for name, _, _ in objects):
         raise StagingError(
             f"{uri}: no staged checkpoint there (expected {uri.rstrip('/')}/model_index.json). "

@@ -65,7 +65,19 @@ def write_bytes(uri: str, data: bytes) -> None:
     tmp = f"{path}.tmp-{uuid.uuid4().hex}"
     with open(tmp, "wb") as f:
         f.write(data)
+        f.flush()
+        os.fsync(f.fileno())  # the bytes are on disk before the name points at them
     os.replace(tmp, path)
+    _fsync_dir(os.path.dirname(path))
+
+
+def _fsync_dir(path: str) -> None:
+    """Make a rename or link in `path` survive a crash of the machine."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def check_output_writable(uri: str) -> None:
@@ -202,7 +214,14 @@ def delete(uris: list[str]) -> None:
         for i in range(0, len(uris), 1000):
             bucket = bucket_key(uris[i])[0]
             objects = [{"Key": bucket_key(u)[1]} for u in uris[i : i + 1000]]
-            client.delete_objects(Bucket=bucket, Delete={"Objects": objects, "Quiet": True})
+            answer = client.delete_objects(Bucket=bucket, Delete={"Objects": objects, "Quiet": True})
+            failed = answer.get("Errors", [])  # one call, but each key succeeds or fails alone
+            if failed:
+                shown = "; ".join(f"{e.get('Key')}: {e.get('Code')} {e.get('Message', '')}".strip() for e in failed[:5])
+                raise StorageError(
+                    f"s3://{bucket}: {len(failed)} of {len(objects)} deletes failed ({shown}). Fix: check the "
+                    f"role's s3:DeleteObject permission on the prefix, then run again."
+                )
         return
     for uri in uris:
         Path(uri).unlink(missing_ok=True)
@@ -237,9 +256,13 @@ def create_exclusive(uri: str, data: bytes) -> bool:
     path = Path(resolve(uri)[1])
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.tmp-{uuid.uuid4().hex}")
-    tmp.write_bytes(data)
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())  # a marker on disk names data already on disk
     try:
         os.link(tmp, path)
+        _fsync_dir(str(path.parent))
         return True
     except FileExistsError:
         return False

@@ -118,3 +118,25 @@ def test_marker_names_hold_any_number_of_shards_and_attempts(tmp_path):
     assert sorted(commits) == [0, 7, 1_000_000]
     assert commits[1_000_000].shard == 1_000_000 and commits[0].metadata == "shards/0-0.parquet"
     assert commits[7].attempt == 1000  # the highest attempt counts, past three digits too
+
+
+def test_two_different_jobs_starting_at_once_on_one_output_cannot_both_start(output):
+    from jobs.job_record import check_job
+    from jobs.manifest import load_manifest
+    from workers.errors import ChangedManifestError
+
+    manifests = [load_manifest(None, [f"output.path={output}", f"seed={seed}"]) for seed in (1, 2)] * 4
+    barrier = __import__("threading").Barrier(len(manifests))
+
+    def start(m):
+        barrier.wait()
+        try:
+            check_job(output, m, allow_changed=False)
+            return m.seed
+        except ChangedManifestError:
+            return None
+
+    with ThreadPoolExecutor(len(manifests)) as pool:
+        started = list(pool.map(start, manifests))
+    assert len({s for s in started if s is not None}) == 1  # one manifest's jobs start, the other's are refused
+    assert started.count(None) == 4

@@ -336,6 +336,7 @@ def test_hostile_rows_all_accounted_for_and_keys_stay_inside(ray_local, tmp_path
 
 
 def test_overwrite_empties_the_output_first(tmp_path, prompts, tiny_manifest):
+    from jobs.job_record import check_job
     from jobs.preflight import prepare_output
 
     out = tmp_path / "old"
@@ -344,10 +345,41 @@ def test_overwrite_empties_the_output_first(tmp_path, prompts, tiny_manifest):
     (out / "commits").mkdir()
     (out / "commits" / "000000-000.json").write_text("{}")
     manifest = tiny_manifest(f"input.path={prompts}", output=str(out))
+    check_job(str(out), manifest, allow_changed=False)  # an ifrender output: it has its job.json
     prepare_output(manifest, overwrite=False)
     assert (out / "commits" / "000000-000.json").exists()  # resuming keeps everything
     prepare_output(manifest, overwrite=True)
     assert not [p for p in out.rglob("*") if p.is_file()]
+
+
+def test_overwrite_refuses_anything_but_an_ifrender_output_and_checks_the_input_first(tmp_path, prompts, tiny_manifest):
+    from jobs.job_record import check_job
+    from jobs.preflight import prepare_output
+    from workers.errors import InputError
+
+    home = tmp_path / "home"
+    (home / "photos").mkdir(parents=True)
+    (home / "photos" / "me.jpg").write_bytes(b"precious")
+    (home / "job.json").write_text('{"name": "not ours"}')
+    with pytest.raises(StorageError, match=r"holds no job.json written by ifrender \(found job.json, photos/me.jpg\)"):
+        prepare_output(tiny_manifest(f"input.path={prompts}", output=str(home)), overwrite=True)
+    assert (home / "photos" / "me.jpg").read_bytes() == b"precious"
+    # An ifrender output keeps what ifrender did not write there.
+    out = tmp_path / "out"
+    manifest = tiny_manifest(f"input.path={prompts}", output=str(out))
+    check_job(str(out), manifest, allow_changed=False)
+    (out / "shards").mkdir()
+    (out / "shards" / "000000-000-r.parquet").write_bytes(b"old")
+    (out / "NOTES.txt").write_text("mine")
+    prepare_output(manifest, overwrite=True)
+    assert sorted(p.name for p in out.rglob("*") if p.is_file()) == ["NOTES.txt"]
+    # A bad input stops a run before --overwrite touches anything.
+    check_job(str(out), manifest, allow_changed=False)
+    (out / "shards").mkdir(exist_ok=True)
+    (out / "shards" / "000001-000-r.parquet").write_bytes(b"kept")
+    with pytest.raises(InputError):
+        run(tiny_manifest(f"input.path={tmp_path / 'missing.jsonl'}", output=str(out)), overwrite=True)
+    assert (out / "shards" / "000001-000-r.parquet").read_bytes() == b"kept"
 
 
 def test_unknown_tiny_model_is_named(prompts, tmp_path, tiny_manifest):

@@ -117,3 +117,24 @@ def test_stage_models_command_prints_the_settings_to_render_from_the_copy(tmp_pa
     assert result.returncode == 0, result.stderr
     assert f"--set encode.model={tmp_path / 'm' / 'IF-I-tiny'}" in result.stdout
     assert json.loads((tmp_path / "m" / "IF-I-tiny" / "model_index.json").read_text())["_class_name"] == "IFPipeline"
+
+
+def test_a_mirror_sync_skips_folder_markers_and_refuses_keys_that_escape_the_cache(s3_server, tmp_path):
+    import boto3
+
+    from workers.errors import StagingError
+
+    s3 = boto3.client("s3")
+    s3.create_bucket(Bucket="mirror-keys")
+    for key in ("ckpt/model_index.json", "ckpt/unet/", "ckpt/unet/config.json"):
+        s3.put_object(Bucket="mirror-keys", Key=key, Body=b"{}" if not key.endswith("/") else b"")
+    target = sync_mirror("s3://mirror-keys/ckpt", tmp_path / "cache")
+    assert sorted(p.relative_to(target).as_posix() for p in target.rglob("*") if p.is_file()) == [
+        ".ifrender-sync.json",
+        "model_index.json",
+        "unet/config.json",
+    ]
+    s3.put_object(Bucket="mirror-keys", Key="ckpt/../../outside.txt", Body=b"x")
+    with pytest.raises(StagingError, match=r"outside .*cache.*Fix: remove it from the mirror"):
+        sync_mirror("s3://mirror-keys/ckpt", tmp_path / "cache2")
+    assert not (tmp_path / "outside.txt").exists() and not list((tmp_path / "cache2").rglob("*.txt"))
