@@ -31,9 +31,10 @@ def tiny_root(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_manifest(tiny_root):
     """Builds local-tiny with the session's tiny models, 2 denoising steps, an output path and
-    any overrides: tiny_manifest("stage1.batch_size=2", output=str(tmp_path))."""
+    any overrides: tiny_manifest("stage1.batch_size=2", output=str(tmp_path)). Tests of the
+    workers alone need no output."""
 
-    def build(*overrides: str, output: str):
+    def build(*overrides: str, output: str = "/nonexistent/ifrender-test-output"):
         base = [
             f"output.path={output}",
             f"encode.model={tiny_root / 'IF-I-tiny'}",

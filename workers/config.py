@@ -117,9 +117,15 @@ class UNetStageConfig(ModelStageConfig):
         "for; a larger row fails with the sizes.",
     )
 
+
+class IFStageConfig(UNetStageConfig):
+    """IF's stages I and II: timestep presets besides a step count."""
+
+    timesteps: Preset | None = Field(None, description=f"IF timestep preset, one of {', '.join(TIMESTEP_PRESETS)}.")
+
     @model_validator(mode="after")
     def _preset_needs_a_scheduler_that_takes_it(self):
-        if getattr(self, "timesteps", None) and self.scheduler not in PRESET_SCHEDULERS:
+        if self.timesteps and self.scheduler not in PRESET_SCHEDULERS:
             raise ValueError(
                 f"timesteps: {self.timesteps} is a custom schedule, which scheduler {self.scheduler} cannot take; "
                 f"expected one of {', '.join(PRESET_SCHEDULERS)}. Fix: drop timesteps (use num_inference_steps), "
@@ -128,7 +134,7 @@ class UNetStageConfig(ModelStageConfig):
         return self
 
 
-class Stage1Config(UNetStageConfig):
+class Stage1Config(IFStageConfig):
     ROW_SETTINGS: ClassVar[tuple[str, ...]] = (
         "guidance_scale",
         "num_inference_steps",
@@ -139,7 +145,6 @@ class Stage1Config(UNetStageConfig):
 
     num_inference_steps: int = Field(100, ge=1, le=1000, description="Denoising steps (ignored when timesteps is set).")
     max_pixels: int = Field(256 * 256, ge=64, description="Largest image (width x height) stage I renders.")
-    timesteps: Preset | None = Field(None, description=f"IF timestep preset, one of {', '.join(TIMESTEP_PRESETS)}.")
     guidance_scale: float = Field(7.0, ge=0, le=100, description="Classifier-free guidance scale (<= 1 disables it).")
     strength: float | None = Field(
         None,
@@ -150,7 +155,7 @@ class Stage1Config(UNetStageConfig):
     )
 
 
-class Stage2Config(UNetStageConfig):
+class Stage2Config(IFStageConfig):
     ROW_SETTINGS: ClassVar[tuple[str, ...]] = (
         "guidance_scale",
         "num_inference_steps",
@@ -162,7 +167,6 @@ class Stage2Config(UNetStageConfig):
 
     num_inference_steps: int = Field(50, ge=1, le=1000, description="Denoising steps (ignored when timesteps is set).")
     max_pixels: int = Field(1024 * 1024, ge=64, description="Largest image (width x height) stage II renders.")
-    timesteps: Preset | None = Field(None, description=f"IF timestep preset, one of {', '.join(TIMESTEP_PRESETS)}.")
     guidance_scale: float = Field(4.0, ge=0, le=100, description="Classifier-free guidance scale (<= 1 disables it).")
     noise_level: int = Field(250, ge=0, le=1000, description="Noise added to the stage I image.")
     strength: float | None = Field(

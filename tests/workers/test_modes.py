@@ -21,18 +21,12 @@ from workers.stage2 import Stage2Worker
 
 
 @pytest.fixture(scope="module")
-def stage_workers(tiny_root):
-    m = load_manifest(
-        None,
-        [
-            f"encode.model={tiny_root / 'IF-I-tiny'}",
-            f"stage1.model={tiny_root / 'IF-I-tiny'}",
-            f"stage2.model={tiny_root / 'IF-II-tiny'}",
-            "stage1.num_inference_steps=4",
-            "stage2.num_inference_steps=4",
-            "stage1.micro_batch=2",
-            "stage2.micro_batch=2",
-        ],
+def stage_workers(tiny_manifest):
+    m = tiny_manifest(
+        "stage1.num_inference_steps=4",
+        "stage2.num_inference_steps=4",
+        "stage1.micro_batch=2",
+        "stage2.micro_batch=2",
     )
     return EncodeWorker(m.encode), Stage1Worker(m.stage1), Stage2Worker(m.stage2)
 

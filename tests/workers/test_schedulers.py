@@ -7,7 +7,6 @@ import json
 import numpy as np
 import pytest
 
-from jobs.manifest import load_manifest
 from tests.helpers import rows, take
 from workers.config import SCHEDULERS
 from workers.encode import EncodeWorker
@@ -17,21 +16,10 @@ from workers.upscale import UpscaleWorker
 
 
 @pytest.fixture(scope="module")
-def manifest(tiny_root):
+def manifest(tiny_manifest):
     def build(*overrides: str):
-        return load_manifest(
-            None,
-            [
-                f"encode.model={tiny_root / 'IF-I-tiny'}",
-                f"stage1.model={tiny_root / 'IF-I-tiny'}",
-                f"upscale.model={tiny_root / 'x4-upscaler-tiny'}",
-                "stage1.num_inference_steps=4",
-                "upscale.num_inference_steps=3",
-                "stage1.micro_batch=2",
-                "upscale.micro_batch=2",
-                *overrides,
-            ],
-        )
+        steps = ("stage1.num_inference_steps=4", "upscale.num_inference_steps=3")
+        return tiny_manifest(*steps, "stage1.micro_batch=2", "upscale.micro_batch=2", *overrides)
 
     return build
 

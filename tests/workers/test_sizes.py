@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jobs.manifest import load_manifest
 from tests.helpers import rows, take
 from workers.encode import EncodeWorker
 from workers.sizes import init_image_size, stage1_size
@@ -27,18 +26,8 @@ def png_of(width: int, height: int, mask: bool = False) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def cascade(tiny_root):
-    m = load_manifest(
-        None,
-        [
-            f"encode.model={tiny_root / 'IF-I-tiny'}",
-            f"stage1.model={tiny_root / 'IF-I-tiny'}",
-            f"stage2.model={tiny_root / 'IF-II-tiny'}",
-            f"upscale.model={tiny_root / 'x4-upscaler-tiny'}",
-            *[f"{s}.num_inference_steps=2" for s in ("stage1", "stage2", "upscale")],
-            *[f"{s}.micro_batch=2" for s in ("encode", "stage1", "stage2", "upscale")],
-        ],
-    )
+def cascade(tiny_manifest):
+    m = tiny_manifest(*[f"{s}.micro_batch=2" for s in ("encode", "stage1", "stage2", "upscale")])
     workers = [EncodeWorker(m.encode), Stage1Worker(m.stage1), Stage2Worker(m.stage2), UpscaleWorker(m.upscale)]
 
     def run(batch):

@@ -23,19 +23,8 @@ PROMPTS = ["a red fox in the snow", "a lighthouse in a storm", "a red fox in the
 
 
 @pytest.fixture(scope="module")
-def workers(tiny_root):
-    m = load_manifest(
-        None,
-        [
-            f"encode.model={tiny_root / 'IF-I-tiny'}",
-            f"stage1.model={tiny_root / 'IF-I-tiny'}",
-            f"stage2.model={tiny_root / 'IF-II-tiny'}",
-            f"upscale.model={tiny_root / 'x4-upscaler-tiny'}",
-            "stage1.num_inference_steps=3",
-            "stage2.num_inference_steps=3",
-            "upscale.num_inference_steps=3",
-        ],
-    )
+def workers(tiny_manifest):
+    m = tiny_manifest("stage1.num_inference_steps=3", "stage2.num_inference_steps=3", "upscale.num_inference_steps=3")
     return {
         "encode": EncodeWorker(m.encode),
         "stage1": Stage1Worker(m.stage1),
