@@ -23,10 +23,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from jobs.contact import write_job_sheet, write_shard_sheet
-from jobs.formats import stale_tars, with_image_column, write_tar
+from jobs.contact import sheet_key, write_job_sheet, write_shard_sheet
+from jobs.formats import stale_tars, stamp_key, tar_key, with_image_column, write_tar
 from jobs.shards import Shard
 from workers.columns import IMAGE_FIELDS, METADATA_SCHEMA
+from workers.errors import ChangedInputError
 from workers.keys import item_key
 from workers.stages import MODEL_STAGES
 from workers.storage import create_exclusive, delete, is_s3, join, list_prefix, read_bytes, write_bytes
@@ -48,6 +49,7 @@ class Commit:
     error: int
     run_id: str
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    input: dict[str, Any] = field(default_factory=dict)  # the shard's fingerprint (jobs.shards.Shard)
 
     @property
     def key(self) -> str:
@@ -124,12 +126,52 @@ class Work:
         return sorted(self.carried + list(self.rows.values()), key=lambda r: (r["row"], r["image_index"] or 0))
 
 
-def work_left(out: str, shards: list[Shard], commits: dict[int, Commit], retry_errors: bool) -> list[Work]:
+def changed_shards(shards: list[Shard], commits: dict[int, Commit]) -> tuple[list[int], list[int]]:
+    """(committed shards whose input is not what they were rendered from, committed shards the
+    input no longer has). Markers written before fingerprints existed are taken as current."""
+    plan = {s.index: s for s in shards}
+    changed = [i for i, c in sorted(commits.items()) if i in plan and c.input and c.input != plan[i].fingerprint()]
+    gone = [i for i in sorted(commits) if i not in plan]
+    return changed, gone
+
+
+def check_input(out: str, shards: list[Shard], commits: dict[int, Commit], allow_changed: bool) -> list[int]:
+    """Refuse a resume over an input that changed under committed shards, naming them; with
+    allow_changed, retire the commits of shards the input no longer has (their rows are other
+    shards' now) and return the changed shards, to render again. Nothing is skipped or doubled."""
+    changed, gone = changed_shards(shards, commits)
+    if not changed and not gone:
+        return []
+    if not allow_changed:
+        named = [
+            f"shard {i} ({commits[i].input.get('file')}, rows from {commits[i].input.get('first_row')})"
+            for i in changed
+        ]
+        named += [f"shard {i} (no longer in the input)" for i in gone]
+        raise ChangedInputError(
+            f"output.path {out}: the input changed since {len(changed) + len(gone)} committed shard(s) were "
+            f"rendered: {'; '.join(named[:5])}. Fix: restore the input, pass --allow-changed to render those "
+            f"shards again from the new input, or write to another output.path."
+        )
+    for i in gone:  # marker first: a retired shard is never half there
+        delete([join(out, marker_key(i, a)) for a in range(commits[i].attempt + 1)])
+        derived = [tar_key(i), stamp_key(i), sheet_key(i)]
+        files = list_prefix(out, f"images/{i:06d}-") + list_prefix(out, f"shards/{i:06d}-") + derived
+        delete([join(out, k) for k in files])
+        commits.pop(i)
+    return changed
+
+
+def work_left(
+    out: str, shards: list[Shard], commits: dict[int, Commit], retry_errors: bool, changed: list[int] = ()
+) -> list[Work]:
     work = []
     for shard in shards:
         commit = commits.get(shard.index)
         if commit is None:
             work.append(Work(shard, 0))
+        elif shard.index in changed:  # its input changed: all of it again, as its next attempt
+            work.append(Work(shard, commit.attempt + 1))
         elif retry_errors and commit.error:
             rows = read_metadata(out, commit)
             done = [r for r in rows if r["status"] == "ok"]
@@ -200,7 +242,7 @@ def commit_shard(out: str, work: Work, run_id: str, derived: Derived = Derived()
         for stage in (*MODEL_STAGES, "write"):
             seconds[stage] = seconds.get(stage, 0.0) + (r.get(f"{stage}_seconds") or 0.0)
     ok = sum(r["status"] == "ok" for r in rows)
-    commit = Commit(shard, attempt, metadata, len(rows), ok, len(rows) - ok, run_id, seconds)
+    commit = Commit(shard, attempt, metadata, len(rows), ok, len(rows) - ok, run_id, seconds, work.shard.fingerprint())
     if not try_commit(out, commit):
         log.warning("shard %d attempt %d was committed by another writer; dropping this run's copy", shard, attempt)
         delete([join(out, metadata)] + [join(out, k) for k in list_prefix(out, image_dir(shard, run_id) + "/")])

@@ -59,8 +59,12 @@ def shard_sheet(out: str, rows: list[dict], thumbs: dict[int, bytes]) -> bytes:
     return _grid(tiles, THUMB, f"shard {shard}: {ok}/{len(tiles)} ok")
 
 
+def sheet_key(shard: int) -> str:
+    return f"contact/{shard:06d}.jpg"
+
+
 def write_shard_sheet(out: str, shard: int, rows: list[dict], thumbs: dict[int, bytes]) -> None:
-    write_bytes(join(out, f"contact/{shard:06d}.jpg"), shard_sheet(out, rows, thumbs))
+    write_bytes(join(out, sheet_key(shard)), shard_sheet(out, rows, thumbs))
 
 
 def write_job_sheet(out: str, commits: dict[int, Any]) -> None:
@@ -68,7 +72,7 @@ def write_job_sheet(out: str, commits: dict[int, Any]) -> None:
     tiles = []
     shown = sorted(commits)[:MAX_SHARDS]
     for shard in shown:
-        data = read_bytes(join(out, f"contact/{shard:06d}.jpg"))
+        data = read_bytes(join(out, sheet_key(shard)))
         c = commits[shard]
         img = Image.open(io.BytesIO(data)) if data else None
         tiles.append((img, f"shard {shard}: {c.ok} ok, {c.error} failed", c.error == 0))

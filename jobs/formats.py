@@ -53,7 +53,7 @@ def with_image_column(table: pa.Table, images: list[bytes | None]) -> pa.Table:
     return table.append_column("image", column).replace_schema_metadata(features.arrow_schema.metadata)
 
 
-def _stamp(shard: int) -> str:
+def stamp_key(shard: int) -> str:
     return f"webdataset/.stamps/{shard:06d}.json"
 
 
@@ -83,7 +83,7 @@ def write_tar(out: str, shard: int, attempt: int, rows: list[dict], images: dict
                 }
             )
     write_bytes(join(out, tar_key(shard)), buf.getvalue())
-    write_bytes(join(out, _stamp(shard)), json.dumps({"shard": shard, "attempt": attempt}).encode())
+    write_bytes(join(out, stamp_key(shard)), json.dumps({"shard": shard, "attempt": attempt}).encode())
 
 
 def stale_tars(out: str, commits: dict) -> list[int]:

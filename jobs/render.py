@@ -16,7 +16,16 @@ import time
 import uuid
 from dataclasses import asdict
 
-from jobs.commits import Derived, Work, commit_shard, finish_output, list_commits, to_metadata, work_left
+from jobs.commits import (
+    Derived,
+    Work,
+    check_input,
+    commit_shard,
+    finish_output,
+    list_commits,
+    to_metadata,
+    work_left,
+)
 from jobs.job_record import check_job
 from jobs.manifest import Manifest
 from jobs.pools import init_ray, job_pools, map_pool, release, reserve
@@ -49,7 +58,8 @@ def run(
     check_job(out, manifest, allow_changed)
     # 2. What is left: shards without a commit, and with --retry-errors the failed rows of the rest.
     commits = list_commits(out)
-    work = work_left(out, shards, commits, retry_errors)
+    changed = check_input(out, shards, commits, allow_changed)
+    work = work_left(out, shards, commits, retry_errors, changed)
     summary = Summary(manifest.name, out, skipped_shards=len(shards) - len(work))
     todo = sum(w.shard.todo for w in work)
     log.info(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import fnmatch
+import hashlib
 import json
 import re
 from collections.abc import Iterator
@@ -50,8 +51,13 @@ class Shard:
     end: int  # byte offset one past the shard (text, jsonl, csv); unused for parquet
     first_line: int  # 1-based line number of the first row (line formats), else row offset
     header: str = ""  # the CSV header's fields, as JSON
+    sha256: str = ""  # of the shard's records (and CSV header), or of its Parquet row groups' metadata
     only_rows: tuple[int, ...] = ()  # item keys to read (a retry of failed outputs); () = all
     whole_rows: tuple[int, ...] = ()  # global rows to read with all their images (a retry of read failures)
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What a commit records of the input it covered: file, rows and a hash of them."""
+        return {"file": self.uri, "first_row": self.first_row, "rows": self.num_rows, "sha256": self.sha256}
 
     @property
     def todo(self) -> int:
@@ -148,6 +154,7 @@ class Record:
     line: int  # 1-based line number where it starts
     value: bytes | list[str]  # a text or JSONL line; a CSV record's fields
     problem: str = ""  # a CSV record the csv module could not parse
+    raw: bytes = b""  # the record's bytes, for the shard's fingerprint
 
 
 def records(stream: Any, fmt: str, offset: int = 0, first_line: int = 1, max_bytes: int = 1 << 20) -> Iterator[Record]:
@@ -155,6 +162,7 @@ def records(stream: Any, fmt: str, offset: int = 0, first_line: int = 1, max_byt
     module (quotes inside unquoted fields, quoted newlines, any line ending); a UTF-8 BOM at the
     start of the file is skipped; a record over `max_bytes` is a problem, not a value."""
     state = {"offset": offset, "line": first_line - 1}
+    consumed: list[bytes] = []  # the lines read since the last record
     too_big = f"longer than input.max_record_bytes={max_bytes}; expected shorter records, or raise the cap"
 
     def counted() -> Iterator[bytes]:
@@ -164,14 +172,18 @@ def records(stream: Any, fmt: str, offset: int = 0, first_line: int = 1, max_byt
                 line = line[len(BOM) :]
             state["offset"] += len(line)
             state["line"] += 1
+            consumed.append(line)
             yield line
 
     if fmt != "csv":
         for line in counted():
+            consumed.clear()
             if len(line) > max_bytes:
-                yield Record(state["offset"] - len(line), state["offset"], state["line"], b"", f"a line {too_big}")
+                yield Record(
+                    state["offset"] - len(line), state["offset"], state["line"], b"", f"a line {too_big}", line
+                )
             elif line.strip():
-                yield Record(state["offset"] - len(line), state["offset"], state["line"], line)
+                yield Record(state["offset"] - len(line), state["offset"], state["line"], line, raw=line)
         return
     csv.field_size_limit(max_bytes)  # one field may hold the whole record
     # The csv module reads text: bytes that are not UTF-8 pass through as surrogates, so byte
@@ -184,12 +196,15 @@ def records(stream: Any, fmt: str, offset: int = 0, first_line: int = 1, max_byt
         except StopIteration:
             return
         except csv.Error as err:
-            yield Record(start, state["offset"], line, [], f"line {line}: not a CSV record ({err})")
+            yield Record(start, state["offset"], line, [], f"line {line}: not a CSV record ({err})", b"".join(consumed))
             continue
+        finally:
+            raw = b"".join(consumed)
+            consumed.clear()
         if state["offset"] - start > max_bytes:
-            yield Record(start, state["offset"], line, [], f"a CSV record {too_big}")
+            yield Record(start, state["offset"], line, [], f"a CSV record {too_big}", raw)
         elif any(f.strip() for f in fields):
-            yield Record(start, state["offset"], line, fields)
+            yield Record(start, state["offset"], line, fields, raw=raw)
 
 
 def _check_columns(uri: str, found: list[str]) -> None:
@@ -209,14 +224,21 @@ def plan_shards(cfg: InputConfig) -> list[Shard]:
         if fmt == "parquet":
             meta = pq.ParquetFile(fs.open_input_file(path)).metadata
             _check_columns(uri, meta.schema.to_arrow_schema().names)
+            # Row groups' sizes, offsets and statistics change with their content: a fingerprint
+            # that needs no pass over the data.
+            groups = [
+                json.dumps(meta.row_group(i).to_dict(), sort_keys=True, default=str) for i in range(meta.num_row_groups)
+            ]
             for start in range(0, meta.num_rows, cfg.shard_size):
                 n = min(cfg.shard_size, meta.num_rows - start)
-                shards.append(Shard(len(shards), uri, fmt, total + start, n, start, 0, start))
+                digest = hashlib.sha256(f"{start}:{n}:".encode() + "".join(groups).encode()).hexdigest()
+                shards.append(Shard(len(shards), uri, fmt, total + start, n, start, 0, start, sha256=digest))
             total += meta.num_rows
             continue
         header, seen_prompt, sample = "", False, []
         boundary: tuple[int, int] | None = None  # (byte, line) where the open shard starts
         count, end = 0, 0
+        digest = hashlib.sha256()
         with fs.open_input_stream(path) as stream:
             for record in records(stream, fmt, max_bytes=cfg.max_record_bytes):
                 end = record.end
@@ -231,6 +253,8 @@ def plan_shards(cfg: InputConfig) -> list[Shard]:
                     seen_prompt = _has_prompt_key(record.value)
                 if boundary is None:
                     boundary = (record.start, record.line)
+                    digest = hashlib.sha256(header.encode())
+                digest.update(record.raw)
                 count += 1
                 if count % cfg.shard_size == 0:
                     shards.append(
@@ -244,12 +268,26 @@ def plan_shards(cfg: InputConfig) -> list[Shard]:
                             end,
                             boundary[1],
                             header,
+                            digest.hexdigest(),
                         )
                     )
                     boundary = None
             if boundary is not None:
                 n = count % cfg.shard_size
-                shards.append(Shard(len(shards), uri, fmt, total + count - n, n, boundary[0], end, boundary[1], header))
+                shards.append(
+                    Shard(
+                        len(shards),
+                        uri,
+                        fmt,
+                        total + count - n,
+                        n,
+                        boundary[0],
+                        end,
+                        boundary[1],
+                        header,
+                        digest.hexdigest(),
+                    )
+                )
         if fmt == "jsonl" and sample and not seen_prompt:
             keys = sorted({k for raw in sample for k in _json_keys(raw)})
             _check_columns(uri, keys)

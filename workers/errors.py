@@ -39,6 +39,10 @@ class ChangedManifestError(IfrenderError, RuntimeError):
     """An output made by a job with other settings than this one's."""
 
 
+class ChangedInputError(IfrenderError, RuntimeError):
+    """An input that changed under shards already committed from it."""
+
+
 class MissingColumnsError(IfrenderError, KeyError):
     """A batch that lacks a column its stage needs: the chain is wired wrong, not one row bad."""
 

@@ -8,6 +8,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import boto3
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from jobs.commits import Commit, Work, commit_shard, list_commits
@@ -62,7 +64,15 @@ def test_losing_writer_drops_its_copy_and_winner_clears_leftovers(output):
         "shards/000003-000-first.parquet",
     ]
     assert list_commits(output)[3] == Commit(
-        3, 0, "shards/000003-000-first.parquet", 2, 2, 0, "first", list_commits(output)[3].stage_seconds
+        3,
+        0,
+        "shards/000003-000-first.parquet",
+        2,
+        2,
+        0,
+        "first",
+        list_commits(output)[3].stage_seconds,
+        {"file": "in.txt", "first_row": 6, "rows": 2, "sha256": ""},  # what the commit covered of the input
     )
 
 
@@ -140,3 +150,53 @@ def test_two_different_jobs_starting_at_once_on_one_output_cannot_both_start(out
         started = list(pool.map(start, manifests))
     assert len({s for s in started if s is not None}) == 1  # one manifest's jobs start, the other's are refused
     assert started.count(None) == 4
+
+
+def test_a_changed_input_file_re_renders_its_shard_or_is_refused_and_no_row_is_lost_or_doubled(tmp_path):
+    from jobs.commits import check_input, work_left
+    from jobs.manifest import load_manifest
+    from jobs.shards import plan_shards
+    from workers.errors import ChangedInputError
+
+    data = tmp_path / "in"
+    data.mkdir()
+    for name in ("a", "b", "c"):
+        (data / f"{name}.txt").write_text(f"{name} one\n{name} two\n")
+    out = str(tmp_path / "out")
+
+    def plan(shard_size: int = 2):
+        return plan_shards(load_manifest(None, [f"input.path={data}", f"input.shard_size={shard_size}"]).input)
+
+    def commit_all(shards, run_id: str) -> None:
+        for shard in shards:
+            work = Work(shard, list_commits(out)[shard.index].attempt + 1 if shard.index in list_commits(out) else 0)
+            for r in range(shard.first_row, shard.first_row + shard.num_rows):
+                work.rows[r] = dict.fromkeys(METADATA_SCHEMA.names) | dict(
+                    id=str(r), row=r, shard=shard.index, status="ok", prompt="p", seed=r
+                )
+            assert commit_shard(out, work, run_id)
+
+    commit_all(plan(), "r1")
+    assert check_input(out, plan(), list_commits(out), allow_changed=False) == []  # unchanged: nothing to do
+    (data / "b.txt").write_text("b one\nb changed\n")
+    with pytest.raises(ChangedInputError, match=r"shard 1 \(.*b\.txt, rows from 2\).*--allow-changed"):
+        check_input(out, plan(), list_commits(out), allow_changed=False)
+    commits = list_commits(out)
+    changed = check_input(out, plan(), commits, allow_changed=True)
+    work = work_left(out, plan(), commits, retry_errors=False, changed=changed)
+    assert [(w.shard.index, w.attempt) for w in work] == [(1, 1)]  # only b's shard, as its next attempt
+    commit_all([w.shard for w in work], "r2")
+    assert {i: c.run_id for i, c in list_commits(out).items()} == {0: "r1", 1: "r2", 2: "r1"}
+    # Another shard_size: refused without --allow-changed; with it, every row exactly once, both ways
+    # (1 row a shard: six shards; back to 2: shards 3-5 are no longer in the input and retire).
+    for size, expect in ((1, 6), (2, 3)):
+        with pytest.raises(ChangedInputError, match="shard 0 "):
+            check_input(out, plan(size), list_commits(out), allow_changed=False)
+        commits = list_commits(out)
+        changed = check_input(out, plan(size), commits, allow_changed=True)
+        commit_all([w.shard for w in work_left(out, plan(size), commits, False, changed)], f"size{size}")
+        rows = []
+        for c in list_commits(out).values():
+            rows += [r["row"] for r in pq.read_table(pa.BufferReader(read_bytes(join(out, c.metadata)))).to_pylist()]
+        assert sorted(rows) == list(range(6)) and sorted(list_commits(out)) == list(range(expect)), size
+    assert not [k for k in list_prefix(out) if k.startswith(("shards/000004-", "commits/000004-"))]
