@@ -196,14 +196,22 @@ def list_prefix(root: str, prefix: str = "") -> list[str]:
     top = Path(resolve(root)[1])
     folder, _, start = prefix.rpartition("/")
     parent = top / folder if folder else top
-    if not parent.is_dir():
+    # Another writer may delete files and folders while this lists them (a loser cleaning up):
+    # what vanishes is simply not listed. os.walk skips folders that vanish under it.
+    try:
+        entries = list(os.scandir(parent))
+    except (FileNotFoundError, NotADirectoryError):
         return []
     found = []
-    for entry in parent.iterdir():
-        if entry.name.startswith(start) and ".tmp-" not in entry.name:
-            files = [p for p in entry.rglob("*") if p.is_file()] if entry.is_dir() else [entry]
-            found += [p.relative_to(top).as_posix() for p in files]
-    return sorted(found)
+    for entry in entries:
+        if not entry.name.startswith(start) or ".tmp-" in entry.name:
+            continue
+        if entry.is_dir():
+            for folder_path, _, names in os.walk(entry.path):
+                found += [os.path.join(folder_path, n) for n in names if ".tmp-" not in n]
+        elif entry.is_file():
+            found.append(entry.path)
+    return sorted(Path(f).relative_to(top).as_posix() for f in found)
 
 
 def delete(uris: list[str]) -> None:

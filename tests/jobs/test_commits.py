@@ -200,3 +200,22 @@ def test_a_changed_input_file_re_renders_its_shard_or_is_refused_and_no_row_is_l
             rows += [r["row"] for r in pq.read_table(pa.BufferReader(read_bytes(join(out, c.metadata)))).to_pylist()]
         assert sorted(rows) == list(range(6)) and sorted(list_commits(out)) == list(range(expect)), size
     assert not [k for k in list_prefix(out) if k.startswith(("shards/000004-", "commits/000004-"))]
+
+
+def test_a_listing_tolerates_another_writer_deleting_under_it(tmp_path):
+    # A loser removes its files and folders while the winner lists: nothing raises, and what
+    # remains is listed. 200 rounds of a racing delete.
+    import shutil
+    import threading
+
+    out = tmp_path / "out"
+    for round_ in range(200):
+        for r in range(40):  # folders inside folders: a listing descends into what is being removed
+            (out / "images" / f"000001-run{round_}" / f"part{r % 8}" / f"{r}").mkdir(parents=True, exist_ok=True)
+            (out / "images" / f"000001-run{round_}" / f"part{r % 8}" / f"{r}" / "x.png").write_bytes(b"x")
+        gone = threading.Thread(target=shutil.rmtree, args=(out / "images" / f"000001-run{round_}",))
+        gone.start()
+        listed = list_prefix(str(out), "images/000001-")
+        gone.join()
+        assert all(k.startswith(f"images/000001-run{round_}/") for k in listed)
+    assert list_prefix(str(out), "images/") == [] and list_prefix(str(out / "nowhere")) == []
