@@ -103,7 +103,12 @@ HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", 
 
 
 class FaultyS3Proxy:
-    def __init__(self, upstream_port: int, slow_down_every: int = 5, drop_put_every: int = 7) -> None:
+    def __init__(
+        self, upstream_port: int, slow_down_every: int = 5, drop_put_every: int = 7, ignore_conditions: bool = False
+    ) -> None:
+        """Every slow_down_every-th request answers 503, every drop_put_every-th PUT lands but loses
+        its answer; with ignore_conditions, If-None-Match and If-Match never reach the server (a
+        store that ignores conditional writes)."""
         self.upstream_port = upstream_port
         self.counts: Counter[str] = Counter()
         counter = itertools.count()
@@ -140,7 +145,8 @@ class FaultyS3Proxy:
                     self.end_headers()
                     self.wfile.write(SLOW_DOWN)
                     return
-                headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_BY_HOP}
+                dropped = HOP_BY_HOP | ({"if-none-match", "if-match"} if ignore_conditions else set())
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in dropped}
                 headers["Content-Length"] = str(len(body))
                 upstream = http.client.HTTPConnection("127.0.0.1", proxy.upstream_port, timeout=60)
                 upstream.request(self.command, self.path, body=body, headers=headers)

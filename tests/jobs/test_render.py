@@ -501,3 +501,20 @@ def test_a_mixed_file_renders_every_good_row_at_its_own_size(ray_local, tmp_path
         assert by_id["wide"]["prompt"] == 'a 12" pizza on a table'
         assert "not a readable image" in by_id["corrupt"]["error"]
         assert "Nearest valid: 16x16 or 24x16" in by_id["badsize"]["error"]
+
+
+def test_a_store_that_ignores_conditional_writes_is_refused_before_any_model_work(
+    s3_server, prompts, tmp_path, monkeypatch, tiny_manifest
+):
+    import boto3
+
+    from tests.helpers import FaultyS3Proxy
+
+    boto3.client("s3").create_bucket(Bucket="unconditional")
+    never = 10**9  # no 503s, no lost answers: only the conditions go missing
+    with FaultyS3Proxy(int(s3_server.rsplit(":", 1)[1]), never, never, ignore_conditions=True) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL_S3", proxy.endpoint)
+        with pytest.raises(StorageError, match="ignores If-None-Match: a second create of one key succeeded"):
+            run(tiny_manifest(f"input.path={prompts}", output="s3://unconditional/job"), progress=False)
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3_server)
+    assert boto3.client("s3").list_objects_v2(Bucket="unconditional").get("KeyCount") == 0  # probe cleaned up
