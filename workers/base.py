@@ -126,6 +126,16 @@ class StageWorker:
         rows with equal settings run together."""
         return {}
 
+    def check_size(self, settings: dict[str, Any]) -> None:
+        """A UNet stage refuses images over its max_pixels: what its GPU memory was sized for."""
+        area = settings["width"] * settings["height"]
+        if area > self.cfg.max_pixels:
+            raise ValueError(
+                f"{settings['width']}x{settings['height']} is {area} pixels, over {self.stage}.max_pixels="
+                f"{self.cfg.max_pixels} (what this stage's GPU memory was sized for); expected a smaller image. "
+                f"Fix: a smaller width/height or init image, or raise {self.stage}.max_pixels"
+            )
+
     def tensor(self, batch: Batch, column: str, rows: np.ndarray) -> torch.Tensor:
         """Rows of a column as a tensor on this stage's device and dtype."""
         from workers.models import DTYPES

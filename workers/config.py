@@ -121,6 +121,14 @@ class UNetStageConfig(ModelStageConfig):
 class IFStageConfig(UNetStageConfig):
     """IF's stages I and II: timestep presets besides a step count."""
 
+    ROW_SETTINGS: ClassVar[tuple[str, ...]] = (
+        "guidance_scale",
+        "num_inference_steps",
+        "timesteps",
+        "strength",
+        "scheduler",
+    )
+
     timesteps: Preset | None = Field(None, description=f"IF timestep preset, one of {', '.join(TIMESTEP_PRESETS)}.")
 
     @model_validator(mode="after")
@@ -135,14 +143,6 @@ class IFStageConfig(UNetStageConfig):
 
 
 class Stage1Config(IFStageConfig):
-    ROW_SETTINGS: ClassVar[tuple[str, ...]] = (
-        "guidance_scale",
-        "num_inference_steps",
-        "timesteps",
-        "strength",
-        "scheduler",
-    )
-
     num_inference_steps: int = Field(100, ge=1, le=1000, description="Denoising steps (ignored when timesteps is set).")
     max_pixels: int = Field(256 * 256, ge=64, description="Largest image (width x height) stage I renders.")
     guidance_scale: float = Field(7.0, ge=0, le=100, description="Classifier-free guidance scale (<= 1 disables it).")
@@ -156,14 +156,7 @@ class Stage1Config(IFStageConfig):
 
 
 class Stage2Config(IFStageConfig):
-    ROW_SETTINGS: ClassVar[tuple[str, ...]] = (
-        "guidance_scale",
-        "num_inference_steps",
-        "timesteps",
-        "noise_level",
-        "strength",
-        "scheduler",
-    )
+    ROW_SETTINGS: ClassVar[tuple[str, ...]] = IFStageConfig.ROW_SETTINGS + ("noise_level",)
 
     num_inference_steps: int = Field(50, ge=1, le=1000, description="Denoising steps (ignored when timesteps is set).")
     max_pixels: int = Field(1024 * 1024, ge=64, description="Largest image (width x height) stage II renders.")

@@ -76,15 +76,6 @@ class IFStageWorker(StageWorker):
         """(width, height) this stage renders the row at; rows of one size run together."""
         raise NotImplementedError
 
-    def check_size(self, settings: dict[str, Any]) -> None:
-        area = settings["width"] * settings["height"]
-        if area > self.cfg.max_pixels:
-            raise ValueError(
-                f"{settings['width']}x{settings['height']} is {area} pixels, over {self.stage}.max_pixels="
-                f"{self.cfg.max_pixels} (what this stage's GPU memory was sized for); expected a smaller image. "
-                f"Fix: a smaller width/height or init image, or raise {self.stage}.max_pixels"
-            )
-
     def inputs(self, batch: Batch, rows: np.ndarray, settings: dict[str, Any]) -> dict[str, Any]:
         """Pipeline arguments of this stage alone."""
         return {}

@@ -42,12 +42,7 @@ class UpscaleWorker(StageWorker):
 
     @torch.inference_mode()
     def run(self, batch: Batch, rows: np.ndarray, settings: dict[str, Any]) -> Batch:
-        area = settings["width"] * settings["height"]
-        if area > self.cfg.max_pixels:
-            raise ValueError(
-                f"{settings['width']}x{settings['height']} is {area} pixels, over upscale.max_pixels="
-                f"{self.cfg.max_pixels}; expected a smaller image. Fix: a smaller width/height, or raise it"
-            )
+        self.check_size(settings)
         low_res = self.tensor(batch, "stage2_image", rows)
         self.pipe.scheduler = self.schedulers[settings["scheduler"]]
         images = self.pipe(

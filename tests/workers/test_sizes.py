@@ -75,3 +75,13 @@ def test_img2img_sizes_are_diffusers_own_and_final_sizes_map_to_stage_one():
     assert stage1_size(1536, 1024, "upscale")[:2] == (96, 64) and stage1_size(96, 64, "stage1")[:2] == (96, 64)
     problem = stage1_size(1000, 600, "upscale")[2]
     assert "1000x600 at upscale is 62.5x37.5 at stage I" in problem and "Nearest valid: 896x512 or 1024x640" in problem
+
+
+def test_a_row_over_a_stage_size_limit_fails_with_the_sizes(tiny_manifest):
+    m = tiny_manifest("stage1.max_pixels=200", "upscale.max_pixels=1000")
+    embeds = np.zeros((1, 77, 32), dtype=np.float32)
+    out = Stage1Worker(m.stage1)(rows(["a fox"], prompt_embeds=embeds, negative_prompt_embeds=embeds))
+    assert out["status"][0] == "error" and "16x16 is 256 pixels, over stage1.max_pixels=200" in out["error"][0]
+    low_res = {"stage2_image": np.zeros((1, 3, 16, 16), dtype=np.float32)}
+    up = UpscaleWorker(m.upscale)(rows(["a fox"], **low_res))
+    assert up["status"][0] == "error" and "64x64 is 4096 pixels, over upscale.max_pixels=1000" in up["error"][0]
