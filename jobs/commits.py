@@ -2,11 +2,13 @@
 shard's commit, and so of the output's exactly-once and resume promises.
 
 A shard is committed when its marker `commits/<shard>-<attempt>.json` exists. The driver writes
-the shard's metadata Parquet first, then creates the marker once (`create_exclusive`): of two
-writers one wins; the winner removes what killed runs left of the shard and derives the formats
-built from committed shards (WebDataset tar, contact sheet), the loser removes its own files.
-Readers and resume trust markers, never a bare listing; `index.json` lists the committed shards.
-A retry of a shard's failed rows commits its next attempt; the highest attempt counts.
+the attempt's metadata `attempts/<shard>-<attempt>-<run>.parquet` first, then creates the marker
+once (`create_exclusive`): of two writers one wins, and the loser removes its own files. What
+readers load, `data/<shard>.parquet` and the other formats, is published from the committed
+attempt afterwards (jobs/publish.py), one file per shard replaced whole, so a glob over `data/`
+sees each committed row once at every moment. A retry of a shard's failed rows commits its next
+attempt; the highest attempt counts. Files are named by shard, attempt and run, so a commit's
+cleanup removes older attempts and killed runs, and never a newer attempt's files.
 """
 
 from __future__ import annotations
@@ -23,8 +25,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from jobs.contact import sheet_key, write_job_sheet, write_shard_sheet
-from jobs.formats import stale_tars, stamp_key, tar_key, with_image_column, write_tar
+from jobs.contact import sheet_key
+from jobs.formats import tar_key
 from jobs.shards import Shard
 from workers.columns import IMAGE_FIELDS, METADATA_SCHEMA
 from workers.errors import ChangedInputError
@@ -37,13 +39,15 @@ log = logging.getLogger(__name__)
 
 # A marker's name is its shard and attempt, zero-padded but never cut: shard 1,000,000 is 1000000-000.
 _MARKER = re.compile(r"^commits/(\d+)-(\d+)\.json$")
+# An attempt's own files: its metadata, and its images' folder.
+_ATTEMPT_FILE = re.compile(r"^(?:attempts|images)/(\d+)-(\d+)-([^/.]+)(?:/|\.parquet$)")
 
 
 @dataclass
 class Commit:
     shard: int
     attempt: int
-    metadata: str  # key of the shard's metadata file, relative to the output
+    metadata: str  # key of the attempt's metadata file, relative to the output
     rows: int
     ok: int
     error: int
@@ -60,9 +64,39 @@ def marker_key(shard: int, attempt: int) -> str:
     return f"commits/{shard:06d}-{attempt:03d}.json"
 
 
+def attempt_key(shard: int, attempt: int, run_id: str) -> str:
+    return f"attempts/{shard:06d}-{attempt:03d}-{run_id}.parquet"
+
+
+def data_key(shard: int) -> str:
+    """The published metadata of a committed shard: what a glob over OUTPUT/data/ reads."""
+    return f"data/{shard:06d}.parquet"
+
+
 def read_metadata(out: str, commit: Commit, columns: list[str] | None = None) -> list[dict]:
-    """A committed shard's metadata rows (only `columns`, when given)."""
-    return pq.read_table(pa.BufferReader(read_bytes(join(out, commit.metadata))), columns=columns).to_pylist()
+    """A committed attempt's metadata rows (only `columns`, when given). Raises FileNotFoundError
+    when a newer attempt's cleanup removed it."""
+    data = read_bytes(join(out, commit.metadata))
+    if data is None:
+        raise FileNotFoundError(
+            f"{join(out, commit.metadata)}: shard {commit.shard} attempt {commit.attempt}'s metadata"
+        )
+    return pq.read_table(pa.BufferReader(data), columns=columns).to_pylist()
+
+
+def read_marker(uri: str) -> Commit:
+    data = read_bytes(uri)
+    if data is None:
+        raise RuntimeError(f"{uri}: listed as a commit marker but cannot be read; run again to retry")
+    record = json.loads(data)
+    record.setdefault("run_id", record.pop("run", ""))  # markers written before run_id was its name
+    return Commit(**record)
+
+
+def latest_commit(out: str, shard: int) -> Commit | None:
+    """The committed attempt of one shard, read now."""
+    attempts = [(int(m[2]), key) for key in list_prefix(out, f"commits/{shard:06d}-") if (m := _MARKER.match(key))]
+    return read_marker(join(out, max(attempts)[1])) if attempts else None
 
 
 def list_commits(out: str) -> dict[int, Commit]:
@@ -75,37 +109,17 @@ def list_commits(out: str) -> dict[int, Commit]:
             if attempt >= latest.get(shard, (-1, ""))[0]:
                 latest[shard] = (attempt, join(out, key))
 
-    def read(uri: str) -> Commit:
-        data = read_bytes(uri)
-        if data is None:
-            raise RuntimeError(f"{uri}: listed as a commit marker but cannot be read; run again to retry")
-        record = json.loads(data)
-        record.setdefault("run_id", record.pop("run", ""))  # markers written before run_id was its name
-        return Commit(**record)
-
     uris = [uri for _, uri in latest.values()]
     if not is_s3(out):
-        return dict(zip(latest, map(read, uris)))
+        return dict(zip(latest, map(read_marker, uris)))
     # Markers are small and many: on S3 read them side by side, not one round trip after another.
     with ThreadPoolExecutor(16) as pool:
-        return dict(zip(latest, pool.map(read, uris)))
+        return dict(zip(latest, pool.map(read_marker, uris)))
 
 
 def try_commit(out: str, commit: Commit) -> bool:
     """Create the shard's marker; False when another writer committed this attempt first."""
     return create_exclusive(join(out, commit.key), json.dumps(asdict(commit), indent=1).encode())
-
-
-def write_index(out: str, commits: dict[int, Commit]) -> dict[str, Any]:
-    shards = [asdict(commits[s]) for s in sorted(commits)]
-    index = {
-        "shards": [{k: c[k] for k in ("shard", "attempt", "metadata", "rows", "ok", "error")} for c in shards],
-        "rows": sum(c["rows"] for c in shards),
-        "ok": sum(c["ok"] for c in shards),
-        "error": sum(c["error"] for c in shards),
-    }
-    write_bytes(join(out, "index.json"), json.dumps(index, indent=1).encode())
-    return index
 
 
 # ---- a shard in progress -------------------------------------------------------------------
@@ -118,9 +132,7 @@ class Work:
     shard: Shard
     attempt: int
     carried: list[dict] = field(default_factory=list)  # committed ok rows kept by a retry
-    rows: dict[int, dict] = field(default_factory=dict)  # results so far, by item key
-    images: dict[int, bytes] = field(default_factory=dict)  # encoded images, when an output format needs them
-    thumbs: dict[int, bytes] = field(default_factory=dict)  # thumbnails for the contact sheet
+    rows: dict[int, dict] = field(default_factory=dict)  # metadata rows so far, by item key; never images
 
     def all_rows(self) -> list[dict]:
         return sorted(self.carried + list(self.rows.values()), key=lambda r: (r["row"], r["image_index"] or 0))
@@ -153,11 +165,12 @@ def check_input(out: str, shards: list[Shard], commits: dict[int, Commit], allow
             f"rendered: {'; '.join(named[:5])}. Fix: restore the input, pass --allow-changed to render those "
             f"shards again from the new input, or write to another output.path."
         )
-    for i in gone:  # marker first: a retired shard is never half there
+    for i in gone:  # markers first: a retired shard is never half there
         delete([join(out, marker_key(i, a)) for a in range(commits[i].attempt + 1)])
-        derived = [tar_key(i), stamp_key(i), sheet_key(i)]
-        files = list_prefix(out, f"images/{i:06d}-") + list_prefix(out, f"shards/{i:06d}-") + derived
-        delete([join(out, k) for k in files])
+        published = [data_key(i), tar_key(i), sheet_key(i)]
+        stamps = [k for k in list_prefix(out, "stamps/") if f"/{i:06d}-" in k]
+        files = list_prefix(out, f"images/{i:06d}-") + list_prefix(out, f"attempts/{i:06d}-")
+        delete([join(out, k) for k in published + stamps + files])
         commits.pop(i)
     return changed
 
@@ -209,32 +222,15 @@ def to_metadata(table: pa.Table, last_stage: str) -> pa.Table:
 # ---- the commit ----------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Derived:
-    """What a committed shard also becomes, from the output settings."""
-
-    embed_images: bool = False
-    webdataset: bool = False
-    contact_sheets: bool = False
-
-
-def commit_shard(out: str, work: Work, run_id: str, derived: Derived = Derived()) -> bool:
-    """Write the shard's metadata, then its marker. Returns whether this run committed it."""
+def commit_shard(out: str, work: Work, run_id: str) -> Commit | None:
+    """Write the attempt's metadata, then its marker. Returns the commit when this run made it,
+    None when another writer committed this attempt first (this run's copy is then removed)."""
     rows = work.all_rows()
     shard, attempt = work.shard.index, work.attempt
-    # 1. The metadata file, under a name no other run or attempt uses.
-    metadata = f"shards/{shard:06d}-{attempt:03d}-{run_id}.parquet"
-    table = pa.Table.from_pylist(rows, schema=METADATA_SCHEMA)
-    if derived.embed_images:
-        images = [
-            work.images.get(item_key(r["row"], r["image_index"] or 0))
-            or (r["image_key"] and read_bytes(join(out, r["image_key"])))
-            or None
-            for r in rows
-        ]
-        table = with_image_column(table, images)
+    # 1. The metadata file, under a name no other run or attempt uses. Small: no image bytes.
+    metadata = attempt_key(shard, attempt, run_id)
     buf = pa.BufferOutputStream()
-    pq.write_table(table, buf)
+    pq.write_table(pa.Table.from_pylist(rows, schema=METADATA_SCHEMA), buf)
     write_bytes(join(out, metadata), buf.getvalue().to_pybytes())
     # 2. The marker, created once: the commit itself.
     seconds: dict[str, float] = {}
@@ -243,29 +239,43 @@ def commit_shard(out: str, work: Work, run_id: str, derived: Derived = Derived()
             seconds[stage] = seconds.get(stage, 0.0) + (r.get(f"{stage}_seconds") or 0.0)
     ok = sum(r["status"] == "ok" for r in rows)
     commit = Commit(shard, attempt, metadata, len(rows), ok, len(rows) - ok, run_id, seconds, work.shard.fingerprint())
-    if not try_commit(out, commit):
-        log.warning("shard %d attempt %d was committed by another writer; dropping this run's copy", shard, attempt)
-        delete([join(out, metadata)] + [join(out, k) for k in list_prefix(out, image_dir(shard, run_id) + "/")])
-        return False
-    # 3. The winner clears what killed runs and earlier attempts left of this shard.
-    keep = {metadata} | {r["image_key"] for r in rows if r["image_key"]}
-    stale = list_prefix(out, f"images/{shard:06d}-") + list_prefix(out, f"shards/{shard:06d}-")
-    delete([join(out, k) for k in stale if k not in keep])
-    # 4. The formats derived from a committed shard.
-    if derived.webdataset:
-        write_tar(out, shard, attempt, rows, work.images)
-    if derived.contact_sheets:
-        write_shard_sheet(out, shard, rows, work.thumbs)
-    return True
+    if try_commit(out, commit):
+        return commit
+    log.warning("shard %d attempt %d was committed by another writer; dropping this run's copy", shard, attempt)
+    own = list_prefix(out, image_dir(shard, attempt, run_id) + "/")
+    delete([join(out, metadata)] + [join(out, k) for k in own])
+    return None
 
 
-def finish_output(out: str, webdataset: bool, contact_sheets: bool) -> dict[str, Any]:
-    """After a run: rebuild tars a kill left missing or a retry made stale, the job's contact
-    sheet, and index.json. Returns the index."""
-    commits = list_commits(out)
-    if webdataset:
-        for shard in stale_tars(out, commits):
-            write_tar(out, shard, commits[shard].attempt, read_metadata(out, commits[shard]), {})
-    if contact_sheets and commits:
-        write_job_sheet(out, commits)
-    return write_index(out, commits)
+def leftovers(commit: Commit, keys: list[str]) -> tuple[list[str], list[str]]:
+    """Of `keys` (attempt files and images of the commit's shard): (those of killed or losing runs
+    of this attempt, those of older attempts). A newer attempt's files are in neither."""
+    same, older = [], []
+    for key in keys:
+        match = _ATTEMPT_FILE.match(key)
+        if not match or int(match[1]) != commit.shard:
+            continue
+        attempt, run = int(match[2]), match[3]
+        if attempt == commit.attempt and run != commit.run_id:
+            same.append(key)
+        elif attempt < commit.attempt:
+            older.append(key)
+    return same, older
+
+
+def clean(out: str, commit: Commit, keys: list[str] | None = None) -> int:
+    """Remove what killed runs and older attempts left of a committed shard, keeping the files its
+    rows point at (a retry carries rows whose images an older attempt wrote). Call it once the
+    shard's published files come from this commit: until then readers may still load older rows.
+    Returns the number of files removed."""
+    if keys is None:
+        keys = list_prefix(out, f"attempts/{commit.shard:06d}-") + list_prefix(out, f"images/{commit.shard:06d}-")
+    same, older = leftovers(commit, keys)
+    if older:  # only then do the commit's rows matter
+        try:
+            kept = {r["image_key"] for r in read_metadata(out, commit, ["image_key"])}
+        except FileNotFoundError:
+            return 0  # a newer attempt superseded this one and cleans up itself
+        older = [k for k in older if k not in kept]
+    delete([join(out, k) for k in same + older])
+    return len(same) + len(older)

@@ -9,17 +9,17 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
-from workers.keys import item_key
 from workers.storage import join, read_bytes, write_bytes
-from workers.write import THUMB, thumbnail
 
+THUMB = 128  # px, the longer side of a tile on a shard's sheet
 LABEL = 14  # px of text under each tile
 MAX_SHARDS = 64  # shards shown on the job sheet
 
 
-def _grid(tiles: list[tuple[Image.Image | None, str, bool]], tile: int, title: str) -> bytes:
-    cols = max(1, min(16, math.ceil(math.sqrt(len(tiles)))))
-    rows = max(1, math.ceil(len(tiles) / cols))
+def _grid(tiles, count: int, tile: int, title: str) -> bytes:
+    """`count` tiles (image or None, label, ok), taken one at a time: only the sheet is held."""
+    cols = max(1, min(16, math.ceil(math.sqrt(count))))
+    rows = max(1, math.ceil(count / cols))
     sheet = Image.new("RGB", (cols * tile, LABEL + rows * (tile + LABEL)), "white")
     draw = ImageDraw.Draw(sheet)
     draw.text((2, 1), title, fill="black")
@@ -31,7 +31,6 @@ def _grid(tiles: list[tuple[Image.Image | None, str, bool]], tile: int, title: s
             )
             draw.text((x + 6, y + tile // 2 - 6), "error" if not ok else "missing", fill="white")
         else:
-            img = img.copy()
             img.thumbnail((tile, tile))
             sheet.paste(img, (x + (tile - img.width) // 2, y + (tile - img.height) // 2))
         draw.text((x + 2, y + tile + 1), label[: tile // 6], fill="black" if ok else (200, 40, 40))
@@ -40,43 +39,48 @@ def _grid(tiles: list[tuple[Image.Image | None, str, bool]], tile: int, title: s
     return buf.getvalue()
 
 
-def shard_sheet(out: str, rows: list[dict], thumbs: dict[int, bytes]) -> bytes:
-    """A shard's sheet from its metadata rows and the thumbnails the writers made; rows carried
-    from an earlier attempt are read back from their image files."""
-    tiles = []
-    for r in sorted(rows, key=lambda r: (r["row"], r["image_index"] or 0)):
-        ok = r["status"] == "ok"
-        img = None
-        if ok:
-            data = thumbs.get(item_key(r["row"], r["image_index"] or 0))
-            if data is None and r["image_key"]:
-                full = read_bytes(join(out, r["image_key"]))
-                data = thumbnail(full) if full else None
-            img = Image.open(io.BytesIO(data)) if data else None
-        tiles.append((img, str(r["id"]), ok))
-    ok = sum(t[2] for t in tiles)
+def _open(data: bytes | None) -> Image.Image | None:
+    if not data:
+        return None
+    img = Image.open(io.BytesIO(data))
+    img.draft("RGB", (THUMB * 2, THUMB * 2))  # JPEGs decode at a fraction of their size
+    return img.convert("RGB")
+
+
+def shard_sheet(out: str, rows: list[dict]) -> bytes:
+    """A shard's sheet from its metadata rows, each image read back from its file."""
+    rows = sorted(rows, key=lambda r: (r["row"], r["image_index"] or 0))
+    tiles = (
+        (_open(read_bytes(join(out, r["image_key"])) if r["image_key"] else None), str(r["id"]), r["status"] == "ok")
+        for r in rows
+    )
+    ok = sum(r["status"] == "ok" for r in rows)
     shard = rows[0]["shard"] if rows else 0
-    return _grid(tiles, THUMB, f"shard {shard}: {ok}/{len(tiles)} ok")
+    return _grid(tiles, len(rows), THUMB, f"shard {shard}: {ok}/{len(rows)} ok")
 
 
 def sheet_key(shard: int) -> str:
     return f"contact/{shard:06d}.jpg"
 
 
-def write_shard_sheet(out: str, shard: int, rows: list[dict], thumbs: dict[int, bytes]) -> None:
-    write_bytes(join(out, sheet_key(shard)), shard_sheet(out, rows, thumbs))
+def write_shard_sheet(out: str, rows: list[dict], uri: str) -> None:
+    write_bytes(uri, shard_sheet(out, rows))
 
 
 def write_job_sheet(out: str, commits: dict[int, Any]) -> None:
     """One tile per committed shard (its own sheet, scaled down), the first MAX_SHARDS of them."""
-    tiles = []
     shown = sorted(commits)[:MAX_SHARDS]
-    for shard in shown:
-        data = read_bytes(join(out, sheet_key(shard)))
-        c = commits[shard]
-        img = Image.open(io.BytesIO(data)) if data else None
-        tiles.append((img, f"shard {shard}: {c.ok} ok, {c.error} failed", c.error == 0))
+    tiles = (
+        (
+            _open(read_bytes(join(out, sheet_key(s)))),
+            f"shard {s}: {commits[s].ok} ok, {commits[s].error} failed",
+            commits[s].error == 0,
+        )
+        for s in shown
+    )
     rows = sum(c.ok + c.error for c in commits.values())
     ok = sum(c.ok for c in commits.values())
     more = f" (first {MAX_SHARDS} shown)" if len(commits) > MAX_SHARDS else ""
-    write_bytes(join(out, "contact/job.jpg"), _grid(tiles, 256, f"{len(commits)} shards, {ok}/{rows} ok{more}"))
+    write_bytes(
+        join(out, "contact/job.jpg"), _grid(tiles, len(shown), 256, f"{len(commits)} shards, {ok}/{rows} ok{more}")
+    )

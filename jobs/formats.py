@@ -1,22 +1,22 @@
-"""Formats users load directly: committed rows in; a `datasets` Image column and WebDataset tars out.
-
-The Image column goes into a shard's metadata file before its commit. A tar is derived from a
-committed shard after its commit; a stamp names the attempt it was built from, so a run finds
-tars that a kill left missing or that a retry made stale, and rebuilds them. Both use their
-own libraries (`datasets`, `webdataset`: the `formats` extra), checked before any model work.
+"""Formats users load directly, built from a committed attempt's metadata and its stored image
+files: Parquet with a `datasets` Image column, and WebDataset tars. Each streams to a local file
+a few images at a time (then one atomic rename, or a multipart upload on S3), so neither the
+shard's size nor its images' size decides the memory it takes. Both use their own libraries
+(`datasets`, `webdataset`: the `formats` extra), checked before any model work.
 """
 
 from __future__ import annotations
 
-import io
 import json
+from collections.abc import Iterator
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
+from workers.columns import METADATA_SCHEMA
 from workers.errors import ManifestError
-from workers.keys import item_key
 from workers.stages import MODEL_STAGES
-from workers.storage import join, list_prefix, read_bytes, write_bytes
+from workers.storage import join, local_output, read_bytes
 
 # Per-row fields a WebDataset sample's KEY.json carries.
 SAMPLE_FIELDS = ("id", "row", "prompt", "negative_prompt", "seed", "width", "height", "sha256") + tuple(
@@ -24,6 +24,7 @@ SAMPLE_FIELDS = ("id", "row", "prompt", "negative_prompt", "seed", "width", "hei
 )
 # Output option -> the package it needs.
 PACKAGES = {"embed_images": "datasets", "webdataset": "webdataset"}
+CHUNK = 32  # rows whose images are in memory at once; also the embedded Parquet's row group
 
 
 def check_packages(output) -> None:
@@ -38,58 +39,57 @@ def check_packages(output) -> None:
             )
 
 
-def with_image_column(table: pa.Table, images: list[bytes | None]) -> pa.Table:
-    """Add `image` as a Hugging Face datasets Image feature (struct {bytes, path}), declared in
-    the schema's `huggingface` metadata so load_dataset decodes it to PIL images."""
+def image_schema() -> pa.Schema:
+    """The metadata schema plus `image` as a Hugging Face datasets Image feature (struct {bytes,
+    path}), declared in the schema's `huggingface` metadata so load_dataset decodes PIL images."""
     import datasets
 
-    features = datasets.Features.from_arrow_schema(table.schema)
+    features = datasets.Features.from_arrow_schema(METADATA_SCHEMA)
     features["image"] = datasets.Image()
-    paths = table.column("image_key").to_pylist()
-    column = pa.array(
-        [{"bytes": b, "path": p} if b is not None else None for b, p in zip(images, paths)],
-        type=features.arrow_schema.field("image").type,
-    )
-    return table.append_column("image", column).replace_schema_metadata(features.arrow_schema.metadata)
+    return features.arrow_schema
 
 
-def stamp_key(shard: int) -> str:
-    return f"webdataset/.stamps/{shard:06d}.json"
+def _with_images(out: str, rows: list[dict]) -> Iterator[tuple[list[dict], list[bytes | None]]]:
+    """Rows CHUNK at a time with their images' bytes read back from storage (None for failures)."""
+    for i in range(0, len(rows), CHUNK):
+        chunk = rows[i : i + CHUNK]
+        yield chunk, [read_bytes(join(out, r["image_key"])) if r["image_key"] else None for r in chunk]
+
+
+def write_embedded(out: str, rows: list[dict], uri: str) -> None:
+    """The rows as Parquet with their image bytes in an `image` column, one row group per chunk."""
+    schema = image_schema()
+    with local_output(uri) as path, pq.ParquetWriter(path, schema) as writer:
+        if not rows:
+            writer.write_table(schema.empty_table())
+        for chunk, images in _with_images(out, rows):
+            column = [{"bytes": b, "path": r["image_key"]} if b is not None else None for r, b in zip(chunk, images)]
+            table = pa.Table.from_pylist(chunk, schema=METADATA_SCHEMA)
+            table = table.append_column(schema.field("image"), pa.array(column, type=schema.field("image").type))
+            writer.write_table(table.replace_schema_metadata(schema.metadata))
 
 
 def tar_key(shard: int) -> str:
     return f"webdataset/{shard:06d}.tar"
 
 
-def write_tar(out: str, shard: int, attempt: int, rows: list[dict], images: dict[int, bytes]) -> None:
-    """The shard's successful rows as KEY.<ext>, KEY.txt (prompt), KEY.json; KEY is the global row
-    index, zero-padded, as WebDataset keys must not hold dots. Then the stamp."""
+def write_tar(out: str, rows: list[dict], uri: str) -> None:
+    """The successful rows as KEY.<ext>, KEY.txt (prompt), KEY.json; KEY is the global row index,
+    zero-padded, as WebDataset keys must not hold dots. Failures stay in the Parquet only."""
     import webdataset
 
-    buf = io.BytesIO()
-    with webdataset.TarWriter(buf, mtime=0) as tar:
-        for r in rows:
-            if r["status"] != "ok":
-                continue
-            index = r.get("image_index") or 0
-            data = images.get(item_key(r["row"], index)) or read_bytes(join(out, r["image_key"]))
-            ext = r["image_key"].rsplit(".", 1)[-1]
-            tar.write(
-                {
-                    "__key__": f"{r['row']:09d}" + (f"_{index:02d}" if index else ""),
-                    ext: data,
-                    "txt": r["prompt"],
-                    "json": json.dumps({f: r.get(f) for f in SAMPLE_FIELDS}).encode(),
-                }
-            )
-    write_bytes(join(out, tar_key(shard)), buf.getvalue())
-    write_bytes(join(out, stamp_key(shard)), json.dumps({"shard": shard, "attempt": attempt}).encode())
-
-
-def stale_tars(out: str, commits: dict) -> list[int]:
-    """Committed shards whose tar is missing or was built from an earlier attempt."""
-    built = {}
-    for key in list_prefix(out, "webdataset/.stamps/"):
-        stamp = json.loads(read_bytes(join(out, key)) or b"{}")
-        built[stamp.get("shard")] = stamp.get("attempt")
-    return [s for s, c in sorted(commits.items()) if built.get(s) != c.attempt]
+    ok = [r for r in rows if r["status"] == "ok"]
+    with local_output(uri) as path, open(path, "wb") as f, webdataset.TarWriter(f, mtime=0) as tar:
+        for chunk, images in _with_images(out, ok):
+            for r, data in zip(chunk, images):
+                if data is None:
+                    raise FileNotFoundError(f"{join(out, r['image_key'])}: the image of committed row {r['row']}")
+                index = r.get("image_index") or 0
+                tar.write(
+                    {
+                        "__key__": f"{r['row']:09d}" + (f"_{index:02d}" if index else ""),
+                        r["image_key"].rsplit(".", 1)[-1]: data,
+                        "txt": r["prompt"],
+                        "json": json.dumps({f: r.get(f) for f in SAMPLE_FIELDS}).encode(),
+                    }
+                )

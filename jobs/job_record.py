@@ -38,8 +38,9 @@ def fingerprint(manifest: Manifest) -> dict[str, Any]:
             data[stage].pop(name, None)  # encode has no offload, attention or compile
     for name in ("name", "write", "ray", "contact_sheets"):
         data.pop(name)
-    # webdataset is left out on purpose: turned on later, it derives tars for committed shards
-    data["output"] = {k: data["output"][k] for k in ("image_format", "quality", "embed_images")}
+    # embed_images and webdataset are left out on purpose: turned on later, they are published
+    # for the committed shards from their stored images (jobs/publish.py)
+    data["output"] = {k: data["output"][k] for k in ("image_format", "quality")}
     return data
 
 

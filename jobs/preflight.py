@@ -75,8 +75,9 @@ def resolve_models(manifest: Manifest) -> Manifest:
 
 
 # What an ifrender output holds: all that --overwrite may delete.
-OUTPUT_FILES = ("job.json", "index.json", "summary.json")
-OUTPUT_FOLDERS = ("commits/", "shards/", "images/", "webdataset/", "contact/")
+OUTPUT_FILES = ("job.json", "index.json", "summary.json", "README.md")
+OUTPUT_FOLDERS = ("commits/", "attempts/", "data/", "stamps/", "images/", "webdataset/", "contact/")
+OUTPUT_FOLDERS += ("shards/",)  # metadata of outputs written before data/ and attempts/
 
 
 def prepare_output(manifest: Manifest, overwrite: bool) -> None:

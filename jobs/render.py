@@ -4,32 +4,26 @@
 
 Each model stage is a callable class in its own fixed-size actor pool (workers/); embeddings and
 images travel between them as columns through Ray's object store. The driver streams the small
-metadata rows back and commits each shard once all its rows are in (jobs/commits.py), so a
-re-run of the same command renders only what is missing.
+metadata rows back (never an image) and commits each shard once all its rows are in
+(jobs/commits.py); a Ray task then publishes the shard's files from storage (jobs/publish.py).
+A re-run of the same command renders only what is missing.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import resource
 import time
 import uuid
 from dataclasses import asdict
 
-from jobs.commits import (
-    Derived,
-    Work,
-    check_input,
-    commit_shard,
-    finish_output,
-    list_commits,
-    to_metadata,
-    work_left,
-)
+from jobs.commits import Work, check_input, commit_shard, list_commits, to_metadata, work_left
 from jobs.job_record import check_job
 from jobs.manifest import Manifest
 from jobs.pools import init_ray, job_pools, map_pool, release, reserve
 from jobs.preflight import check_resources, prepare_output, resolve_models
+from jobs.publish import Derived, finish_output, publish, write_card, write_index
 from jobs.rows import read_shards
 from jobs.shards import plan_shards, shard_items
 from jobs.summary import Summary
@@ -56,6 +50,7 @@ def run(
     shards = plan_shards(manifest.input)
     prepare_output(manifest, overwrite)
     check_job(out, manifest, allow_changed)
+    write_card(out, manifest.name, Derived.of(manifest))
     # 2. What is left: shards without a commit, and with --retry-errors the failed rows of the rest.
     commits = list_commits(out)
     changed = check_input(out, shards, commits, allow_changed)
@@ -87,8 +82,10 @@ def run(
         finally:
             release(groups)  # a cluster keeps no reservation of an ended job
         summary.uncommitted_shards = len(pending)
-    # 5. What the output derives from its commits, then the summary.
-    index = finish_output(out, manifest.output.webdataset, manifest.contact_sheets)
+    # 5. What a kill or a slow writer left unpublished, the job's sheet and index, the summary.
+    index = finish_output(out, Derived.of(manifest), submit=_publish_all if work else None)
+    write_card(out, manifest.name, Derived.of(manifest), index)
+    summary.driver_peak_rss_mb = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     summary.finish(time.perf_counter() - started)
     summary.output_rows, summary.output_ok = index["rows"], index["ok"]
     write_bytes(join(out, "summary.json"), json.dumps(asdict(summary), indent=2).encode())
@@ -138,28 +135,62 @@ def build_dataset(manifest: Manifest, work: list[Work], run_id: str, placed: dic
         output=out.path,
         run_id=run_id,
         image_column=STAGES[manifest.last_stage].image_column,
+        attempts={w.shard.index: w.attempt for w in work},
         image_format=out.image_format,
         quality=out.quality,
-        keep_bytes=out.embed_images or out.webdataset,
-        thumbnails=manifest.contact_sheets,
     )
     return ds
 
 
+def _publisher():
+    """publish() as a Ray task: it reads images from storage, so no image passes the driver."""
+    import ray
+
+    return ray.remote(publish).options(num_cpus=0.25, max_retries=3)
+
+
+def _publish_all(out: str, shards: list[int], derived: Derived) -> None:
+    import ray
+
+    task = _publisher()
+    ray.get([task.remote(out, s, derived) for s in shards])
+
+
 def collect(manifest: Manifest, ds, work: list[Work], run_id: str, summary: Summary, started: float) -> dict:
-    """Stream the chain's rows into their shards, committing each shard once it is whole.
-    Returns the shards left incomplete."""
+    """Stream the chain's metadata rows into their shards, committing each shard once it is whole
+    and publishing it in a Ray task. Returns the shards left incomplete."""
+    import ray
+
     out = manifest.output.path
-    derived = Derived(manifest.output.embed_images, manifest.output.webdataset, manifest.contact_sheets)
+    derived = Derived.of(manifest)
+    task = _publisher()
+    commits = list_commits(out)
+    publishing: dict = {}  # task ref -> shard
     pending = {w.shard.index: w for w in work}
     todo = sum(w.shard.todo for w in work)
     open_rows = 0  # rendered rows whose shard is not committed yet
-    last_report = time.perf_counter()
+    last_report = last_index = time.perf_counter()
+
+    def published(wait: bool) -> None:
+        """Collect finished publish tasks; a failed one is published again by finish_output."""
+        nonlocal last_index
+        if not publishing:
+            return
+        done, _ = ray.wait(list(publishing), num_returns=len(publishing), timeout=None if wait else 0)
+        for ref in done:
+            shard = publishing.pop(ref)
+            try:
+                ray.get(ref)
+            except Exception as err:  # noqa: BLE001 - the run's end publishes it again
+                log.warning("publishing shard %d failed (%s); the end of the run tries again", shard, err)
+        if done and (wait or time.perf_counter() - last_index > 5):
+            last_index = time.perf_counter()
+            write_index(out, commits, derived)  # never names a file that is not there
+
     for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         table = to_metadata(block, manifest.last_stage)
         summary.add(table)
         summary.add_stage_counters(block, manifest.stages())
-        columns = {c: block.column(c).to_pylist() for c in ("image_bytes", "thumbnail") if c in block.column_names}
         expected = block.column("shard_items").to_pylist()
         for i, row in enumerate(table.to_pylist()):
             w = pending.get(row["shard"])
@@ -168,14 +199,17 @@ def collect(manifest: Manifest, ds, work: list[Work], run_id: str, summary: Summ
             item = item_key(row["row"], row["image_index"])
             open_rows += item not in w.rows
             w.rows[item] = row  # keyed by output: a repeated row counts once
-            for column, into in (("image_bytes", w.images), ("thumbnail", w.thumbs)):
-                if column in columns and columns[column][i] is not None:
-                    into[item] = columns[column][i]
             if len(w.rows) == expected[i]:
-                summary.committed_shards += commit_shard(out, pending.pop(row["shard"]), run_id, derived)
+                commit = commit_shard(out, pending.pop(row["shard"]), run_id)
                 open_rows -= len(w.rows)
+                if commit is not None:
+                    summary.committed_shards += 1
+                    commits[commit.shard] = commit
+                    publishing[task.remote(out, commit.shard, derived)] = commit.shard
             summary.max_uncommitted_rows = max(summary.max_uncommitted_rows, open_rows)
+        published(wait=False)
         if time.perf_counter() - last_report > 5 or not pending:
             last_report = time.perf_counter()
             log.info("progress: %s", summary.progress(todo, len(work), last_report - started))
+    published(wait=True)
     return pending

@@ -28,6 +28,7 @@ class Summary:
     encodes: float = 0.0  # T5 encoder inputs actually encoded (distinct texts, per batch)
     encode_texts: int = 0  # texts the rows asked to encode (prompt + negative per row)
     max_uncommitted_rows: int = 0  # most rendered rows waiting for their shard: what a kill loses
+    driver_peak_rss_mb: float = 0.0  # the driver process's peak resident memory
     output_rows: int = 0  # rows in the output's committed shards, all runs together
     output_ok: int = 0
 
@@ -77,7 +78,8 @@ class Summary:
             f"shards committed {self.committed_shards}, skipped (done before) {self.skipped_shards}, "
             f"left incomplete {self.uncommitted_shards}; at most {self.max_uncommitted_rows} rendered rows "
             "awaited their shard's commit (what a kill would have lost)",
-            f"  output: {self.output_rows} rows committed, {self.output_ok} ok",
+            f"  output: {self.output_rows} rows committed, {self.output_ok} ok; driver peak memory "
+            f"{self.driver_peak_rss_mb:.0f} MB",
             f"  T5: {self.encode_texts} texts, {self.encodes:.0f} encoded, "
             f"{self.encode_texts - round(self.encodes)} saved by deduplication",
             "  busy seconds per image by stage: "

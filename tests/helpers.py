@@ -74,16 +74,24 @@ def ifrender(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
 
 
 def read_output(uri: str):
-    """(metadata rows sorted by id, {image_key: bytes}) read the way a consumer does: through
-    index.json. Also checks that nothing lies beside the committed files (no orphans)."""
+    """(metadata rows sorted by id, {image_key: bytes}) read the way a consumer does: the data
+    files index.json names. Also checks that the index names exactly the files in data/, that
+    each data file is its shard's committed attempt, and that nothing lies beside the committed
+    files (no orphaned image or attempt)."""
+    from jobs.commits import data_key, list_commits, read_metadata
+
     index = json.loads(read_bytes(join(uri, "index.json")))
+    commits = list_commits(uri)
     rows = []
     for shard in index["shards"]:
-        rows += pq.read_table(pa.BufferReader(read_bytes(join(uri, shard["metadata"])))).to_pylist()
+        data = pq.read_table(pa.BufferReader(read_bytes(join(uri, shard["data"])))).to_pylist()
+        assert [r["id"] for r in data] == [r["id"] for r in read_metadata(uri, commits[shard["shard"]])]
+        rows += data
     rows.sort(key=lambda r: r["id"])
     images = {r["image_key"]: read_bytes(join(uri, r["image_key"])) for r in rows if r["image_key"]}
     assert set(list_prefix(uri, "images/")) == set(images), "orphaned images"
-    assert set(list_prefix(uri, "shards/")) == {s["metadata"] for s in index["shards"]}
+    assert set(list_prefix(uri, "data/")) == {data_key(s) for s in commits} == {s["data"] for s in index["shards"]}
+    assert set(list_prefix(uri, "attempts/")) == {c.metadata for c in commits.values()}, "orphaned attempts"
     assert index["rows"] == len(rows) and index["ok"] == len(images)
     return rows, images
 

@@ -60,15 +60,117 @@ def write_bytes(uri: str, data: bytes) -> None:
         bucket, key = bucket_key(uri)
         s3_client().put_object(Bucket=bucket, Key=key, Body=data)
         return
+    with local_output(uri) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)
+
+
+def temp_name(path: str) -> str:
+    """A temporary sibling of `path`: hidden (a leading dot) and not ending in the real suffix, so
+    no reader's glob or directory scan (`*.parquet`, pyarrow's and Ray's hidden-file rules) sees it."""
+    folder, name = os.path.split(path)
+    return os.path.join(folder, f".{name}.tmp-{uuid.uuid4().hex}")
+
+
+@contextlib.contextmanager
+def local_output(uri: str):
+    """A local file path to write an object into; on success it becomes the object whole.
+    Locally a hidden temporary beside the target, fsynced and renamed over it; on S3 a temporary
+    file uploaded on exit, in parts when big (multipart), so objects of any size stream."""
+    if is_s3(uri):
+        import tempfile
+
+        fd, tmp = tempfile.mkstemp(prefix="ifrender-upload-")
+        os.close(fd)
+        try:
+            yield tmp
+            upload_file(tmp, uri)
+        finally:
+            os.unlink(tmp)
+        return
     path = resolve(uri)[1]
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())  # the bytes are on disk before the name points at them
-    os.replace(tmp, path)
+    tmp = temp_name(path)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())  # the bytes are on disk before the name points at them
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
     _fsync_dir(os.path.dirname(path))
+
+
+MULTIPART_BYTES = 64 * 2**20  # objects past this go up in parts, 64 MiB each
+
+
+def upload_file(path: str, uri: str) -> None:
+    """A local file to S3, in parts past MULTIPART_BYTES: one PUT holds at most 5 GB, and a part
+    that fails is retried alone."""
+    from boto3.s3.transfer import TransferConfig
+
+    bucket, key = bucket_key(uri)
+    config = TransferConfig(multipart_threshold=MULTIPART_BYTES, multipart_chunksize=MULTIPART_BYTES)
+    s3_client().upload_file(path, bucket, key, Config=config)
+
+
+def copy_object(src: str, dst: str) -> None:
+    """Copy one object to another key of the same store, whole (no reader sees a partial copy).
+    Raises FileNotFoundError when `src` is gone."""
+    if is_s3(src):
+        from boto3.s3.transfer import TransferConfig
+
+        client = s3_client()
+        (sb, sk), (db, dk) = bucket_key(src), bucket_key(dst)
+        config = TransferConfig(multipart_threshold=MULTIPART_BYTES, multipart_chunksize=MULTIPART_BYTES)
+        try:
+            client.copy({"Bucket": sb, "Key": sk}, db, dk, Config=config)  # in parts past 5 GB
+        except client.exceptions.ClientError as err:
+            if err.response.get("Error", {}).get("Code") in ("404", "NoSuchKey"):
+                raise FileNotFoundError(src) from err
+            raise
+        return
+    import shutil
+
+    with local_output(dst) as tmp:
+        shutil.copyfile(resolve(src)[1], tmp)
+
+
+def versions(root: str, prefix: str) -> dict[str, str]:
+    """{key relative to root: version tag} for objects under `prefix`, from one listing: the ETag
+    on S3, mtime and size locally. A rewritten object gets a new tag."""
+    if is_s3(root):
+        bucket, base = bucket_key(root.rstrip("/") + "/")
+        found = {}
+        for page in s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=base + prefix):
+            found.update({o["Key"][len(base) :]: o["ETag"].strip('"') for o in page.get("Contents", [])})
+        return found
+    top = resolve(root)[1]
+    found = {}
+    for key in list_prefix(root, prefix):
+        with contextlib.suppress(FileNotFoundError):
+            info = os.stat(os.path.join(top, key))
+            found[key] = f"{info.st_mtime_ns}-{info.st_size}"
+    return found
+
+
+def version(uri: str) -> str | None:
+    """One object's version tag (see `versions`), None when there is none."""
+    if is_s3(uri):
+        bucket, key = bucket_key(uri)
+        client = s3_client()
+        try:
+            return client.head_object(Bucket=bucket, Key=key)["ETag"].strip('"')
+        except client.exceptions.ClientError as err:
+            if err.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
+                return None
+            raise
+    try:
+        info = os.stat(resolve(uri)[1])
+    except FileNotFoundError:
+        return None
+    return f"{info.st_mtime_ns}-{info.st_size}"
 
 
 def _fsync_dir(path: str) -> None:
@@ -299,7 +401,7 @@ def create_exclusive(uri: str, data: bytes) -> bool:
         raise StorageError(f"{uri}: conditional writes kept conflicting (409) after 8 tries")
     path = Path(resolve(uri)[1])
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{uuid.uuid4().hex}")
+    tmp = Path(temp_name(str(path)))
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()

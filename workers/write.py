@@ -1,7 +1,8 @@
 """write: the last stage's image column in; image files (local or S3) and their `image_key`, `sha256`, `width`, `height` out.
 
-Images go under `images/<shard>-<run_id>/`, one directory per shard and run, so a run that loses a
-shard's commit to another writer, or is killed, leaves nothing that a committed row points at.
+Images go under `images/<shard>-<attempt>-<run_id>/`, one directory per shard, attempt and run, so
+a run that loses a shard's commit to another writer, or is killed, leaves nothing that a committed
+row points at, and a commit's cleanup can tell an older attempt's files from a newer one's.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from workers.columns import ROW_COLUMNS
 from workers.storage import join, write_bytes
 
 EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
-THUMB = 128  # px, the longer side of a contact-sheet thumbnail
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]|\.{2,}")  # anything outside a plain name, and any ".."
 
 
@@ -32,8 +32,8 @@ def image_name(row_id: str) -> str:
     return f"{safe.lstrip('.') or 'row'}-{hashlib.sha256(row_id.encode()).hexdigest()[:10]}"
 
 
-def image_dir(shard: int, run_id: str) -> str:
-    return f"images/{shard:06d}-{run_id}"
+def image_dir(shard: int, attempt: int, run_id: str) -> str:
+    return f"images/{shard:06d}-{attempt:03d}-{run_id}"
 
 
 def encode_image(pixels: np.ndarray, image_format: str, quality: int) -> bytes:
@@ -53,16 +53,6 @@ def pixels(image: np.ndarray) -> np.ndarray:
     return image
 
 
-def thumbnail(data: bytes, size: int = THUMB) -> bytes:
-    """A small JPEG of an encoded image, for the contact sheets."""
-    with Image.open(io.BytesIO(data)) as img:
-        img = img.convert("RGB")
-        img.thumbnail((size, size))
-        buf = io.BytesIO()
-        img.save(buf, format="JPEG", quality=80)
-        return buf.getvalue()
-
-
 class WriteWorker:
     stage = "write"
 
@@ -71,15 +61,13 @@ class WriteWorker:
         output: str,
         run_id: str,
         image_column: str,
+        attempts: dict[int, int],
         image_format: str = "png",
         quality: int = 95,
-        keep_bytes: bool = False,
-        thumbnails: bool = False,
     ) -> None:
-        self.thumbnails = thumbnails  # small JPEGs for the contact sheets
         self.output = output
         self.run_id = run_id
-        self.keep_bytes = keep_bytes  # hand the encoded bytes on (embedded images, WebDataset)
+        self.attempts = attempts  # shard -> the attempt this run renders of it
         self.image_column = image_column
         self.image_format = image_format
         self.quality = quality
@@ -91,12 +79,12 @@ class WriteWorker:
         status, error = batch["status"].copy(), batch["error"].copy()
         keys = np.full(n, None, dtype=object)
         digests = np.full(n, None, dtype=object)
-        encoded = np.full(n, None, dtype=object)
-        thumbs = np.full(n, None, dtype=object)
         seconds = np.zeros(n)
         for i in np.flatnonzero(status == "ok"):
             start = time.perf_counter()
-            key = f"{image_dir(int(batch['shard'][i]), self.run_id)}/{image_name(str(batch['id'][i]))}.{EXTENSIONS[self.image_format]}"
+            shard = int(batch["shard"][i])
+            folder = image_dir(shard, self.attempts[shard], self.run_id)
+            key = f"{folder}/{image_name(str(batch['id'][i]))}.{EXTENSIONS[self.image_format]}"
             try:
                 data = encode_image(images[i], self.image_format, self.quality)
                 write_bytes(join(self.output, key), data)
@@ -104,10 +92,6 @@ class WriteWorker:
                 status[i], error[i] = "error", f"write: {type(err).__name__}: {err}"
                 continue
             keys[i], digests[i] = key, hashlib.sha256(data).hexdigest()
-            if self.keep_bytes:
-                encoded[i] = data
-            if self.thumbnails:
-                thumbs[i] = thumbnail(data)
             seconds[i] = time.perf_counter() - start
 
         result = {k: v for k, v in batch.items() if k != self.image_column}
@@ -120,8 +104,4 @@ class WriteWorker:
             height=np.array([image.shape[0] for image in images], dtype=np.int64),
             write_seconds=seconds,
         )
-        if self.keep_bytes:
-            result["image_bytes"] = encoded
-        if self.thumbnails:
-            result["thumbnail"] = thumbs
         return result

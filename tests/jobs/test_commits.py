@@ -1,5 +1,5 @@
-"""Commits in process: racing creates have one winner, a losing writer drops its copy and the
-winner clears what killed runs left."""
+"""Commits in process: racing creates have one winner, a losing writer drops its copy, and the
+published files replace older attempts' without touching a newer one's."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import boto3
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -36,37 +35,44 @@ def test_racing_creates_have_exactly_one_winner(output):
     assert read_bytes(key) == f"writer {results.index(True)}".encode()
 
 
-def _work(shard: int, rows: int, run: str) -> Work:
-    work = Work(Shard(shard, "in.txt", "text", shard * rows, rows, 0, 0, 1), 0)
+def _work(shard: int, rows: int, run: str, attempt: int = 0) -> Work:
+    work = Work(Shard(shard, "in.txt", "text", shard * rows, rows, 0, 0, 1), attempt)
     for r in range(shard * rows, shard * rows + rows):
         row = dict.fromkeys(METADATA_SCHEMA.names)
-        key = f"images/{shard:06d}-{run}/{r}.png"
+        key = f"images/{shard:06d}-{attempt:03d}-{run}/{r}.png"
         row.update(id=str(r), row=r, shard=shard, status="ok", image_key=key, prompt="p", seed=r)
         work.rows[r] = row
     return work
 
 
-def test_losing_writer_drops_its_copy_and_winner_clears_leftovers(output):
+def test_losing_writer_drops_its_copy_and_publishing_clears_leftovers(output):
+    from jobs.publish import Derived, publish
+
     # a killed run left images and metadata of shard 3 behind
-    write_bytes(join(output, "images/000003-killed1/6.png"), b"old")
-    write_bytes(join(output, "shards/000003-000-killed1.parquet"), b"old")
+    write_bytes(join(output, "images/000003-000-killed1/6.png"), b"old")
+    write_bytes(join(output, "attempts/000003-000-killed1.parquet"), b"old")
     won = {}
     for run_id in ("first", "second"):
         for r in range(6, 8):
-            write_bytes(join(output, f"images/000003-{run_id}/{r}.png"), run_id.encode())
-        won[run_id] = commit_shard(output, _work(3, 2, run_id), run_id)
+            write_bytes(join(output, f"images/000003-000-{run_id}/{r}.png"), run_id.encode())
+        won[run_id] = commit_shard(output, _work(3, 2, run_id), run_id) is not None
     assert won == {"first": True, "second": False}
-    left = list_prefix(output)
+    assert publish(output, 3, Derived()) == 0
+    left = [k for k in list_prefix(output) if not k.startswith("stamps/")]
     assert left == [
+        "attempts/000003-000-first.parquet",
         "commits/000003-000.json",
-        "images/000003-first/6.png",
-        "images/000003-first/7.png",
-        "shards/000003-000-first.parquet",
+        "data/000003.parquet",
+        "images/000003-000-first/6.png",
+        "images/000003-000-first/7.png",
     ]
+    assert read_bytes(join(output, "data/000003.parquet")) == read_bytes(
+        join(output, "attempts/000003-000-first.parquet")
+    )
     assert list_commits(output)[3] == Commit(
         3,
         0,
-        "shards/000003-000-first.parquet",
+        "attempts/000003-000-first.parquet",
         2,
         2,
         0,
@@ -74,6 +80,26 @@ def test_losing_writer_drops_its_copy_and_winner_clears_leftovers(output):
         list_commits(output)[3].stage_seconds,
         {"file": "in.txt", "first_row": 6, "rows": 2, "sha256": ""},  # what the commit covered of the input
     )
+
+
+def test_a_slow_writer_of_an_older_attempt_never_deletes_or_replaces_a_newer_one(output):
+    from jobs.commits import clean
+    from jobs.publish import Derived, publish, published
+
+    for attempt in (0, 1):
+        for r in range(6, 8):
+            write_bytes(join(output, f"images/000003-{attempt:03d}-r{attempt}/{r}.png"), b"x")
+    old = commit_shard(output, _work(3, 2, "r0"), "r0")
+    assert publish(output, 3, Derived()) == 0
+    new = commit_shard(output, _work(3, 2, "r1", attempt=1), "r1")
+    # attempt 0's writer wakes up late: its cleanup keeps attempt 1's files...
+    clean(output, old)
+    assert set(list_prefix(output, "images/000003-001-r1/")) == {f"images/000003-001-r1/{r}.png" for r in (6, 7)}
+    assert join(output, new.metadata) and read_bytes(join(output, new.metadata))
+    # ...and its publish publishes the latest commit, not its own attempt
+    assert publish(output, 3, Derived()) == 1
+    assert published(output)[("data", 3)] == 1
+    assert not list_prefix(output, "images/000003-000-") and not list_prefix(output, "attempts/000003-000-")
 
 
 def test_a_retry_renders_every_image_of_a_row_that_failed_before_it_was_expanded(tmp_path):
@@ -123,10 +149,10 @@ def test_marker_names_hold_any_number_of_shards_and_attempts(tmp_path):
 
     out = str(tmp_path / "out")
     for shard, attempt in ((0, 0), (1_000_000, 0), (7, 999), (7, 1000)):
-        assert try_commit(out, Commit(shard, attempt, f"shards/{shard}-{attempt}.parquet", 1, 1, 0, "r"))
+        assert try_commit(out, Commit(shard, attempt, f"attempts/{shard}-{attempt}.parquet", 1, 1, 0, "r"))
     commits = list_commits(out)
     assert sorted(commits) == [0, 7, 1_000_000]
-    assert commits[1_000_000].shard == 1_000_000 and commits[0].metadata == "shards/0-0.parquet"
+    assert commits[1_000_000].shard == 1_000_000 and commits[0].metadata == "attempts/0-0.parquet"
     assert commits[7].attempt == 1000  # the highest attempt counts, past three digits too
 
 
@@ -155,6 +181,7 @@ def test_two_different_jobs_starting_at_once_on_one_output_cannot_both_start(out
 def test_a_changed_input_file_re_renders_its_shard_or_is_refused_and_no_row_is_lost_or_doubled(tmp_path):
     from jobs.commits import check_input, work_left
     from jobs.manifest import load_manifest
+    from jobs.publish import Derived, publish
     from jobs.shards import plan_shards
     from workers.errors import ChangedInputError
 
@@ -175,6 +202,7 @@ def test_a_changed_input_file_re_renders_its_shard_or_is_refused_and_no_row_is_l
                     id=str(r), row=r, shard=shard.index, status="ok", prompt="p", seed=r
                 )
             assert commit_shard(out, work, run_id)
+            publish(out, shard.index, Derived())
 
     commit_all(plan(), "r1")
     assert check_input(out, plan(), list_commits(out), allow_changed=False) == []  # unchanged: nothing to do
@@ -195,11 +223,9 @@ def test_a_changed_input_file_re_renders_its_shard_or_is_refused_and_no_row_is_l
         commits = list_commits(out)
         changed = check_input(out, plan(size), commits, allow_changed=True)
         commit_all([w.shard for w in work_left(out, plan(size), commits, False, changed)], f"size{size}")
-        rows = []
-        for c in list_commits(out).values():
-            rows += [r["row"] for r in pq.read_table(pa.BufferReader(read_bytes(join(out, c.metadata)))).to_pylist()]
+        rows = pq.read_table(join(out, "data")).column("row").to_pylist()  # what a reader of data/ sees
         assert sorted(rows) == list(range(6)) and sorted(list_commits(out)) == list(range(expect)), size
-    assert not [k for k in list_prefix(out) if k.startswith(("shards/000004-", "commits/000004-"))]
+    assert not [k for k in list_prefix(out) if "000004" in k]
 
 
 def test_a_listing_tolerates_another_writer_deleting_under_it(tmp_path):
@@ -211,11 +237,11 @@ def test_a_listing_tolerates_another_writer_deleting_under_it(tmp_path):
     out = tmp_path / "out"
     for round_ in range(200):
         for r in range(40):  # folders inside folders: a listing descends into what is being removed
-            (out / "images" / f"000001-run{round_}" / f"part{r % 8}" / f"{r}").mkdir(parents=True, exist_ok=True)
-            (out / "images" / f"000001-run{round_}" / f"part{r % 8}" / f"{r}" / "x.png").write_bytes(b"x")
-        gone = threading.Thread(target=shutil.rmtree, args=(out / "images" / f"000001-run{round_}",))
+            (out / "images" / f"000001-000-run{round_}" / f"part{r % 8}" / f"{r}").mkdir(parents=True, exist_ok=True)
+            (out / "images" / f"000001-000-run{round_}" / f"part{r % 8}" / f"{r}" / "x.png").write_bytes(b"x")
+        gone = threading.Thread(target=shutil.rmtree, args=(out / "images" / f"000001-000-run{round_}",))
         gone.start()
         listed = list_prefix(str(out), "images/000001-")
         gone.join()
-        assert all(k.startswith(f"images/000001-run{round_}/") for k in listed)
+        assert all(k.startswith(f"images/000001-000-run{round_}/") for k in listed)
     assert list_prefix(str(out), "images/") == [] and list_prefix(str(out / "nowhere")) == []

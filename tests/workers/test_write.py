@@ -30,11 +30,11 @@ def test_write_stores_images_with_matching_digests(tmp_path):
     batch["id"] = np.array(["plain", "../escape", "a/b", "a_b"], dtype=object)
     batch["status"] = np.array(["ok", "ok", "ok", "error"], dtype=object)
     batch["shard"] = np.array([3, 3, 3, 3])
-    out = WriteWorker(str(tmp_path), "r1", "upscale_image")(batch)
+    out = WriteWorker(str(tmp_path), "r1", "upscale_image", {3: 0})(batch)
     assert "upscale_image" not in out
     keys = list(out["image_key"])
     assert keys[3] is None and out["status"][3] == "error"
-    assert keys[0] == "images/000003-r1/plain.png"
+    assert keys[0] == "images/000003-000-r1/plain.png"
     assert len(set(keys[:3])) == 3 and all(".." not in k and k.count("/") == 2 for k in keys[:3])
     for i, key in enumerate(keys[:3]):
         data = (tmp_path / key).read_bytes()
@@ -42,19 +42,19 @@ def test_write_stores_images_with_matching_digests(tmp_path):
         image = Image.open(io.BytesIO(data))
         assert image.size == (256, 256)
         np.testing.assert_array_equal(np.asarray(image), batch["upscale_image"][i])
-    assert sorted(p.name for p in (tmp_path / "images" / "000003-r1").iterdir()) == sorted(
+    assert sorted(p.name for p in (tmp_path / "images" / "000003-000-r1").iterdir()) == sorted(
         k.split("/")[2] for k in keys[:3]
     )
 
 
 def test_write_converts_stage_images_and_fails_an_unwritable_row_alone(tmp_path):
     batch = dict(stage_images("stage1_image"), shard=np.zeros(4, dtype=np.int64))
-    (tmp_path / "images" / "000000-r1" / "r1.jpg").mkdir(parents=True)  # a directory where the image should go
-    out = WriteWorker(str(tmp_path), "r1", "stage1_image", image_format="jpeg")(batch)
+    (tmp_path / "images" / "000000-002-r1" / "r1.jpg").mkdir(parents=True)  # a directory where the image should go
+    out = WriteWorker(str(tmp_path), "r1", "stage1_image", {0: 2}, image_format="jpeg")(batch)
     assert list(out["status"]) == ["ok", "error", "ok", "ok"]
     assert out["error"][1].startswith("write: ") and out["image_key"][1] is None
-    assert out["image_key"][0] == "images/000000-r1/r0.jpg"
-    assert Image.open(tmp_path / "images/000000-r1/r0.jpg").size == (16, 16)
+    assert out["image_key"][0] == "images/000000-002-r1/r0.jpg"
+    assert Image.open(tmp_path / "images/000000-002-r1/r0.jpg").size == (16, 16)
 
 
 def test_image_names_are_distinct_for_distinct_ids():

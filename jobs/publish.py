@@ -1,0 +1,218 @@
+"""What readers load: a committed shard's attempt in; `data/<shard>.parquet`, its WebDataset tar
+and its contact sheet out, each one file per shard replaced whole; and `index.json` and the
+dataset card that point at them.
+
+Publishing runs after the commit, in a Ray task (no image passes through the driver), and again
+at the end of a run for any shard whose files are missing or stale: a stamp
+`stamps/<kind>/<shard>-<attempt>-<tag>` says that the file of that kind was built from that attempt
+and has that version tag (S3 ETag, local mtime and size), so a file that a kill left missing, an
+older attempt's file, and a file a slow writer overwrote after the stamp are all found from two
+listings. A slow writer of an older attempt checks the shard's latest commit before and after it
+writes, and publishes the latest when it finds itself superseded, so the files converge on the
+committed attempt whatever the interleaving.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from jobs.commits import Commit, clean, data_key, latest_commit, list_commits, read_marker, read_metadata
+from jobs.contact import sheet_key, write_job_sheet, write_shard_sheet
+from jobs.formats import tar_key, write_embedded, write_tar
+from workers.storage import copy_object, delete, join, list_prefix, version, versions, write_bytes
+
+log = logging.getLogger(__name__)
+
+
+# kind -> (the file it publishes, the folder listed for version tags)
+TARGETS = {
+    "data": (data_key, "data/"),
+    "data-images": (data_key, "data/"),  # the same file, with the images embedded
+    "webdataset": (tar_key, "webdataset/"),
+    "contact": (sheet_key, "contact/"),
+}
+_STAMP = re.compile(r"^stamps/([a-z-]+)/(\d+)-(\d+)-([^/]+)$")
+
+
+@dataclass(frozen=True)
+class Derived:
+    """What a committed shard becomes, from the output settings."""
+
+    embed_images: bool = False
+    webdataset: bool = False
+    contact_sheets: bool = False
+
+    @classmethod
+    def of(cls, manifest) -> Derived:
+        return cls(manifest.output.embed_images, manifest.output.webdataset, manifest.contact_sheets)
+
+    def kinds(self) -> tuple[str, ...]:
+        return (
+            ("data-images" if self.embed_images else "data",)
+            + ("webdataset",) * self.webdataset
+            + ("contact",) * self.contact_sheets
+        )
+
+
+def stamp_key(kind: str, shard: int, attempt: int, tag: str) -> str:
+    return f"stamps/{kind}/{shard:06d}-{attempt:03d}-{tag}"
+
+
+def published(out: str) -> dict[tuple[str, int], int]:
+    """{(kind, shard): the attempt its current file was built from}, for files whose stamp matches
+    their version now."""
+    tags = {}
+    for _, folder in set(TARGETS.values()):
+        tags.update(versions(out, folder))
+    found = {}
+    for key in list_prefix(out, "stamps/"):
+        match = _STAMP.match(key)
+        if match:
+            kind, shard, attempt, tag = match[1], int(match[2]), int(match[3]), match[4]
+            if kind in TARGETS and tags.get(TARGETS[kind][0](shard)) == tag:
+                found[(kind, shard)] = max(attempt, found.get((kind, shard), -1))
+    return found
+
+
+def stale(out: str, commits: dict[int, Commit], derived: Derived) -> list[int]:
+    """Committed shards with a file of a wanted kind missing, built from another attempt, or
+    rewritten since its stamp."""
+    have = published(out)
+    return [s for s, c in sorted(commits.items()) if any(have.get((k, s)) != c.attempt for k in derived.kinds())]
+
+
+def _build(out: str, kind: str, commit: Commit, rows: list[dict] | None) -> None:
+    shard = commit.shard
+    target = join(out, TARGETS[kind][0](shard))
+    if kind == "data":
+        copy_object(join(out, commit.metadata), target)
+    elif kind == "data-images":
+        write_embedded(out, rows, target)
+    elif kind == "webdataset":
+        write_tar(out, rows, target)
+    else:
+        write_shard_sheet(out, rows, target)
+    tag = version(target)
+    write_bytes(join(out, stamp_key(kind, shard, commit.attempt, tag)), b"")
+    # Older stamps go once the new one is in; of the two data kinds only the one built now stays.
+    family = ("data", "data-images") if kind.startswith("data") else (kind,)
+    older = [k for f in family for k in list_prefix(out, f"stamps/{f}/{shard:06d}-")]
+    delete([join(out, k) for k in older if k != stamp_key(kind, shard, commit.attempt, tag)])
+
+
+def publish(out: str, shard: int, derived: Derived, rounds: int = 5) -> int | None:
+    """Build a committed shard's files from its latest committed attempt, then remove what older
+    attempts and killed runs left of it. Returns the attempt published (None: not committed)."""
+    for _ in range(rounds):
+        commit = latest_commit(out, shard)
+        if commit is None:
+            return None
+        try:
+            rows = None
+            if derived.kinds() != ("data",):
+                rows = read_metadata(out, commit)
+            for kind in derived.kinds():
+                _build(out, kind, commit, rows)
+        except FileNotFoundError:
+            continue  # a newer attempt's cleanup took this one's files: publish that one
+        now = latest_commit(out, shard)
+        if now is not None and now.attempt == commit.attempt:
+            clean(out, commit)
+            return commit.attempt
+        # superseded while writing: our files may have replaced the newer ones; go again
+    raise RuntimeError(f"{out}: shard {shard} kept being superseded while publishing; run again to finish it")
+
+
+def write_index(out: str, commits: dict[int, Commit], derived: Derived) -> dict[str, Any]:
+    """index.json: every published shard, its data file and the counts of the attempt that file
+    holds (an older attempt's while a retry's commit is being published). It names only files
+    that exist and are whole."""
+    kind = derived.kinds()[0]
+    have = published(out)
+    shards = []
+    for shard in sorted(commits):
+        attempt = have.get((kind, shard))
+        if attempt is None:
+            continue
+        c = commits[shard]
+        if attempt != c.attempt:
+            try:
+                c = read_marker(join(out, f"commits/{shard:06d}-{attempt:03d}.json"))
+            except RuntimeError:
+                continue
+        shards.append(
+            {"shard": shard, "attempt": attempt, "data": data_key(shard), "rows": c.rows, "ok": c.ok, "error": c.error}
+        )
+    index = {
+        "data": "data/*.parquet",
+        "shards": shards,
+        "rows": sum(s["rows"] for s in shards),
+        "ok": sum(s["ok"] for s in shards),
+        "error": sum(s["error"] for s in shards),
+    }
+    write_bytes(join(out, "index.json"), json.dumps(index, indent=1).encode())
+    return index
+
+
+def finish_output(out: str, derived: Derived, submit=None) -> dict[str, Any]:
+    """After a run: publish the shards whose files a kill left missing or a retry made stale
+    (through `submit`, a Ray task launcher, where given), clean every committed shard, build the
+    job's contact sheet, and write index.json. Returns the index."""
+    commits = list_commits(out)
+    todo = stale(out, commits, derived)
+    if todo:
+        log.info("publishing %d committed shard(s) whose files are missing or stale", len(todo))
+        if submit is not None:
+            submit(out, todo, derived)
+        else:
+            for shard in todo:
+                publish(out, shard, derived)
+        commits = list_commits(out)
+    keys = list_prefix(out, "attempts/") + list_prefix(out, "images/")
+    by_shard: dict[int, list[str]] = {}
+    for key in keys:
+        name = key.split("/", 1)[1]
+        if name[:1].isdigit():
+            by_shard.setdefault(int(name.split("-", 1)[0]), []).append(key)
+    for shard, commit in commits.items():
+        if by_shard.get(shard):
+            clean(out, commit, by_shard[shard])
+    if derived.contact_sheets and commits:
+        write_job_sheet(out, commits)
+    return write_index(out, commits, derived)
+
+
+CARD = """---
+configs:
+- config_name: default
+  data_files:
+  - split: train
+    path: data/*.parquet
+tags:
+- synthetic
+- ifrender
+---
+# {name}
+
+Images rendered by ifrender. `data/` holds one Parquet file per committed shard, replaced whole when
+a shard is retried, so any reader of `data/*.parquet` sees each committed row once: {status}.
+Each row's `image_key` is its image file, relative to this folder{embedded}.
+
+```python
+from datasets import load_dataset
+ds = load_dataset("{path}", split="train")
+```
+"""
+
+
+def write_card(out: str, name: str, derived: Derived, index: dict[str, Any] | None = None) -> None:
+    """README.md, the dataset card: its `configs` point `datasets.load_dataset(OUTPUT)` at data/
+    only, so image folders and ifrender's own files are never read as data."""
+    status = f"{index['rows']} rows in {len(index['shards'])} shards, {index['ok']} ok" if index else "rendering"
+    embedded = "; the `image` column holds its bytes" if derived.embed_images else ""
+    text = CARD.format(name=name, status=status, embedded=embedded, path=out)
+    write_bytes(join(out, "README.md"), text.encode())
