@@ -297,7 +297,9 @@ def test_every_reader_of_the_readme_sees_each_row_once_and_the_tars_match(ray_lo
         meta = sample["json"]
         assert sample["txt"] == by_id[meta["id"]]["prompt"] and sample["png"].size == (16, 16)
         assert sample["__key__"] == f"{meta['row']:09d}"
-        assert np.array_equal(np.asarray(sample["png"]), np.asarray(Image.open(io.BytesIO(images[by_id[meta["id"]]["image_key"]]))))
+        assert np.array_equal(
+            np.asarray(sample["png"]), np.asarray(Image.open(io.BytesIO(images[by_id[meta["id"]]["image_key"]])))
+        )
 
     # a tar lost after its commit (a kill between the two), or overwritten since, is rebuilt by the next run
     (out / "webdataset" / "000001.tar").unlink()
