@@ -40,9 +40,9 @@ def report(name: str, figures) -> None:
 def test_every_kill_point_of_the_commit_path_resumes_exactly_once(ray_local, tmp_path):
     new_output = outputs(tmp_path)  # one factory: every trial gets an output of its own
     calls = count_calls(new_output, ALL)
-    figures = kill_trials(new_output, ALL, sampled=("ray", "datasets"), every=55, hf_cache=str(tmp_path / "hf"))
+    figures = kill_trials(new_output, ALL, sampled=("ray", "datasets"), every=73, hf_cache=str(tmp_path / "hf"))
     assert figures.trials == 2 * sum(calls) >= 200
-    assert figures.reads["ray"] >= 8 and figures.reads["datasets"] >= 8  # slower readers, on every 55th
+    assert figures.reads["ray"] >= 6 and figures.reads["datasets"] >= 6  # slower readers, on every 73rd
     report(f"kill points, local: {calls} storage calls per phase", figures)
 
 
@@ -54,7 +54,7 @@ def test_two_writers_with_random_delays_never_crash_and_leave_each_row_once(tmp_
 def test_kill_points_and_two_writers_on_s3(s3_server):
     new_output = s3_outputs()
     calls = count_calls(new_output, ALL)
-    figures = kill_trials(new_output, ALL, readers=("pyarrow",), stride=10)
-    assert figures.trials >= 2 * sum(calls) // 10
-    report(f"kill points, S3 (every 10th): {calls} storage calls per phase", figures)
-    report("two writers, S3", race_trials(new_output, ALL, trials=10, delay_s=0.005, readers=("pyarrow",)))
+    figures = kill_trials(new_output, ALL, readers=("pyarrow",), stride=12)
+    assert figures.trials >= 2 * sum(calls) // 12
+    report(f"kill points, S3 (every 12th): {calls} storage calls per phase", figures)
+    report("two writers, S3", race_trials(new_output, ALL, trials=6, delay_s=0.005, readers=("pyarrow",)))

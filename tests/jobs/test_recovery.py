@@ -77,45 +77,48 @@ def test_killed_driver_resumes_exactly_once(tiny_root, tmp_path):
 
 
 @pytest.mark.slow
-def test_killed_stage_actor_is_restarted_and_rows_come_out_once(ray_local, tiny_root, tmp_path, tiny_manifest):
+def test_stage_actors_killed_at_ten_random_moments_are_restarted_and_rows_come_out_once(
+    ray_local, tiny_root, tmp_path, tiny_manifest
+):
+    import random
+
     import psutil
 
     prompts = tmp_path / "p.txt"
-    prompts.write_text("\n".join(PROMPTS) + "\n")
+    prompts.write_text("\n".join(f"prompt {i}: a lighthouse in a storm" for i in range(40)) + "\n")
     out = str(tmp_path / "out")
-    args = _args(tiny_root, prompts, out)
+    args = _args(tiny_root, prompts, out, "input.shard_size=4")
     manifest = tiny_manifest(*[a for a in args[1:-1] if a != "--set"], output=out)
-    killed = []
+    killed: list[str] = []
+    done = threading.Event()
+    pick = random.Random(13)
 
-    def kill_stage2_when_busy():
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and not killed:
-            if list_prefix(out, "commits/"):
-                # Ray titles actor processes "ray::MapWorker(MapBatches(Stage2Worker))..."
-                for proc in psutil.process_iter(["pid", "cmdline"]):
-                    if "Stage2Worker" in " ".join(proc.info["cmdline"] or []):
-                        os.kill(proc.info["pid"], signal.SIGKILL)
-                        killed.append(proc.info["pid"])
-            time.sleep(0.2)
+    def kill_actors_at_random_moments():
+        # Ray titles actor processes "ray::MapWorker(MapBatches(Stage2Worker))..."
+        while not done.is_set() and len(killed) < 10:
+            time.sleep(pick.uniform(0.5, 2.0))
+            stage = pick.choice(["EncodeWorker", "Stage1Worker", "Stage2Worker", "WriteWorker"])
+            for proc in psutil.process_iter(["pid", "cmdline"]):
+                if f"MapBatches({stage})" in " ".join(proc.info["cmdline"] or []):
+                    os.kill(proc.info["pid"], signal.SIGKILL)
+                    killed.append(stage)
+                    break
 
-    killer = threading.Thread(target=kill_stage2_when_busy, daemon=True)
+    killer = threading.Thread(target=kill_actors_at_random_moments, daemon=True)
     killer.start()
     summary = run(manifest, progress=False)
+    done.set()
     killer.join(5)
-    assert killed, "no stage2 actor was killed"
-    assert summary.committed_shards == len(PROMPTS) // 2 and summary.uncommitted_shards == 0
-    check_exactly_once(out, len(PROMPTS))
+    print(f"actors killed mid-run: {len(killed)} ({', '.join(killed)})")
+    assert len(killed) >= 10, killed
+    assert summary.committed_shards == 10 and summary.uncommitted_shards == 0
+    check_exactly_once(out, 40)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("where", ["local", "s3"])
-def test_two_jobs_on_one_output_commit_each_shard_once(where, tiny_root, tmp_path, request):
-    if where == "s3":
-        request.getfixturevalue("s3_server")
-        boto3.client("s3").create_bucket(Bucket="two-writers")
-        out = "s3://two-writers/job"
-    else:
-        out = str(tmp_path / "out")
+def test_two_jobs_on_one_output_commit_each_shard_once(tiny_root, tmp_path):
+    # On S3 the same race runs in process, many times over (tests/jobs/test_chaos.py).
+    out = str(tmp_path / "out")
     prompts = tmp_path / "p.txt"
     prompts.write_text("\n".join(PROMPTS[:8]) + "\n")
     env = os.environ | {"RAY_AUTH_MODE": "disabled"}
