@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -88,7 +89,7 @@ def run_pipeline(manifest: Manifest) -> tuple[dict, list[dict]]:
     index = json.loads((out / "index.json").read_text())
     rows = []
     for shard in index["shards"]:
-        rows += pq.read_table(out / shard["metadata"]).to_pylist()
+        rows += pq.read_table(out / shard["data"]).to_pylist()
     ok = [r for r in rows if r["status"] == "ok"]
     return pipeline_stats(ok, manifest) | {"images": len(ok), "wall_s": summary.seconds}, ok
 
@@ -109,7 +110,8 @@ def run_sequential(manifest: Manifest, rows: dict[str, np.ndarray], out: str) ->
         workers[stage] = STAGES[stage].worker_class()(
             getattr(manifest, stage), **({"safety": manifest.safety} if last else {})
         )
-    writer = WriteWorker(out, "seq", STAGES[manifest.last_stage].image_column, manifest.output.image_format)
+    attempts = defaultdict(int)  # every shard's first attempt
+    writer = WriteWorker(out, "seq", STAGES[manifest.last_stage].image_column, attempts, manifest.output.image_format)
     log.info(
         "sequential: models loaded in %.1f s, %d torch threads", time.perf_counter() - loaded, torch.get_num_threads()
     )

@@ -70,7 +70,7 @@ def test_run_schedules_each_pool_on_its_gpu_share(tiny_root, tmp_path):
     assert "reserved 2 x {'GPU': 0.7, 'CPU': 0.5} for stage2" in result.stderr
     status = ifrender("status", str(out))
     assert status.returncode == 0 and "rows 3: done 3, failed 0, pending 0" in status.stdout
-    rows = pq.read_table(out / "shards").to_pylist()
+    rows = pq.read_table(out / "data").to_pylist()
     assert len(rows) == 3 and all(r["status"] == "ok" for r in rows)
     gpus = {}
     for stage in ("encode", "stage1", "stage2"):

@@ -40,7 +40,7 @@ def test_local_tiny_runs_every_stage_on_cuda_in_fp16(tiny_root, tmp_path):
     result = ifrender("run", *[a for s in sets for a in ("--set", s)], "--quiet")
     print(result.stdout)
     assert result.returncode == 0, result.stderr[-3000:]
-    rows = pq.read_table(out / "shards").to_pylist()
+    rows = pq.read_table(out / "data").to_pylist()
     assert len(rows) == 32 and all(r["status"] == "ok" for r in rows)
     for stage in ("encode", "stage1", "stage2", "upscale"):
         params = json.loads(rows[0][f"{stage}_params"])
@@ -64,5 +64,5 @@ def test_every_mode_in_fp16_with_8bit_t5_records_peak_memory(tiny_root, tmp_path
     assert "peak GPU memory per call by stage: encode" in result.stdout
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["peak_gpu_gb"]) == {"encode", "stage1", "stage2", "upscale"}
-    rows = pq.read_table(out / "shards").to_pylist()
+    rows = pq.read_table(out / "data").to_pylist()
     assert {r["mode"] for r in rows if r["status"] == "ok"} == {"text2img", "img2img", "inpaint"}

@@ -334,7 +334,7 @@ def test_hostile_rows_all_accounted_for_and_keys_stay_inside(ray_local, tmp_path
     out = tmp_path / "out"
     args = (f"input.path={path}", "input.shard_size=4", "last_stage=stage1")
     summary = run(tiny_manifest(*args, output=str(out)), progress=False)
-    rows = pq.read_table(out / "shards").to_pylist()
+    rows = pq.read_table(out / "data").to_pylist()
     assert len(rows) == len(HOSTILE) == summary.ok + summary.error  # rows in = ok + error
     by_prompt = {r["prompt"]: r for r in rows}
     assert by_prompt["dup b"]["status"] == "error" and "ids must be unique" in by_prompt["dup b"]["error"]
@@ -506,7 +506,7 @@ def test_a_mixed_file_renders_every_good_row_at_its_own_size(ray_local, tmp_path
         out = tmp_path / f"out-{name}"
         m = tiny_manifest(f"input.path={tmp_path / name}", "input.shard_size=3", "last_stage=stage1", output=str(out))
         summary = run(m, progress=False)
-        by_id = {r["id"]: r for r in pq.read_table(out / "shards").to_pylist()}
+        by_id = {r["id"]: r for r in pq.read_table(out / "data").to_pylist()}
         assert (summary.ok, summary.error) == (5, 2), (name, summary.errors)
         for row_id, (width, height) in expected.items():
             assert (by_id[row_id]["width"], by_id[row_id]["height"]) == (width, height), (name, row_id)

@@ -201,7 +201,7 @@ def test_a_generated_mixed_file_runs_end_to_end(ray_local, folder, tiny_manifest
         out = folder / f"out-{next(counter)}"
         m = tiny_manifest(f"input.path={path}", "input.shard_size=4", "last_stage=stage1", output=str(out))
         summary = run(m, progress=False)
-        rows = pq.read_table(out / "shards").to_pylist()
+        rows = pq.read_table(out / "data").to_pylist()
         assert len({r["row"] for r in rows}) == expected and summary.rows == len(rows)
         by_id = {r["id"]: r for r in rows}
         assert {by_id[i]["status"] for i in ("fox", "inch", "img", "inpaint")} == {"ok"}
