@@ -165,10 +165,11 @@ def check_input(out: str, shards: list[Shard], commits: dict[int, Commit], allow
             f"rendered: {'; '.join(named[:5])}. Fix: restore the input, pass --allow-changed to render those "
             f"shards again from the new input, or write to another output.path."
         )
+    stamp_keys = list_prefix(out, "stamps/") if gone else []
     for i in gone:  # markers first: a retired shard is never half there
         delete([join(out, marker_key(i, a)) for a in range(commits[i].attempt + 1)])
         published = [data_key(i), tar_key(i), sheet_key(i)]
-        stamps = [k for k in list_prefix(out, "stamps/") if f"/{i:06d}-" in k]
+        stamps = [k for k in stamp_keys if f"/{i:06d}-" in k]
         files = list_prefix(out, f"images/{i:06d}-") + list_prefix(out, f"attempts/{i:06d}-")
         delete([join(out, k) for k in published + stamps + files])
         commits.pop(i)
@@ -279,3 +280,15 @@ def clean(out: str, commit: Commit, keys: list[str] | None = None) -> int:
         older = [k for k in older if k not in kept]
     delete([join(out, k) for k in same + older])
     return len(same) + len(older)
+
+
+def clean_all(out: str, commits: dict[int, Commit]) -> None:
+    """`clean` every committed shard, from one listing of attempts/ and images/."""
+    by_shard: dict[int, list[str]] = {}
+    for key in list_prefix(out, "attempts/") + list_prefix(out, "images/"):
+        match = _ATTEMPT_FILE.match(key)
+        if match:
+            by_shard.setdefault(int(match[1]), []).append(key)
+    for shard, keys in by_shard.items():
+        if shard in commits:
+            clean(out, commits[shard], keys)

@@ -20,7 +20,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from jobs.commits import Commit, clean, data_key, latest_commit, list_commits, read_marker, read_metadata
+from jobs.commits import Commit, clean, clean_all, data_key, latest_commit, list_commits, read_marker, read_metadata
 from jobs.contact import sheet_key, write_job_sheet, write_shard_sheet
 from jobs.formats import tar_key, write_embedded, write_tar
 from workers.storage import copy_object, delete, join, list_prefix, version, versions, write_bytes
@@ -172,15 +172,7 @@ def finish_output(out: str, derived: Derived, submit=None) -> dict[str, Any]:
             for shard in todo:
                 publish(out, shard, derived)
         commits = list_commits(out)
-    keys = list_prefix(out, "attempts/") + list_prefix(out, "images/")
-    by_shard: dict[int, list[str]] = {}
-    for key in keys:
-        name = key.split("/", 1)[1]
-        if name[:1].isdigit():
-            by_shard.setdefault(int(name.split("-", 1)[0]), []).append(key)
-    for shard, commit in commits.items():
-        if by_shard.get(shard):
-            clean(out, commit, by_shard[shard])
+    clean_all(out, commits)
     if derived.contact_sheets and commits:
         write_job_sheet(out, commits)
     return write_index(out, commits, derived)

@@ -78,7 +78,8 @@ def run(
         # 4. The chain, streamed back row by row; each shard committed once it is whole.
         run_id = uuid.uuid4().hex[:8]
         try:
-            pending = collect(manifest, build_dataset(manifest, work, run_id, placed), work, run_id, summary, started)
+            ds = build_dataset(manifest, work, run_id, placed)
+            pending = collect(manifest, ds, work, commits, run_id, summary, started)
         finally:
             release(groups)  # a cluster keeps no reservation of an ended job
         summary.uncommitted_shards = len(pending)
@@ -156,15 +157,17 @@ def _publish_all(out: str, shards: list[int], derived: Derived) -> None:
     ray.get([task.remote(out, s, derived) for s in shards])
 
 
-def collect(manifest: Manifest, ds, work: list[Work], run_id: str, summary: Summary, started: float) -> dict:
+def collect(
+    manifest: Manifest, ds, work: list[Work], commits: dict, run_id: str, summary: Summary, started: float
+) -> dict:
     """Stream the chain's metadata rows into their shards, committing each shard once it is whole
-    and publishing it in a Ray task. Returns the shards left incomplete."""
+    and publishing it in a Ray task; `commits` (the output's, as run() found them) gains this
+    run's, for index.json. Returns the shards left incomplete."""
     import ray
 
     out = manifest.output.path
     derived = Derived.of(manifest)
     task = _publisher()
-    commits = list_commits(out)
     publishing: dict = {}  # task ref -> shard
     pending = {w.shard.index: w for w in work}
     todo = sum(w.shard.todo for w in work)

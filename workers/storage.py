@@ -150,27 +150,37 @@ def versions(root: str, prefix: str) -> dict[str, str]:
     found = {}
     for key in list_prefix(root, prefix):
         with contextlib.suppress(FileNotFoundError):
-            info = os.stat(os.path.join(top, key))
-            found[key] = f"{info.st_mtime_ns}-{info.st_size}"
+            found[key] = _local_tag(os.stat(os.path.join(top, key)))
     return found
 
 
 def version(uri: str) -> str | None:
     """One object's version tag (see `versions`), None when there is none."""
+    head = _head(uri)
+    if head is None:
+        return None
+    return head["ETag"].strip('"') if is_s3(uri) else _local_tag(head)
+
+
+def _local_tag(info: os.stat_result) -> str:
+    return f"{info.st_mtime_ns}-{info.st_size}"
+
+
+def _head(uri: str):
+    """An object's S3 HEAD answer, or a local file's os.stat; None when there is none."""
     if is_s3(uri):
         bucket, key = bucket_key(uri)
         client = s3_client()
         try:
-            return client.head_object(Bucket=bucket, Key=key)["ETag"].strip('"')
+            return client.head_object(Bucket=bucket, Key=key)
         except client.exceptions.ClientError as err:
             if err.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
                 return None
             raise
     try:
-        info = os.stat(resolve(uri)[1])
+        return os.stat(resolve(uri)[1])
     except FileNotFoundError:
         return None
-    return f"{info.st_mtime_ns}-{info.st_size}"
 
 
 def _fsync_dir(path: str) -> None:
@@ -304,19 +314,11 @@ def read_bytes(uri: str) -> bytes | None:
 def object_size(uri: str) -> int | None:
     """An object's size in bytes, None when there is none; a local path that is not a regular
     file (a directory, FIFO, device) is refused before anything reads it, as reading could block."""
-    if is_s3(uri):
-        bucket, key = bucket_key(uri)
-        client = s3_client()
-        try:
-            return client.head_object(Bucket=bucket, Key=key)["ContentLength"]
-        except client.exceptions.ClientError as err:
-            if err.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
-                return None
-            raise
-    try:
-        info = os.stat(resolve(uri)[1])
-    except FileNotFoundError:
+    info = _head(uri)
+    if info is None:
         return None
+    if is_s3(uri):
+        return info["ContentLength"]
     if not stat.S_ISREG(info.st_mode):
         raise StorageError(f"{uri}: not a regular file; expected an image file")
     return info.st_size

@@ -165,8 +165,8 @@ def check_finished(out: str, derived: Derived, figures: Figures, what="") -> Non
         )
 
 
-def row_shard(row: int, rows_per_shard: int = 4) -> int:
-    return row // rows_per_shard
+def row_shard(row: int) -> int:
+    return row // ROWS
 
 
 # ---- the commit path, and faults in it ---------------------------------------------------------

@@ -95,7 +95,7 @@ def test_a_slow_writer_of_an_older_attempt_never_deletes_or_replaces_a_newer_one
     # attempt 0's writer wakes up late: its cleanup keeps attempt 1's files...
     clean(output, old)
     assert set(list_prefix(output, "images/000003-001-r1/")) == {f"images/000003-001-r1/{r}.png" for r in (6, 7)}
-    assert join(output, new.metadata) and read_bytes(join(output, new.metadata))
+    assert read_bytes(join(output, new.metadata))
     # ...and its publish publishes the latest commit, not its own attempt
     assert publish(output, 3, Derived()) == 1
     assert published(output)[("data", 3)] == 1
