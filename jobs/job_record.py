@@ -36,7 +36,7 @@ def fingerprint(manifest: Manifest) -> dict[str, Any]:
     for stage in MODEL_STAGES:
         for name in RUNTIME_FIELDS:
             data[stage].pop(name, None)  # encode has no offload, attention or compile
-    for name in ("name", "write", "ray", "contact_sheets"):
+    for name in ("name", "groups", "write", "ray", "contact_sheets"):  # the layout changes no pixel
         data.pop(name)
     # embed_images and webdataset are left out on purpose: turned on later, they are published
     # for the committed shards from their stored images (jobs/publish.py)

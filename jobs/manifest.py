@@ -14,7 +14,9 @@ import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from workers.config import (
+    POOL_FIELDS,
     EncodeConfig,
+    PoolConfig,
     SafetyConfig,
     Stage1Config,
     Stage2Config,
@@ -25,7 +27,9 @@ from workers.config import (
 from workers.errors import ManifestError
 from workers.keys import MAX_IMAGES
 from workers.sizes import SCALE, stage1_size
-from workers.stages import stages_to
+from workers.stages import MODEL_STAGES, group_name, stages_to
+
+ModelStage = Literal[MODEL_STAGES]  # type: ignore[valid-type]
 
 MANIFESTS_DIR = Path(__file__).resolve().parent.parent / "manifests"
 DEFAULT_MANIFEST = MANIFESTS_DIR / "local-tiny.yaml"
@@ -109,6 +113,17 @@ class RayConfig(Strict):
     )
 
 
+class GroupConfig(PoolConfig):
+    """Consecutive model stages fused into one actor pool: each actor loads every stage of the
+    group and takes each batch through them in turn, on one device."""
+
+    stages: list[ModelStage] = Field(
+        min_length=2,
+        description="The stages fused, consecutive in the cascade, e.g. [encode, stage1]; all four "
+        "make whole-cascade replicas.",
+    )
+
+
 class Manifest(Strict):
     name: str = Field(description="Job name, used in logs and the output's job.json.")
     seed: int = Field(
@@ -143,12 +158,76 @@ class Manifest(Strict):
     contact_sheets: bool = Field(
         True, description="Write contact/NNNNNN.jpg per shard and contact/job.jpg: thumbnails with ids."
     )
+    groups: list[GroupConfig] = Field(
+        default_factory=list,
+        description="The layout: stages fused into one actor pool each (their pool settings are the "
+        "group's). None: the pipeline, one pool per stage. One group of every stage: replicas, copies of "
+        "the whole cascade. Others: fused. `ifrender plan` compares them for a cluster.",
+    )
     write: WriteConfig = Field(default_factory=WriteConfig, description="Image encoding and storage.")
     ray: RayConfig = Field(default_factory=RayConfig, description="Ray cluster settings.")
 
     def stages(self) -> tuple[str, ...]:
         """The model stages this job runs, in order."""
         return stages_to(self.last_stage)
+
+    @property
+    def layout(self) -> str:
+        if not self.groups:
+            return "pipeline"
+        return "replicas" if len(self.groups) == 1 and tuple(self.groups[0].stages) == self.stages() else "fused"
+
+    def units(self) -> dict[str, tuple[tuple[str, ...], PoolConfig]]:
+        """The model actor pools in cascade order: {name: (its stages, its pool settings)}; a stage
+        in no group is a pool of its own, named as the stage."""
+        grouped = {g.stages[0]: g for g in self.groups}
+        out: dict[str, tuple[tuple[str, ...], PoolConfig]] = {}
+        stages = list(self.stages())
+        while stages:
+            group = grouped.get(stages[0])
+            members = tuple(group.stages) if group else (stages[0],)
+            out[group_name(members)] = (members, group or getattr(self, stages[0]))
+            stages = stages[len(members) :]
+        return out
+
+    def stage_config(self, stage: str):
+        """A stage's settings as its worker gets them: in a group, with the group's pool settings."""
+        for group in self.groups:
+            if stage in group.stages:
+                pool = {k: getattr(group, k) for k in POOL_FIELDS}
+                return getattr(self, stage).model_copy(update=pool)
+        return getattr(self, stage)
+
+    @model_validator(mode="after")
+    def _groups_are_runs_of_the_cascade(self):
+        stages = self.stages()
+        seen: dict[str, int] = {}
+        for i, group in enumerate(self.groups):
+            where = f"groups[{i}].stages"
+            missing = [s for s in group.stages if s not in stages]
+            if missing:
+                raise ValueError(
+                    f"{where}: {missing} not run by this job (last_stage={self.last_stage}); expected stages of "
+                    f"{list(stages)}. Fix: drop them from the group"
+                )
+            first = stages.index(group.stages[0])
+            if list(group.stages) != list(stages[first : first + len(group.stages)]):
+                raise ValueError(
+                    f"{where}: {group.stages} are not consecutive stages of the cascade {list(stages)}; a batch "
+                    f"passes an actor pool once. Fix: fuse a run of neighbours, e.g. {list(stages[first : first + 2])}"
+                )
+            for stage in group.stages:
+                if stage in seen:
+                    raise ValueError(f"{where}: {stage} is in groups[{seen[stage]}] too. Fix: one group per stage")
+                seen[stage] = i
+                own = sorted(set(POOL_FIELDS) & getattr(self, stage).model_fields_set)
+                if own:
+                    raise ValueError(
+                        f"{stage}.{own[0]}: {stage} runs in groups[{i}] ({group_name(tuple(group.stages))}), whose "
+                        f"actors take the group's pool settings ({', '.join(POOL_FIELDS)}); found {stage} "
+                        f"setting {', '.join(own)}. Fix: set them on groups[{i}], or take {stage} out of the group"
+                    )
+        return self
 
     @model_validator(mode="after")
     def _size_fits_the_cascade(self):
@@ -167,6 +246,22 @@ class Manifest(Strict):
                         f"{stage}.max_pixels if its GPU has the memory"
                     )
         return self
+
+
+def with_groups(manifest: Manifest, groups: list[dict[str, Any]]) -> Manifest:
+    """The manifest in another layout: `groups` replace its groups, and each grouped stage's own
+    pool settings give way to its group's (a stage's micro_batch, and so its pixels, stay)."""
+    data = manifest.model_dump(exclude_unset=True)
+    data["groups"] = groups
+    for group in groups:
+        for stage in group["stages"]:
+            data[stage] = {k: v for k, v in data[stage].items() if k not in POOL_FIELDS}
+    for stage in manifest.stages():  # stages that leave a group get back their own settings
+        if not any(stage in g["stages"] for g in groups) and manifest.stage_config(stage) is not getattr(
+            manifest, stage
+        ):
+            data[stage] |= {k: getattr(manifest.stage_config(stage), k) for k in POOL_FIELDS}
+    return Manifest.model_validate(data)
 
 
 def _apply_override(data: dict[str, Any], assignment: str) -> None:

@@ -31,8 +31,8 @@ def cluster_address(manifest: Manifest) -> str | None:
 
 
 def job_pools(manifest: Manifest) -> dict:
-    """Every actor pool of the job: its model stages' and the writer's."""
-    return {s: getattr(manifest, s) for s in manifest.stages()} | {"write": manifest.write}
+    """Every actor pool of the job by name: its model stages' or groups' (Manifest.units) and the writer's."""
+    return {name: pool for name, (_, pool) in manifest.units().items()} | {"write": manifest.write}
 
 
 def init_ray(manifest: Manifest) -> None:

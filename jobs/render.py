@@ -27,6 +27,7 @@ from jobs.publish import Derived, finish_output, publish, write_card, write_inde
 from jobs.rows import read_shards
 from jobs.shards import plan_shards, shard_items
 from jobs.summary import Summary
+from workers.group import GroupWorker
 from workers.keys import item_key
 from workers.sizes import JobSize
 from workers.stages import STAGES, drops
@@ -99,9 +100,8 @@ def build_dataset(manifest: Manifest, work: list[Work], run_id: str, placed: dic
     import ray
 
     placed = placed or {}
-    stages = manifest.stages()
     dropped = drops(manifest.last_stage)
-    rows = manifest.ray.block_rows or min(getattr(manifest, s).batch_size for s in stages)
+    rows = manifest.ray.block_rows or min(pool.batch_size for _, pool in manifest.units().values())
 
     # 1. One read task per shard: the shard's rows, validated.
     ds = ray.data.from_items(shard_items([w.shard for w in work]), override_num_blocks=len(work))
@@ -118,13 +118,21 @@ def build_dataset(manifest: Manifest, work: list[Work], run_id: str, placed: dic
     )
     # 2. Small blocks give each stage several tasks, so the stages overlap instead of taking turns.
     ds = ds.repartition(target_num_rows_per_block=rows)
-    # 3. The model stages in registry order; the last one finishes its images with the safety checker.
-    for stage in stages:
-        cfg = getattr(manifest, stage)
-        kwargs = {"cfg": cfg, "drop": dropped[stage]}
+
+    # 3. The model stages in registry order, each in its pool or fused with its neighbours in a
+    # group's (the layout); the last one finishes its images with the safety checker.
+    def worker_args(stage: str) -> dict:
+        kwargs = {"cfg": manifest.stage_config(stage), "drop": dropped[stage]}
         if stage == manifest.last_stage and manifest.safety.wanted():
             kwargs["safety"] = manifest.safety
-        ds, rows = map_pool(ds, STAGES[stage].worker_class(), cfg, rows, placed.get(stage), **kwargs)
+        return kwargs
+
+    for name, (members, pool) in manifest.units().items():
+        if len(members) == 1:
+            fn, kwargs = STAGES[name].worker_class(), worker_args(name)
+        else:
+            fn, kwargs = GroupWorker, {"stages": [{"stage": s} | worker_args(s) for s in members]}
+        ds, rows = map_pool(ds, fn, pool, rows, placed.get(name), **kwargs)
     # 4. The writer: image files out, their keys and digests on.
     out = manifest.output
     ds, _ = map_pool(

@@ -51,6 +51,9 @@ class PoolConfig(Strict):
         return value
 
 
+POOL_FIELDS = tuple(PoolConfig.model_fields)
+
+
 class ModelStageConfig(PoolConfig):
     """A stage that loads a model."""
 

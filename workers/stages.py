@@ -62,6 +62,11 @@ STAGES = {
 MODEL_STAGES = tuple(STAGES)
 
 
+def group_name(stages: tuple[str, ...]) -> str:
+    """The name of an actor pool running these stages: the stage's own, or theirs joined by '+'."""
+    return "+".join(stages)
+
+
 def stages_to(last_stage: str) -> tuple[str, ...]:
     """The model stages a job with this last stage runs, in order."""
     return MODEL_STAGES[: MODEL_STAGES.index(last_stage) + 1]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -141,3 +142,45 @@ def test_a_job_record_from_before_encode_lost_its_unused_settings_still_loads(tm
     manifest["encode"] |= {"offload": "none", "attention": "sdpa", "compile": False}  # as older outputs hold
     loaded = recorded_manifest({"manifest": manifest})
     assert loaded.encode.model == manifest["encode"]["model"] and not hasattr(loaded.encode, "offload")
+
+
+def test_layouts_are_named_and_their_pools_listed_in_cascade_order():
+    from jobs.manifest import with_groups
+
+    manifest = load_manifest()
+    assert manifest.layout == "pipeline" and list(manifest.units()) == list(manifest.stages())
+    replicas = with_groups(manifest, [{"stages": list(manifest.stages()), "pool_size": 3}])
+    assert replicas.layout == "replicas"
+    assert {n: (s, p.pool_size) for n, (s, p) in replicas.units().items()} == {
+        "encode+stage1+stage2+upscale": (manifest.stages(), 3)
+    }
+    # a grouped stage's worker takes the group's pool settings and keeps its own micro_batch
+    assert replicas.stage_config("stage2").pool_size == 3
+    assert replicas.stage_config("stage2").micro_batch == manifest.stage2.micro_batch
+    fused = with_groups(manifest, [{"stages": ["stage2", "upscale"], "num_gpus": 0}])
+    assert fused.layout == "fused" and list(fused.units()) == ["encode", "stage1", "stage2+upscale"]
+
+
+@pytest.mark.parametrize(
+    "groups, expected",
+    [
+        ("[{stages: [encode, stage2]}]", "not consecutive stages"),
+        ("[{stages: [encode, stage1]}, {stages: [stage1, stage2]}]", "stage1 is in groups[0] too"),
+        ("[{stages: [stage2, upscale]}]", "not run by this job (last_stage=stage2)"),
+        ("[{stages: [stage1]}]", "at least 2 items"),
+        ("[{stages: [stage1, stage9]}]", "groups.0.stages.1"),
+    ],
+)
+def test_a_bad_group_is_refused_naming_it(tmp_path, groups, expected):
+    stages, write = (MANIFESTS_DIR / "local-tiny.yaml").read_text().split("\nwrite:")
+    pool = ("  pool_size", "  batch_size", "  num_cpus")  # the groups' settings, not the stages'
+    path = tmp_path / "m.yaml"
+    path.write_text("\n".join(line for line in stages.splitlines() if not line.startswith(pool)) + "\nwrite:" + write)
+    extra = ["last_stage=stage2"] if "last_stage" in expected else []
+    with pytest.raises(ManifestError, match=re.escape(expected)):
+        load_manifest(path, [f"groups={groups}", *extra])
+
+
+def test_a_grouped_stages_own_pool_settings_are_refused_not_ignored():
+    with pytest.raises(ManifestError, match=r"encode.batch_size: encode runs in groups\[0\] \(encode\+stage1\)"):
+        load_manifest(None, ["groups=[{stages: [encode, stage1]}]"])

@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from jobs.commits import list_commits
+from jobs.manifest import with_groups
 from jobs.render import run
 from tests.helpers import (
     png,
@@ -131,6 +132,33 @@ def test_a_row_renders_the_same_whatever_batch_pool_and_block_layout(local_run, 
             pa_ = np.asarray(Image.open(io.BytesIO(base_images[a["image_key"]]))).astype(int)
             pb_ = np.asarray(Image.open(io.BytesIO(other_images[b["image_key"]]))).astype(int)
             assert np.abs(pa_ - pb_).max() <= 1, a["id"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "groups",
+    [
+        [{"stages": ["encode", "stage1", "stage2", "upscale"], "pool_size": 2, "batch_size": 3, "num_cpus": 0.5}],
+        [{"stages": ["encode", "stage1"], "batch_size": 3, "num_cpus": 0.5}, {"stages": ["stage2", "upscale"]}],
+    ],
+    ids=["replicas", "fused"],
+)
+def test_replicas_and_fused_stages_render_the_pipelines_images_bit_for_bit(
+    local_run, prompts, tmp_path, tiny_manifest, groups
+):
+    """Same micro_batch per stage, other layout: every row's image bytes are the pipeline's."""
+    out, _ = local_run
+    base = tiny_manifest(f"input.path={prompts}", "input.shard_size=3", output=str(tmp_path / "out"))
+    manifest = with_groups(base, groups)
+    assert manifest.layout == ("replicas" if len(groups) == 1 else "fused")
+    summary = run(manifest, progress=False)
+    rows, images = read_output(str(tmp_path / "out"))
+    check_complete(rows, images, 256)
+    pipeline_rows, _ = read_output(str(out))
+    assert {r["id"]: r["sha256"] for r in rows} == {r["id"]: r["sha256"] for r in pipeline_rows}
+    params = json.loads(next(r for r in rows if r["status"] == "ok")["stage1_params"])
+    assert params["micro_batch"] == base.stage1.micro_batch
+    assert summary.ok == OK_COUNT
 
 
 @pytest.mark.slow
