@@ -15,22 +15,26 @@ from workers.errors import IfrenderError, ManifestError
 EXIT_CONFIG, EXIT_ALL_FAILED, EXIT_INCOMPLETE = 1, 3, 4
 
 
-def _plan_overrides(path: str | None) -> list[str]:
-    """A saved plan's --set assignments (ifrender plan --save), applied before the user's own."""
-    if not path:
-        return []
+def _load(args: argparse.Namespace):
+    """The manifest with --set applied, then a saved plan's layout and pools (--plan)."""
+    manifest = load_manifest(args.manifest, args.set, args.run_date, args.run_id)
+    if not getattr(args, "plan", None):
+        return manifest
     from pathlib import Path
 
+    from jobs.perf.plan import saved_plan
+
     try:
-        return list(json.loads(Path(path).read_text())["overrides"])
+        chosen = saved_plan(json.loads(Path(args.plan).read_text()))
     except (OSError, ValueError, KeyError, TypeError) as err:
-        raise ManifestError(f"--plan {path}: expected a plan saved by `ifrender plan --save` ({err})") from None
+        raise ManifestError(f"--plan {args.plan}: expected a plan saved by `ifrender plan --save` ({err})") from None
+    return chosen.apply(manifest)
 
 
 def _run(args: argparse.Namespace) -> int:
     from jobs.render import run
 
-    manifest = load_manifest(args.manifest, _plan_overrides(args.plan) + args.set, args.run_date, args.run_id)
+    manifest = _load(args)
     summary = run(
         manifest,
         overwrite=args.overwrite,
@@ -66,31 +70,29 @@ def _tiny_models(args: argparse.Namespace) -> int:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from jobs.perf.plan import Profile, flops_profile, naive, plan
+    from jobs.perf.plan import Profile, choose, flops_profile, naive, plan_layouts, why
 
     manifest = load_manifest(args.manifest, args.set)
     if args.profile:
         profile = Profile.load(args.profile)
     else:
         profile = flops_profile(manifest, args.tflops, args.utilisation)
-    chosen = plan(profile, args.gpus, args.gpu_memory)
+    layouts = plan_layouts(profile, args.gpus, args.gpu_memory, manifest.ray.mps)
+    chosen = choose(layouts)
+    print(f"layouts on {args.gpus} GPU(s) of {args.gpu_memory:g} GB, {chosen.sharing}:")
+    print("\n".join(why(profile, layouts, chosen)))
     print(chosen.table(args.images))
-    base = naive(profile, args.gpus, args.gpu_memory)
+    base = naive(profile, args.gpus, args.gpu_memory, manifest.ray.mps)
     print(
         f"  one pool per stage with equal shares: {base.images_per_hour:,.0f} images/hour "
         f"(the plan is {chosen.images_per_second / base.images_per_second:.2f}x)"
     )
-    overrides = chosen.overrides(manifest)
-    print("apply with: ifrender run MANIFEST " + " ".join(f"--set '{o}'" for o in overrides))
+    print("in the manifest (a grouped stage's own pool settings go):\n" + chosen.yaml())
     if args.save:
         from dataclasses import asdict
         from pathlib import Path
 
-        record = {
-            "plan": asdict(chosen),
-            "overrides": overrides,
-            "naive_images_per_second": base.images_per_second,
-        }
+        record = {"plan": asdict(chosen), "naive_images_per_second": base.images_per_second}
         Path(args.save).write_text(json.dumps(record, indent=2))
         print(f"saved; apply with: ifrender run MANIFEST --plan {args.save}")
     return 0

@@ -105,6 +105,12 @@ class RayConfig(Strict):
         description="Rows per block into the first stage; default: the smallest batch size. Blocks "
         "are re-cut before any pool whose batch is smaller than the blocks arriving.",
     )
+    mps: bool = Field(
+        False,
+        description="The GPU nodes run NVIDIA MPS: each actor with a GPU share runs on that share of the "
+        "SMs (CUDA_MPS_ACTIVE_THREAD_PERCENTAGE), beside its neighbours. Off: co-located actors "
+        "time-slice the GPU, whatever their shares. The planner models whichever is set.",
+    )
     reserve_timeout_s: float = Field(
         600,
         gt=0,

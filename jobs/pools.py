@@ -58,25 +58,37 @@ def init_ray(manifest: Manifest) -> None:
     ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, log_to_driver=True)
 
 
-def packs(shares: list[float], gpus: int) -> bool:
-    """Whether actors with these GPU shares fit on `gpus` GPUs, placed as Ray places them once
-    `reserve` orders them: largest first, each fraction on the GPU it fits best (the least room
-    left over), each whole number on that many unshared GPUs."""
+def place(shares: list[float], gpus: int) -> list[list[int]] | None:
+    """Where actors with these GPU shares land on `gpus` GPUs, as Ray places them once `reserve`
+    orders them: largest first, each fraction on the GPU it fits best (the least room left
+    over), each whole number on that many unshared GPUs. Per actor (in the order given) its GPU
+    indexes; None when they do not fit."""
     free = [1.0] * gpus
-    for share in sorted(shares, reverse=True):
-        if share >= 1:
-            whole = [i for i, room in enumerate(free) if room == 1.0][: int(share)]
-            if len(whole) < share:
-                return False
-            for i in whole:
-                free[i] = 0.0
+    where: list[list[int]] = [[] for _ in shares]
+    for i in sorted(range(len(shares)), key=lambda i: -shares[i]):
+        share = shares[i]
+        if share <= 0:
             continue
-        fits = [i for i, room in enumerate(free) if room >= share - 1e-9]
+        if share >= 1:
+            whole = [g for g, room in enumerate(free) if room == 1.0][: int(share)]
+            if len(whole) < share:
+                return None
+            for g in whole:
+                free[g] = 0.0
+            where[i] = whole
+            continue
+        fits = [g for g, room in enumerate(free) if room >= share - 1e-9]
         if not fits:
-            return False
-        best = min(fits, key=lambda i: free[i] - share)
+            return None
+        best = min(fits, key=lambda g: free[g] - share)
         free[best] -= share
-    return True
+        where[i] = [best]
+    return where
+
+
+def packs(shares: list[float], gpus: int) -> bool:
+    """Whether actors with these GPU shares fit on `gpus` GPUs (see `place`)."""
+    return place(shares, gpus) is not None
 
 
 def fractional(share: float) -> bool:
@@ -130,7 +142,15 @@ def release(groups: list) -> None:
         remove_placement_group(group)
 
 
-def map_pool(ds, fn, pool, rows_in: int, placed: dict | None = None, **kwargs):
+def mps_env(pool, mps: bool) -> dict:
+    """The runtime env that holds an actor with a GPU share to that share of the SMs under MPS;
+    without MPS a share is a placement label only."""
+    if not (mps and fractional(pool.num_gpus)):
+        return {}
+    return {"runtime_env": {"env_vars": {"CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": str(max(1, round(100 * pool.num_gpus)))}}}
+
+
+def map_pool(ds, fn, pool, rows_in: int, placed: dict | None = None, mps: bool = False, **kwargs):
     """One stage's `map_batches` on its fixed actor pool, blocks re-cut first when they arrive
     bigger than its batch. Returns the dataset and the rows per block the pool hands on."""
     from ray.data import ActorPoolStrategy
@@ -151,6 +171,7 @@ def map_pool(ds, fn, pool, rows_in: int, placed: dict | None = None, **kwargs):
             resources=dict(pool.resources) or None,
             fn_constructor_kwargs=kwargs,
             **(placed or {}),
+            **mps_env(pool, mps),
         )
     # A task takes whole blocks until it has a batch, and hands its rows on as one block.
     return ds, math.ceil(pool.batch_size / rows_in) * rows_in

@@ -132,7 +132,7 @@ def build_dataset(manifest: Manifest, work: list[Work], run_id: str, placed: dic
             fn, kwargs = STAGES[name].worker_class(), worker_args(name)
         else:
             fn, kwargs = GroupWorker, {"stages": [{"stage": s} | worker_args(s) for s in members]}
-        ds, rows = map_pool(ds, fn, pool, rows, placed.get(name), **kwargs)
+        ds, rows = map_pool(ds, fn, pool, rows, placed.get(name), manifest.ray.mps, **kwargs)
     # 4. The writer: image files out, their keys and digests on.
     out = manifest.output
     ds, _ = map_pool(

@@ -1,15 +1,23 @@
-"""`ifrender bench`: the same prompts, models, steps and batch sizes rendered two ways, side by
-side in one run: (a) ifrender's Ray pipeline, one actor pool per stage; (b) the IF guides' way,
-the four pipelines called one after another in one process, batch by batch.
+"""`ifrender bench`: the same prompts, models, steps and micro-batches rendered three ways, side
+by side in one run:
 
-Throughput is measured in steady state for both: images finished after the first output batch,
-over the time since it, so neither side is charged for loading models.
+(a) pipeline: the manifest's layout, as written (bench-tiny: one actor pool per stage);
+(b) replicas: one actor per CPU (or GPU) holding the whole cascade, each batch through the four
+    stages in turn: the data-parallel copies most users would run instead;
+(c) sequential: the IF guides' way, the four pipelines called one after another in one process
+    on all cores, batch by batch.
+
+Throughput is measured in steady state for each: images finished after the first output batch,
+over the time since it, so none is charged for loading models. Which layout the planner picks
+for this machine comes from the pipeline's own per-stage timings (one slot per CPU, time-sliced
+as GPUs are), so the pick is checked against measurements of all three.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -82,6 +90,7 @@ def pipeline_stats(rows: list[dict], manifest: Manifest) -> dict:
 
 
 def run_pipeline(manifest: Manifest) -> tuple[dict, list[dict]]:
+    """A render of the manifest in its layout; its numbers and its ok rows."""
     from jobs.render import run
 
     summary = run(manifest, overwrite=True, progress=False)
@@ -91,7 +100,81 @@ def run_pipeline(manifest: Manifest) -> tuple[dict, list[dict]]:
     for shard in index["shards"]:
         rows += pq.read_table(out / shard["data"]).to_pylist()
     ok = [r for r in rows if r["status"] == "ok"]
-    return pipeline_stats(ok, manifest) | {"images": len(ok), "wall_s": summary.seconds}, ok
+    stats = pipeline_stats(ok, manifest) if manifest.layout == "pipeline" else replica_stats(ok, manifest)
+    return stats | {"images": len(ok), "wall_s": summary.seconds, "layout": manifest.layout}, ok
+
+
+def replica_stats(rows: list[dict], manifest: Manifest) -> dict:
+    """A run whose pools hold several stages: the rate, and each stage's share of its actors' time."""
+    stages = manifest.stages()
+    units = manifest.units()
+    last_pool = next(pool for members, pool in units.values() if stages[-1] in members)
+    rate, window = steady_rate([r[f"{stages[-1]}_finished"] for r in rows], last_pool.batch_size)
+    per_batch = {}
+    spent = {}
+    for stage in stages:
+        calls = {(r[f"{stage}_started"], r[f"{stage}_finished"]) for r in rows}
+        spent[stage] = sum(b - a for a, b in calls)
+        per_batch[stage] = round(spent[stage] / len(calls), 3)
+    total = sum(spent.values())
+    return {
+        "images_per_second": round(rate, 3),
+        "window_s": round(window, 2),
+        "busy_fraction": {s: round(v / total, 3) for s, v in spent.items()},  # of the actors' busy time
+        "seconds_per_batch": per_batch,
+        "pools": {name: pool.pool_size for name, (_, pool) in units.items()},
+    }
+
+
+def replicas_of(manifest: Manifest, actors: int) -> Manifest:
+    """The manifest as `actors` copies of the whole cascade, with the pipeline's per-actor CPUs and
+    GPUs, batches of its largest stage batch, and the same micro-batches (so the same pixels)."""
+    from jobs.manifest import with_groups
+
+    stages = manifest.stages()
+    first = getattr(manifest, stages[0])
+    group = {
+        "stages": list(stages),
+        "pool_size": actors,
+        "num_cpus": 1,
+        "num_gpus": first.num_gpus,
+        "batch_size": max(getattr(manifest, s).batch_size for s in stages),
+    }
+    out = manifest.output.model_copy(update={"path": manifest.output.path.rstrip("/") + "-replicas"})
+    return with_groups(manifest, [group]).model_copy(update={"output": out})
+
+
+def on_cpus(manifest: Manifest, chosen) -> Manifest:
+    """A plan for this machine's CPU slots applied: a slot per actor is a CPU, not a GPU."""
+    from jobs.manifest import with_groups
+
+    groups = [
+        {
+            "stages": list(a.stages),
+            "pool_size": a.pool_size,
+            "num_cpus": max(0.1, a.num_gpus),
+            "batch_size": a.batch_size,
+        }
+        for a in chosen.pools.values()
+        if len(a.stages) > 1
+    ]
+    out = manifest.output.model_copy(update={"path": manifest.output.path.rstrip("/") + "-" + chosen.layout})
+    return with_groups(manifest, groups).model_copy(update={"output": out})
+
+
+def machine_plan(manifest: Manifest, pipeline: dict, slots: int):
+    """The planner's layouts for this machine, from the pipeline's measured seconds per batch of
+    one single-threaded actor per stage: a CPU core is a slot the busy processes time-slice."""
+    from jobs.perf.plan import Profile, StageProfile, plan_layouts
+
+    stages = {
+        s: StageProfile(
+            pipeline["seconds_per_batch"][s] / getattr(manifest, s).batch_size, 1.0, getattr(manifest, s).batch_size
+        )
+        for s in manifest.stages()
+    }
+    profile = Profile(f"measured by ifrender bench ({manifest.name})", f"{slots} CPU cores", stages)
+    return profile, plan_layouts(profile, slots, 1e6)
 
 
 def run_sequential(manifest: Manifest, rows: dict[str, np.ndarray], out: str) -> tuple[dict, dict[str, str]]:
@@ -184,7 +267,10 @@ def bench(manifest: Manifest, images: int, workdir: Path) -> dict:
     manifest = resolve_models(manifest)
     log.info("bench: %d images, (a) Ray pipeline", images)
     pipeline, done = run_pipeline(manifest)
-    log.info("bench: (b) sequential, one process")
+    slots = os.cpu_count() or 1
+    log.info("bench: (b) replicas, %d copies of the cascade", slots)
+    replicas, replica_rows = run_pipeline(replicas_of(manifest, slots))
+    log.info("bench: (c) sequential, one process")
     items = shard_items(plan_shards(manifest.input))
     batches = [
         read_shards(
@@ -205,28 +291,60 @@ def bench(manifest: Manifest, images: int, workdir: Path) -> dict:
         for r in done
         if digests.get(r["id"])
     ]
+    # Replicas run each stage as the pipeline's actors do (same micro-batches, one thread each):
+    # the same bytes, not merely close.
+    same = {r["id"]: r["sha256"] for r in replica_rows} == {r["id"]: r["sha256"] for r in done}
     import torch
 
+    from jobs.perf.plan import choose, why
+
+    profile, layouts = machine_plan(manifest, pipeline, slots)
+    chosen = choose(layouts)
+    ways = {"pipeline": pipeline, "replicas": replicas, "sequential": sequential}
+    if chosen.layout == "fused":  # the pick is measured too, whatever it is
+        log.info("bench: (d) the planner's pick, fused")
+        ways["fused"], _ = run_pipeline(on_cpus(manifest, chosen))
+    rates = {k: v["images_per_second"] for k, v in ways.items()}
     return {
         "manifest": manifest.name,
         "images": images,
-        "machine": {"cpus": __import__("os").cpu_count(), "torch_threads": torch.get_num_threads()},
-        "pipeline": pipeline,
-        "sequential": sequential,
-        "ratio": round(pipeline["images_per_second"] / sequential["images_per_second"], 3),
+        "machine": {"cpus": slots, "torch_threads": torch.get_num_threads()},
+        **ways,
+        "images_per_second": rates,
+        "ratio": round(rates["pipeline"] / rates["sequential"], 3),
+        "ratios": {
+            "replicas/pipeline": round(rates["replicas"] / rates["pipeline"], 3),
+            "replicas/sequential": round(rates["replicas"] / rates["sequential"], 3),
+            "pipeline/sequential": round(rates["pipeline"] / rates["sequential"], 3),
+        },
+        "planner": {
+            "chosen": chosen.layout,
+            "why": why(profile, layouts, chosen),
+            "predicted_images_per_second": {
+                k: round(p.images_per_second, 3) for k, p in layouts.items() if not isinstance(p, str)
+            },
+        },
         "images_compared": len(diffs),
-        "max_pixel_diff": max(diffs, default=None),  # in 0-255 levels
+        "max_pixel_diff": max(diffs, default=None),  # sequential against the pipeline, in 0-255 levels
+        "replicas_bit_identical": same,
     }
 
 
 def report(result: dict) -> str:
     p, s = result["pipeline"], result["sequential"]
+    rates, ratios, chosen = result["images_per_second"], result["ratios"], result["planner"]["chosen"]
     lines = [
-        f"bench {result['manifest']}: {result['images']} images, steady state after the first output batch",
-        f"  Ray pipeline: {p['images_per_second']:.3f} images/s   sequential (one process): "
-        f"{s['images_per_second']:.3f} images/s   ratio {result['ratio']:.2f}x   "
-        f"(same images both ways: {result['images_compared']}/{result['images']} compared, "
-        f"max pixel difference {result['max_pixel_diff']}/255)",
+        f"bench {result['manifest']}: {result['images']} images on {result['machine']['cpus']} CPUs, "
+        f"steady state after the first output batch",
+        f"  pipeline: {rates['pipeline']:.3f} images/s   replicas ({result['replicas']['pools']}): "
+        f"{rates['replicas']:.3f} images/s   sequential (one process): {rates['sequential']:.3f} images/s",
+        f"  ratios: replicas/pipeline {ratios['replicas/pipeline']:.2f}x, replicas/sequential "
+        f"{ratios['replicas/sequential']:.2f}x, pipeline/sequential {ratios['pipeline/sequential']:.2f}x",
+        f"  the planner picks {chosen} for this machine (measured {rates[chosen]:.3f} images/s; the best "
+        f"of the others {max(v for k, v in rates.items() if k != chosen):.3f}):",
+        *result["planner"]["why"],
+        f"  same images: replicas and pipeline bit for bit: {result['replicas_bit_identical']}; sequential "
+        f"{result['images_compared']}/{result['images']} compared, max pixel difference {result['max_pixel_diff']}/255",
         "  busy fraction per stage (pipeline, of its pool's time): "
         + ", ".join(f"{k} {v:.0%}" for k, v in p["busy_fraction"].items()),
         "  share of the sequential process per stage: "

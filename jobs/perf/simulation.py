@@ -1,17 +1,20 @@
-"""The simulation: stand-ins of the stages (jobs/perf/simulated.py) on N logical GPUs, allocated
-by the planner and one-pool-per-stage, measured side by side against the planner's prediction.
+"""The simulation: stand-ins of the stages (jobs/perf/simulated.py) on N logical GPUs, in the
+layout and allocation the planner picks and in one pool per stage with equal shares, measured
+side by side against the planner's prediction.
 
-Each model is replaced by a stand-in that holds its logical GPU share for the profiled time per
-image and passes tensors of the real sizes, through the same Ray Data streaming chain of actor
-pools. Times are scaled so that every run predicts RATE images/s, with enough images to fill the
-pools DEPTH times over: the ratio measured/predicted does not depend on the scale, and a 2-core
-machine can carry the traffic of full-size tensors at that rate (at 15 images/s it could not).
+Each model is replaced by a stand-in that takes the profiled time per image of a time-sliced
+logical GPU and passes tensors of the real sizes, through the same Ray Data streaming chain of
+actor pools. Times are scaled so that every run predicts RATE images/s (more on big clusters,
+whose many rows in flight would otherwise take minutes to fill and drain), with enough images
+to fill the pools DEPTH times over: the ratio measured/predicted does not depend on the scale,
+and a 2-core machine can carry the traffic of full-size tensors at that rate.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -26,44 +29,49 @@ DEPTH = 5  # images per run, at least this many times the rows the pools hold in
 
 def simulate(profile: Profile, chosen: Plan, time_scale: float, images: int) -> dict:
     """Run `images` rows through stand-ins allocated as `chosen`; steady-state images/s."""
+    import tempfile
+
     import ray
     from ray.data import DataContext
 
-    from jobs.perf.simulated import SimulatedStage, sink
+    from jobs.perf.simulated import SimulatedPool, sink
     from jobs.pools import map_pool, release, reserve
     from workers.config import PoolConfig
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     # Few logical CPUs for the plain tasks (each is a process on this machine); the stand-in
     # actors take 0.1 each, so the CPUs never limit them.
-    actors = sum(a.pool_size for a in chosen.stages.values())
+    actors = sum(a.pool_size for a in chosen.pools.values())
+    stages = [s for a in chosen.pools.values() for s in a.stages]
     ray.init(num_cpus=2 + int(0.1 * actors + 1), num_gpus=chosen.gpus, include_dashboard=False, log_to_driver=False)
+    gpu_root = tempfile.mkdtemp(prefix="ifrender-gpus-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
     try:
         DataContext.get_current().enable_progress_bars = False
         # The same pool layout as a render (jobs/pools.py): reserved shares, re-cut blocks.
         pools = {
-            s: PoolConfig(pool_size=a.pool_size, batch_size=a.batch_size, num_gpus=a.num_gpus, num_cpus=0.1)
-            for s, a in chosen.stages.items()
+            n: PoolConfig(pool_size=a.pool_size, batch_size=a.batch_size, num_gpus=a.num_gpus, num_cpus=0.1)
+            for n, a in chosen.pools.items()
         }
-        placed, groups = reserve(pools, timeout_s=60)
+        placed, groups = reserve(pools, timeout_s=120)
         ds = ray.data.range(images, override_num_blocks=max(1, images // 2))
         ds = ds.map_batches(lambda b: {"id": b["id"]}, batch_size=None, num_cpus=1)
         rows = 2
-        for stage, pool in pools.items():
+        for name, pool in pools.items():
             ds, rows = map_pool(
                 ds,
-                SimulatedStage,
+                SimulatedPool,
                 pool,
                 rows,
-                placed.get(stage),
-                stage=stage,
-                seconds_per_image=profile.stages[stage].seconds_per_image,
-                gpu_share=pool.num_gpus,
+                placed.get(name),
+                stages=list(chosen.pools[name].stages),
+                seconds_per_image={s: profile.stages[s].seconds_per_image for s in stages},
+                last_stage=stages[-1],
+                gpu_root=gpu_root,
                 time_scale=time_scale,
+                efficiency=profile.timeslice_efficiency,
             )
         ds = ds.map_batches(sink, batch_size=None, num_cpus=1)
         started = time.time()
-        stages = list(chosen.stages)
         columns = [f"{s}_{k}" for s in stages for k in ("started", "finished", "actor")]
         calls = {c: [] for c in columns}  # per image: each stage's call and the actor that made it
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
@@ -72,6 +80,7 @@ def simulate(profile: Profile, chosen: Plan, time_scale: float, images: int) -> 
         release(groups)
     finally:
         ray.shutdown()
+        shutil.rmtree(gpu_root, ignore_errors=True)
     return measure({c: np.array(v) for c, v in calls.items()}, stages, started)
 
 
@@ -79,19 +88,25 @@ def measure(calls: dict[str, np.ndarray], stages: list[str], started: float) -> 
     """Steady-state rates, busy fractions and gaps from every image's per-stage calls."""
     arrivals = np.sort(calls[f"{stages[-1]}_finished"] - started)  # from the actors' own clocks
 
-    def window(stage: str) -> tuple[float, float, float]:
+    def marks(stage: str) -> tuple[float, float]:
         """A stage's steady state: between its 25% and 90% marks, past the fill and before the
-        drain; its images/s there and the window's ends."""
+        drain. A call finishes its whole batch at once, so each mark is the end of a call."""
         done = np.sort(calls[f"{stage}_finished"])
-        lo, hi = int(0.25 * len(done)), int(0.9 * len(done)) - 1
-        return (hi - lo) / (done[hi] - done[lo]), done[lo], done[hi]
+        return done[int(0.25 * len(done))], done[int(0.9 * len(done)) - 1]
 
-    # The pipeline's rate is its slowest stage's, each measured in its own steady state: a stage
-    # after the bottleneck drains a queue at its own (higher) rate once the bottleneck is done.
-    windows = {stage: window(stage) for stage in stages}
-    rates = {stage: w[0] for stage, w in windows.items()}
+    # The window in which every stage is in its steady state: stages that race ahead while the
+    # pipeline fills (time-sliced, they take GPU time from the others) are not counted when done.
+    spans = {stage: marks(stage) for stage in stages}
+    t0, t1 = max(a for a, _ in spans.values()), min(b for _, b in spans.values())
+    if t1 <= t0:  # no common steady state: the whole run, fill and drain included
+        t0, t1 = float(np.min(calls[f"{stages[0]}_started"])), float(np.max(calls[f"{stages[-1]}_finished"]))
+    rates = {
+        stage: float(np.count_nonzero((calls[f"{stage}_finished"] > t0) & (calls[f"{stage}_finished"] <= t1)))
+        / (t1 - t0)
+        for stage in stages
+    }
     slowest = min(rates, key=rates.get)
-    steady, t0, t1 = windows[slowest]
+    steady = rates[slowest]
     busy = {}  # per stage: each actor's busy fraction of the slowest stage's window, lowest first
     for stage in stages:
         spans = {}
@@ -114,25 +129,33 @@ def measure(calls: dict[str, np.ndarray], stages: list[str], started: float) -> 
     }
 
 
-def sweep(profile: Profile, gpu_counts: list[int], gpu_memory: float, images: int | None = None) -> list[dict]:
+def sweep(
+    profile: Profile, gpu_counts: list[int], gpu_memory: float, images: int | None = None, naive_too: bool = True
+) -> list[dict]:
+    """Per N: the planner's pick and (with `naive_too`) one pool per stage with equal shares."""
     results = []
     for n in gpu_counts:
-        for kind, chosen in (("planned", plan(profile, n, gpu_memory)), ("naive", naive(profile, n, gpu_memory))):
+        runs = [("planned", plan(profile, n, gpu_memory))]
+        if naive_too:
+            runs.append(("naive", naive(profile, n, gpu_memory)))
+        for kind, chosen in runs:
             # Enough images that the steady state is not just the pipeline filling (big clusters
             # hold many rows in flight); the rate stays low enough for this machine to carry.
-            in_flight = sum(a.pool_size * a.batch_size for a in chosen.stages.values())
-            count = images or max(int(RATE * SECONDS / 0.65), DEPTH * in_flight)
-            time_scale = chosen.images_per_second / RATE  # predicted RATE images/s after scaling
+            in_flight = sum(a.pool_size * a.batch_size for a in chosen.pools.values())
+            rate = max(RATE, n / 4)  # a big cluster's many rows in flight, in a steady state this long
+            count = images or max(int(rate * SECONDS / 0.65), DEPTH * in_flight)
+            time_scale = chosen.images_per_second / rate  # predicted `rate` images/s after scaling
             measured = simulate(profile, chosen, time_scale, count)
             real = measured["steady_images_per_second"] * time_scale  # back to unscaled images/s
             row = {
                 "gpus": n,
                 "allocation": kind,
+                "layout": chosen.layout,
                 "predicted_images_per_hour": round(chosen.images_per_hour),
                 "measured_images_per_hour": round(real * 3600),
                 "measured_over_predicted": round(real / chosen.images_per_second, 3),
                 "bottleneck": chosen.bottleneck,
-                "stages": {s: [a.pool_size, a.num_gpus] for s, a in chosen.stages.items()},
+                "pools": {name: [a.pool_size, a.num_gpus] for name, a in chosen.pools.items()},
                 "time_scale": round(time_scale, 5),
             } | measured
             print(json.dumps(row), flush=True)
@@ -149,8 +172,8 @@ def plot(results: list[dict], path: Path, title: str) -> None:
 
     fig, ax = plt.subplots(figsize=(7.6, 4.8), dpi=100)
     series = [
-        ("planned, predicted", "planned", "predicted_images_per_hour", "tab:gray", "--"),
-        ("planned, measured", "planned", "measured_images_per_hour", "tab:blue", "-"),
+        ("planner's pick, predicted", "planned", "predicted_images_per_hour", "tab:gray", "--"),
+        ("planner's pick, measured", "planned", "measured_images_per_hour", "tab:blue", "-"),
         ("one pool per stage, measured", "naive", "measured_images_per_hour", "tab:orange", "-"),
     ]
     for label, kind, key, color, style in series:
@@ -173,12 +196,12 @@ def plot(results: list[dict], path: Path, title: str) -> None:
 def markdown(results: list[dict]) -> str:
     """The results as docs/benchmarks.md shows them: one row per run, then planned over naive."""
     lines = [
-        "| GPUs | allocation | actors x GPU share (encode, stage1, stage2, upscale) | predicted images/h "
+        "| GPUs | allocation | pools: actors x GPU share | predicted images/h "
         "| measured images/h | measured / predicted | bottleneck, planned | measured | its actors busy |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
-        shares = ", ".join(f"{n}x{g:g}" for n, g in r["stages"].values())
+        shares = ", ".join(f"{name} {n}x{g:g}" for name, (n, g) in r["pools"].items())
         busy = r["busy_in_steady_state"][r["measured_bottleneck"]]
         lines.append(
             f"| {r['gpus']} | {r['allocation']} | {shares} | {r['predicted_images_per_hour']:,} "

@@ -152,12 +152,15 @@ def test_rayjob_steers_each_stage_to_a_worker_group_with_weights_read_only_and_n
     manifest = load_manifest(MANIFESTS_DIR / Path(manifest_path).name, run_date="2026-11-22")
     groups = {g["groupName"]: g for g in spec["rayClusterSpec"]["workerGroupSpecs"]}
     declared = {k: float(v) for g in groups.values() for k, v in g.get("resources", {}).items()}
-    for stage in manifest.stages():
-        cfg = getattr(manifest, stage)
-        assert cfg.resources, f"{stage} has no resources: its pool could land on any group"
-        for name, amount in cfg.resources.items():
-            assert 0 < amount <= declared[name], f"{stage} asks {name}={amount}; groups declare {declared}"
-        assert cfg.model.startswith("/models/"), f"{stage} does not read the mounted weights"
+    for pool_name, (stages, pool) in manifest.units().items():
+        assert pool.resources, f"{pool_name} has no resources: its pool could land on any group"
+        for name, amount in pool.resources.items():
+            assert 0 < amount <= declared[name], f"{pool_name} asks {name}={amount}; groups declare {declared}"
+        # the pool's actors fit the groups' nodes together
+        nodes = sum(g["maxReplicas"] for g in groups.values() if pool.resources.keys() <= g.get("resources", {}).keys())
+        assert pool.pool_size * max(pool.resources.values()) <= nodes
+        for stage in stages:
+            assert getattr(manifest, stage).model.startswith("/models/"), f"{stage} does not read the mounted weights"
     for group in groups.values():
         pod = group["template"]["spec"]
         mounts = {m["mountPath"]: m for c in pod["containers"] for m in c.get("volumeMounts", [])}
@@ -214,11 +217,12 @@ def test_cluster_launcher_config_passes_rays_own_validation():
     types = config["available_node_types"]
     declared = {k for t in types.values() for k in t.get("resources", {})}
     manifest = load_manifest(MANIFESTS_DIR / "cluster.yaml", run_date="2026-11-22")
-    wanted = {k for s in manifest.stages() for k in getattr(manifest, s).resources}
+    wanted = {k for _, pool in manifest.units().values() for k in pool.resources}
+    assert wanted
     assert wanted <= declared
     assert types[config["head_node_type"]]["resources"]["GPU"] == 0
     bad = copy.deepcopy(raw)
-    bad["available_node_types"]["gpu_heavy"]["min_wrkers"] = 1
+    bad["available_node_types"]["gpu"]["min_wrkers"] = 1
     with pytest.raises(jsonschema.ValidationError, match="min_wrkers"):
         validate_config(prepare_config(bad))
 

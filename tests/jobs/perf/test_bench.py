@@ -4,6 +4,8 @@ the tests')."""
 from __future__ import annotations
 
 import json
+import os
+import re
 
 import pytest
 
@@ -54,22 +56,29 @@ def test_simulation_runs_every_image_through_stand_ins(tmp_path):
 
 
 @pytest.mark.slow
-def test_bench_renders_the_same_images_both_ways_and_reports_both(ray_local, tmp_path, tiny_manifest):
+def test_bench_renders_the_same_images_three_ways_and_checks_the_planners_pick(ray_local, tmp_path, tiny_manifest):
     from jobs.perf.bench import bench, report
 
     m = tiny_manifest("last_stage=stage2", "stage1.batch_size=2", "stage2.batch_size=2", output=str(tmp_path / "o"))
     result = bench(m, 6, tmp_path / "bench")
-    assert result["pipeline"]["images"] == result["sequential"]["images"] == 6
-    # Same rows, seeds, steps and compute shapes: the same images, up to thread-count rounding.
+    assert result["pipeline"]["images"] == result["replicas"]["images"] == result["sequential"]["images"] == 6
+    assert result["replicas"]["layout"] == "replicas" and result["replicas"]["pools"] == {
+        "encode+stage1+stage2": os.cpu_count()
+    }
+    # Same rows, seeds, steps and compute shapes: replicas give the pipeline's bytes; the
+    # sequential process on all cores the same images up to thread-count rounding.
+    assert result["replicas_bit_identical"] is True
     assert result["images_compared"] == 6 and result["max_pixel_diff"] <= 2
-    assert result["ratio"] > 0 and set(result["pipeline"]["busy_fraction"]) == {"encode", "stage1", "stage2"}
+    rates = result["images_per_second"]
+    assert set(rates) >= {"pipeline", "replicas", "sequential"} and all(v > 0 for v in rates.values())
+    assert result["ratios"]["replicas/pipeline"] == pytest.approx(rates["replicas"] / rates["pipeline"], rel=1e-2)
+    assert result["planner"]["chosen"] in rates  # the pick is always measured
+    assert set(result["pipeline"]["busy_fraction"]) == {"encode", "stage1", "stage2"}
     assert set(result["pipeline"]["gap_s"]) == {"encode->stage1", "stage1->stage2"}
     text = report(result)
-    assert (
-        "Ray pipeline:" in text
-        and "sequential (one process):" in text
-        and "same images both ways: 6/6 compared" in text
-    )
+    assert re.search(r"pipeline: [\d.]+ images/s +replicas .*: [\d.]+ images/s +sequential \(one process\)", text)
+    assert "ratios: replicas/pipeline" in text and f"the planner picks {result['planner']['chosen']}" in text
+    assert "replicas and pipeline bit for bit: True" in text
 
 
 def test_bench_wants_more_images_than_one_batch(tmp_path):
