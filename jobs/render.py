@@ -94,16 +94,12 @@ def run(
     return summary
 
 
-def build_dataset(manifest: Manifest, work: list[Work], run_id: str, placed: dict[str, dict] | None = None):
-    """The Ray Data chain, one line per stage; `placed` holds the pools' placement groups
-    (jobs.pools.reserve)."""
+def read_dataset(manifest: Manifest, work: list[Work]):
+    """The chain's start: one read task per shard (its rows, validated), re-cut into blocks of
+    the first pools' batch. Returns the dataset and its rows per block."""
     import ray
 
-    placed = placed or {}
-    dropped = drops(manifest.last_stage)
     rows = manifest.ray.block_rows or min(pool.batch_size for _, pool in manifest.units().values())
-
-    # 1. One read task per shard: the shard's rows, validated.
     ds = ray.data.from_items(shard_items([w.shard for w in work]), override_num_blocks=len(work))
     ds = ds.map_batches(
         read_shards,
@@ -116,8 +112,17 @@ def build_dataset(manifest: Manifest, work: list[Work], run_id: str, placed: dic
             "size": JobSize(manifest.width, manifest.height, manifest.last_stage),
         },
     )
-    # 2. Small blocks give each stage several tasks, so the stages overlap instead of taking turns.
-    ds = ds.repartition(target_num_rows_per_block=rows)
+    # Small blocks give each stage several tasks, so the stages overlap instead of taking turns.
+    return ds.repartition(target_num_rows_per_block=rows), rows
+
+
+def build_dataset(manifest: Manifest, work: list[Work], run_id: str, placed: dict[str, dict] | None = None):
+    """The Ray Data chain, one line per stage; `placed` holds the pools' placement groups
+    (jobs.pools.reserve)."""
+    placed = placed or {}
+    dropped = drops(manifest.last_stage)
+    # 1-2. The shards' rows, in blocks.
+    ds, rows = read_dataset(manifest, work)
 
     # 3. The model stages in registry order, each in its pool or fused with its neighbours in a
     # group's (the layout); the last one finishes its images with the safety checker.

@@ -103,7 +103,17 @@ class UNetStageConfig(ModelStageConfig):
         description="Attention kernels: sdpa (PyTorch scaled_dot_product_attention), eager (plain "
         "matmuls, the reference), xformers (needs the xformers package).",
     )
-    compile: bool = Field(False, description="torch.compile the stage's UNet: slower start, faster steps on GPUs.")
+    compile: bool = Field(
+        False,
+        description="torch.compile the stage's UNet: slower start, faster steps on GPUs. Compiled "
+        "graphs persist in $IFRENDER_COMPILE_CACHE (default ~/.cache/ifrender/inductor) on the node's "
+        "disk, so a restarted or added actor loads them instead of compiling again.",
+    )
+    channels_last: bool = Field(
+        False,
+        description="Hold the UNet's (and the upscaler's VAE's) activations channels-last: faster "
+        "convolutions on tensor-core GPUs; pixels can change at float-rounding level.",
+    )
     scheduler: Scheduler = Field(
         "default",
         description="Denoising scheduler: default (the checkpoint's own), or "
@@ -181,6 +191,12 @@ class UpscaleConfig(UNetStageConfig):
     )
     vae_tiling: bool = Field(
         False, description="Decode each 1024 px image in overlapping tiles: far less memory; seams can show."
+    )
+    vae_decode: Literal["fp32", "stage"] = Field(
+        "fp32",
+        description="The 1024 px VAE decode's dtype: fp32 (what the x4 pipeline does in fp16, as this VAE "
+        "can overflow there), or stage: the stage's dtype, half the memory traffic, with any image that "
+        "comes out non-finite decoded again in fp32. Pixels differ from fp32's at rounding level.",
     )
 
 

@@ -137,7 +137,16 @@ def load_encode_pipeline(cfg: Any, device: torch.device) -> Any:
 
 def recorded_settings(cfg: Any) -> dict[str, Any]:
     """The loading settings of a UNet stage, recorded with each row it renders."""
-    names = ("offload", "attention", "compile", "attention_slicing", "vae_slicing", "vae_tiling")
+    names = (
+        "offload",
+        "attention",
+        "compile",
+        "channels_last",
+        "attention_slicing",
+        "vae_slicing",
+        "vae_tiling",
+        "vae_decode",
+    )
     return {name: getattr(cfg, name) for name in names if hasattr(cfg, name)}
 
 
@@ -185,7 +194,10 @@ def load_pipeline(stage: str, pipeline_cls: Any, cfg: Any, device: torch.device,
     set_attention(stage, pipe.unet, cfg.attention)
     if cfg.attention_slicing:
         pipe.enable_attention_slicing()
+    if cfg.channels_last:
+        pipe.unet.to(memory_format=torch.channels_last)
     if cfg.compile:
+        use_compile_cache()
         pipe.unet = torch.compile(pipe.unet)
     if cfg.offload == "none":
         return pipe.to(device)
@@ -200,6 +212,21 @@ def load_pipeline(stage: str, pipeline_cls: Any, cfg: Any, device: torch.device,
     else:
         pipe.enable_sequential_cpu_offload(gpu_id=gpu)
     return pipe
+
+
+def compile_cache_dir() -> Path:
+    return Path(os.environ.get("IFRENDER_COMPILE_CACHE", Path.home() / ".cache" / "ifrender" / "inductor"))
+
+
+def use_compile_cache() -> None:
+    """Inductor's compiled graphs and kernels on this node's disk, kept across processes: an actor
+    that restarts, or joins later on the node, loads them instead of compiling again."""
+    path = compile_cache_dir()
+    path.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(path))
+    import torch._inductor.config as inductor
+
+    inductor.fx_graph_cache = True
 
 
 def set_attention(stage: str, unet: Any, backend: str) -> None:

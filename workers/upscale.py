@@ -3,6 +3,8 @@ row out: 1024 x 1024 by default, the stage II image's aspect ratio."""
 
 from __future__ import annotations
 
+import copy
+import logging
 from typing import Any
 
 import numpy as np
@@ -15,6 +17,8 @@ from workers.overrides import effective_settings
 from workers.safety import Safety
 from workers.sizes import SCALE
 
+log = logging.getLogger(__name__)
+
 
 class UpscaleWorker(StageWorker):
     stage = "upscale"
@@ -25,6 +29,14 @@ class UpscaleWorker(StageWorker):
 
         self.pipe = load_pipeline(self.stage, StableDiffusionUpscalePipeline, cfg, self.device)
         self.schedulers = Schedulers(self.pipe.scheduler)
+        vae = self.pipe.vae
+        if cfg.channels_last:
+            vae.to(memory_format=torch.channels_last)
+        # The decode in fp32 keeps its own fp32 VAE, rather than casting the weights up and back
+        # on every call as the pipeline does.
+        self.vae32 = vae if vae.dtype == torch.float32 else None
+        if cfg.vae_decode == "fp32" and self.vae32 is None:
+            self.vae32 = vae.to(torch.float32)
         # The 1024 px decode is the upscaler's memory peak: one image at a time, or in tiles.
         if cfg.vae_slicing:
             self.pipe.vae.enable_slicing()
@@ -56,10 +68,32 @@ class UpscaleWorker(StageWorker):
             noise_level=settings["noise_level"],
             generator=row_generators(batch["seed"][rows], self.stage),
             num_images_per_prompt=1,  # more than one mispairs prompts and images in diffusers 0.42
-            output_type="np",
+            output_type="latent",
         ).images
-        values = {"upscale_image": np.round(np.clip(images, 0, 1) * 255).astype(np.uint8)}
+        values = {"upscale_image": self.decode(images)}
         return self.safety.finish(values, "upscale_image") if self.safety else values
+
+    def decode(self, latents: torch.Tensor) -> np.ndarray:
+        """Latents to (B, H, W, 3) uint8 images, converted on the device so only bytes cross to
+        the host; as the pipeline's own decode and post-processing, bit for bit in fp32."""
+        vae = self.vae32 if self.cfg.vae_decode == "fp32" else self.pipe.vae
+        images = self._decode(vae, latents)
+        if vae.dtype != torch.float32:  # an overflow in half precision: that image again in fp32
+            bad = ~torch.isfinite(images).flatten(1).all(dim=1)
+            if bad.any():
+                if self.vae32 is None:
+                    self.vae32 = copy.deepcopy(vae).to(torch.float32)
+                log.warning(
+                    "upscale: %d image(s) overflowed the %s decode; decoded again in fp32", int(bad.sum()), vae.dtype
+                )
+                images[bad] = self._decode(self.vae32, latents[bad]).to(images.dtype)
+        scaled = (images.float() / 2 + 0.5).clamp(0, 1) * 255
+        return scaled.round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+    @staticmethod
+    def _decode(vae, latents: torch.Tensor) -> torch.Tensor:
+        latents = latents.to(vae.dtype)
+        return vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
 
     def blank(self, batch: Batch, n: int) -> Batch:
         column = np.empty(n, dtype=object)

@@ -88,25 +88,34 @@ def measure(calls: dict[str, np.ndarray], stages: list[str], started: float) -> 
     """Steady-state rates, busy fractions and gaps from every image's per-stage calls."""
     arrivals = np.sort(calls[f"{stages[-1]}_finished"] - started)  # from the actors' own clocks
 
-    def marks(stage: str) -> tuple[float, float]:
-        """A stage's steady state: between its 25% and 90% marks, past the fill and before the
-        drain. A call finishes its whole batch at once, so each mark is the end of a call."""
+    def window(stage: str) -> tuple[float, float, float]:
+        """A stage's own steady state: between its 25% and 90% marks, past the fill and before the
+        drain; its images/s there and the window's ends. A call finishes its whole batch at once,
+        so each mark is the end of a call, and the images counted are those after the first mark."""
         done = np.sort(calls[f"{stage}_finished"])
-        return done[int(0.25 * len(done))], done[int(0.9 * len(done)) - 1]
+        lo, hi = int(0.25 * len(done)), int(0.9 * len(done)) - 1
+        lo, hi = (int(np.searchsorted(done, done[i], side="right")) - 1 for i in (lo, hi))
+        return (hi - lo) / (done[hi] - done[lo]), done[lo], done[hi]
 
-    # The window in which every stage is in its steady state: stages that race ahead while the
-    # pipeline fills (time-sliced, they take GPU time from the others) are not counted when done.
-    spans = {stage: marks(stage) for stage in stages}
-    t0, t1 = max(a for a, _ in spans.values()), min(b for _, b in spans.values())
-    if t1 <= t0:  # no common steady state: the whole run, fill and drain included
-        t0, t1 = float(np.min(calls[f"{stages[0]}_started"])), float(np.max(calls[f"{stages[-1]}_finished"]))
-    rates = {
-        stage: float(np.count_nonzero((calls[f"{stage}_finished"] > t0) & (calls[f"{stage}_finished"] <= t1)))
-        / (t1 - t0)
-        for stage in stages
-    }
+    # The job's steady state: from the moment every actor of every pool has finished a call (all
+    # are up: many actors start one after another on a small machine) to the moment the first
+    # one finishes its last (none has run dry yet: on a time-sliced GPU the pools left after
+    # another has finished get its time, and run fast). The rate is the last stage's images out
+    # in that window. Each stage's own window shows where the time went.
+    windows = {stage: window(stage) for stage in stages}
+    rates = {stage: w[0] for stage, w in windows.items()}
     slowest = min(rates, key=rates.get)
-    steady = rates[slowest]
+    firsts, lasts = [], []
+    for stage in stages:
+        for actor in np.unique(calls[f"{stage}_actor"]):
+            mine = calls[f"{stage}_finished"][calls[f"{stage}_actor"] == actor]
+            firsts.append(mine.min())
+            lasts.append(mine.max())
+    t0, t1 = max(firsts), min(lasts)
+    done = np.sort(calls[f"{stages[-1]}_finished"])
+    if t1 <= t0:  # an actor ran dry before the last one started: after the first output instead
+        t0, t1 = done[int(np.searchsorted(done, done[0], side="right")) - 1], done[-1]
+    steady = float(np.count_nonzero((done > t0) & (done <= t1))) / (t1 - t0)
     busy = {}  # per stage: each actor's busy fraction of the slowest stage's window, lowest first
     for stage in stages:
         spans = {}
