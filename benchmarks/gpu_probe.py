@@ -334,21 +334,14 @@ def save_checkpoints(s: Setup, root: Path) -> dict[str, Path]:
 
 
 def worker_batch(s: Setup, n: int, width: int) -> dict:
+    """The profiler's prompt rows with T5 embeddings of the full width added (no T5 run)."""
     import numpy as np
 
-    embeds = (
-        np.random.default_rng(0).standard_normal((n, 77, width)).astype(np.float16 if not s.dry_run else np.float32)
-    )
-    return {
-        "id": np.array([f"p{i}" for i in range(n)], dtype=object),
-        "prompt": np.array([f"a probe prompt {i}" for i in range(n)], dtype=object),
-        "negative_prompt": np.array([""] * n, dtype=object),
-        "seed": np.arange(n, dtype=np.int64),
-        "status": np.array(["ok"] * n, dtype=object),
-        "error": np.array([""] * n, dtype=object),
-        "prompt_embeds": embeds,
-        "negative_prompt_embeds": embeds * 0,
-    }
+    from jobs.perf.profile import prompt_rows
+
+    embeds = np.random.default_rng(0).standard_normal((n, 77, width))
+    embeds = embeds.astype(np.float32 if s.dry_run else np.float16)
+    return prompt_rows(n) | {"prompt_embeds": embeds, "negative_prompt_embeds": embeds * 0}
 
 
 def workers(s: Setup, root: Path) -> dict:

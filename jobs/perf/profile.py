@@ -26,7 +26,8 @@ PROMPTS = [
 ]
 
 
-def _rows(n: int) -> dict[str, np.ndarray]:
+def prompt_rows(n: int) -> dict[str, np.ndarray]:
+    """n rows as the reader hands them to the first stage: distinct prompts, seeds 0..n-1."""
     return {
         "id": np.array([f"p{i}" for i in range(n)], dtype=object),
         "prompt": np.array([f"{PROMPTS[i % len(PROMPTS)]} #{i}" for i in range(n)], dtype=object),
@@ -53,7 +54,7 @@ def profile_stages(manifest: Manifest, batch_sizes: list[int], repeats: int = 2)
 
     measurements = []
     for b in batch_sizes:
-        batch = _rows(b)
+        batch = prompt_rows(b)
         for stage in manifest.stages():
             cfg = getattr(manifest, stage).model_copy(update={"micro_batch": b, "batch_size": b})
             worker = STAGES[stage].worker_class()(cfg)
