@@ -103,7 +103,8 @@ def main() -> None:
         fn_kwargs={"stages": manifest.stages(), "image_column": STAGES[manifest.last_stage].image_column},
     )
     streaming = time.perf_counter()
-    pending = collect(manifest, ds, work, commits, uuid.uuid4().hex[:8], summary, started)
+    pending = {w.shard.index: w for w in work}
+    collect(manifest, ds, pending, commits, uuid.uuid4().hex[:8], summary, started)
     collected = time.perf_counter() - streaming
     index = finish_output(out, Derived.of(manifest))
     total = time.perf_counter() - started

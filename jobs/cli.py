@@ -41,6 +41,7 @@ def _run(args: argparse.Namespace) -> int:
         retry_errors=args.retry_errors,
         allow_changed=args.allow_changed,
         progress=not args.quiet,
+        stop_after_s=args.stop_after,
     )
     print(summary.text())
     if summary.uncommitted_shards:
@@ -82,6 +83,11 @@ def _plan(args: argparse.Namespace) -> int:
     print(f"layouts on {args.gpus} GPU(s) of {args.gpu_memory:g} GB, {chosen.sharing}:")
     print("\n".join(why(profile, layouts, chosen)))
     print(chosen.table(args.images))
+    if args.images:
+        from jobs.perf.plan import deadlines
+
+        chunk = manifest.ray.chunk_shards and manifest.ray.chunk_shards * manifest.input.shard_size
+        print("\n".join(deadlines(chosen, args.images, chunk, args.night_hours)))
     base = naive(profile, args.gpus, args.gpu_memory, manifest.ray.mps)
     print(
         f"  one pool per stage with equal shares: {base.images_per_hour:,.0f} images/hour "
@@ -190,6 +196,13 @@ def _render_commands(sub) -> None:
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument(
+        "--stop-after",
+        type=float,
+        metavar="SECONDS",
+        help="start no chunk (ray.chunk_shards) after this many seconds; the shards left are the next "
+        "run's (exit code 4): a job bigger than one night runs as nightly chunks that resume",
+    )
+    p.add_argument(
         "--plan", metavar="PLAN.json", help="apply pool sizes, GPU shares, batches from `ifrender plan --save`"
     )
     p.set_defaults(func=_run)
@@ -220,7 +233,13 @@ def _perf_commands(sub) -> None:
     )
     p.add_argument("--tflops", type=float, default=800.0, help="peak dense TFLOP/s per GPU for the FLOP profile")
     p.add_argument("--utilisation", type=float, default=0.4, help="fraction of peak reached, for the FLOP profile")
-    p.add_argument("--images", type=int, help="dataset size, for GPU-hours")
+    p.add_argument("--images", type=int, help="dataset size, for GPU-hours and the RayJob's deadline")
+    p.add_argument(
+        "--night-hours",
+        type=float,
+        default=8.0,
+        help="hours a nightly run may take (its activeDeadlineSeconds), for a job bigger than one night (default 8)",
+    )
     p.add_argument("--save", metavar="PLAN.json", help="write the plan for `ifrender run --plan`")
     p.set_defaults(func=_plan)
 

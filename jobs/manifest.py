@@ -111,6 +111,24 @@ class RayConfig(Strict):
         "SMs (CUDA_MPS_ACTIVE_THREAD_PERCENTAGE), beside its neighbours. Off: co-located actors "
         "time-slice the GPU, whatever their shares. The planner models whichever is set.",
     )
+    chunk_shards: int | None = Field(
+        None,
+        ge=1,
+        description="Shards per chunk. The job runs its shards chunk by chunk, and before each chunk sizes "
+        "the pools with a max_pool_size to the cluster as it is then: a node that joined takes work "
+        "from the next chunk, and a chunk that lost its blocks with a node is run again once. None: "
+        "all shards in one chunk.",
+    )
+    no_progress_timeout_s: float = Field(
+        600,
+        gt=0,
+        description="End the run when no stage has started, finished or loaded anything for this long "
+        "while rows are waiting: the message names the stalled stage, its queued rows and its actors' "
+        "state; committed shards stay committed and the same command resumes (exit code 4).",
+    )
+    gpu_hour_usd: float = Field(
+        2.0, ge=0, description="Price of one GPU-hour in USD, for the GPU-hours and cost in the run report."
+    )
     reserve_timeout_s: float = Field(
         600,
         gt=0,
@@ -268,6 +286,19 @@ def with_groups(manifest: Manifest, groups: list[dict[str, Any]]) -> Manifest:
         ):
             data[stage] |= {k: getattr(manifest.stage_config(stage), k) for k in POOL_FIELDS}
     return Manifest.model_validate(data)
+
+
+def with_pool_sizes(manifest: Manifest, sizes: dict[str, int]) -> Manifest:
+    """The manifest with these pools (named as in job_pools: units and "write") at these sizes."""
+    groups = {group_name(tuple(g.stages)): i for i, g in enumerate(manifest.groups)}
+    update: dict[str, Any] = {}
+    new_groups = list(manifest.groups)
+    for name, size in sizes.items():
+        if name in groups:
+            new_groups[groups[name]] = new_groups[groups[name]].model_copy(update={"pool_size": size})
+        else:
+            update[name] = getattr(manifest, name).model_copy(update={"pool_size": size})
+    return manifest.model_copy(update=update | {"groups": new_groups})
 
 
 def _apply_override(data: dict[str, Any], assignment: str) -> None:

@@ -58,6 +58,41 @@ def init_ray(manifest: Manifest) -> None:
     ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, log_to_driver=True)
 
 
+def fits(pools: dict, sizes: dict[str, int], resources: dict[str, float]) -> bool:
+    """Whether pools at these sizes fit a cluster of these total resources (ray.cluster_resources):
+    CPUs with one to spare for the read and publish tasks, custom resources, and GPU shares as
+    `place` packs them."""
+    need: dict[str, float] = {}
+    shares: list[float] = []
+    for name, pool in pools.items():
+        for key, amount in ({"CPU": pool.num_cpus} | dict(pool.resources)).items():
+            need[key] = need.get(key, 0.0) + amount * sizes[name]
+        shares += [pool.num_gpus] * sizes[name]
+    if need.get("CPU", 0) > resources.get("CPU", 0) - 1 + 1e-9:
+        return False
+    if any(need[k] > resources.get(k, 0) + 1e-9 for k in need if k != "CPU"):
+        return False
+    return packs(shares, int(resources.get("GPU", 0) + 1e-9))
+
+
+def size_pools(pools: dict, resources: dict[str, float]) -> dict[str, int]:
+    """Actors per pool for the cluster as it is now. Fixed pools keep pool_size; a pool with a
+    max_pool_size starts at one actor and grows, one actor at a time to the pool furthest below
+    its share (pool_size sets the proportions), while the cluster has room, up to its maximum."""
+    sizes = {name: pool.pool_size for name, pool in pools.items()}
+    elastic = [name for name, pool in pools.items() if pool.max_pool_size]
+    sizes |= {name: 1 for name in elastic}
+    while True:
+        growable = [n for n in elastic if sizes[n] < pools[n].max_pool_size]
+        for name in sorted(growable, key=lambda n: sizes[n] / pools[n].pool_size):
+            trial = sizes | {name: sizes[name] + 1}
+            if fits(pools, trial, resources):
+                sizes = trial
+                break
+        else:
+            return sizes
+
+
 def place(shares: list[float], gpus: int) -> list[list[int]] | None:
     """Where actors with these GPU shares land on `gpus` GPUs, as Ray places them once `reserve`
     orders them: largest first, each fraction on the GPU it fits best (the least room left
@@ -150,10 +185,38 @@ def mps_env(pool, mps: bool) -> dict:
     return {"runtime_env": {"env_vars": {"CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": str(max(1, round(100 * pool.num_gpus)))}}}
 
 
+def strategy(pool, placed: bool):
+    """The pool's actors: a fixed number, or for a pool with a max_pool_size and no reservation,
+    Ray Data's autoscaling pool from this chunk's size up to the maximum, so that a node joining
+    mid-chunk takes work without waiting for the next chunk (measured on a local multi-node
+    cluster: tests/jobs/test_cluster.py). Two tasks in flight per actor keep one queued behind
+    the one running without the first actor ready taking a whole chunk's blocks."""
+    from ray.data import ActorPoolStrategy
+
+    if pool.max_pool_size and not placed and pool.max_pool_size > pool.pool_size:
+        return ActorPoolStrategy(min_size=pool.pool_size, max_size=pool.max_pool_size, max_tasks_in_flight_per_actor=2)
+    return ActorPoolStrategy(size=pool.pool_size)
+
+
+def ask_autoscaler(pools: dict) -> None:
+    """Tell the cluster's autoscaler (KubeRay's, the launcher's) what the pools could use at most.
+    Ray Data sizes a pool to the nodes that are there and so never asks for more nodes by itself;
+    without this an autoscaling cluster that starts empty would stay at one node per pool."""
+    from ray.autoscaler.sdk import request_resources
+
+    wanted = [bundle(p) for p in pools.values() for _ in range(p.max_pool_size or p.pool_size)]
+    request_resources(bundles=wanted)
+
+
+def stop_asking() -> None:
+    from ray.autoscaler.sdk import request_resources
+
+    request_resources(bundles=[])
+
+
 def map_pool(ds, fn, pool, rows_in: int, placed: dict | None = None, mps: bool = False, **kwargs):
     """One stage's `map_batches` on its fixed actor pool, blocks re-cut first when they arrive
     bigger than its batch. Returns the dataset and the rows per block the pool hands on."""
-    from ray.data import ActorPoolStrategy
 
     if pool.batch_size < rows_in:
         ds = ds.repartition(target_num_rows_per_block=pool.batch_size)
@@ -164,7 +227,7 @@ def map_pool(ds, fn, pool, rows_in: int, placed: dict | None = None, mps: bool =
         warnings.filterwarnings("ignore", message=".*ray_remote_args.*", category=DeprecationWarning)
         ds = ds.map_batches(
             fn,
-            compute=ActorPoolStrategy(size=pool.pool_size),
+            compute=strategy(pool, bool(placed)),
             batch_size=pool.batch_size,
             num_gpus=pool.num_gpus,
             num_cpus=pool.num_cpus,

@@ -31,6 +31,13 @@ class Summary:
     driver_peak_rss_mb: float = 0.0  # the driver process's peak resident memory
     output_rows: int = 0  # rows in the output's committed shards, all runs together
     output_ok: int = 0
+    pool_sizes: list[dict] = field(default_factory=list)  # per chunk: when it started, its pools' actors, the cluster
+    first_work_at: dict[str, float] = field(default_factory=dict)  # node id -> wall time its first batch finished
+    node_names: dict[str, str] = field(default_factory=dict)  # node id -> address:node manager port
+    rows_by_node: dict[str, dict[str, int]] = field(default_factory=dict)  # node id -> stage -> rows it finished
+    chunks_lost: int = 0  # chunks whose blocks Ray lost (a node left); their shards ran again
+    stalled: str = ""  # why the no-progress check ended the run
+    stopped: str = ""  # why the run stopped early with work left (--stop-after)
 
     def add(self, table: pa.Table) -> None:
         status = table.column("status").to_pylist()
@@ -46,6 +53,13 @@ class Summary:
                 key = e[:160]
                 self.errors[key] = self.errors.get(key, 0) + 1
 
+    def discard(self, rows: list[dict]) -> None:
+        """Rows of a lost chunk, rendered again in a later one: counted once."""
+        self.rows -= len(rows)
+        ok = sum(r["status"] == "ok" for r in rows)
+        self.ok -= ok
+        self.error -= len(rows) - ok
+
     def add_stage_counters(self, block: pa.Table, stages: tuple[str, ...]) -> None:
         """What the stages count beside the metadata: peak GPU memory, T5 encodes."""
         names = block.column_names
@@ -56,13 +70,6 @@ class Summary:
         if "encode_encoded" in names:
             self.encodes += sum(block.column("encode_encoded").to_pylist())
             self.encode_texts += sum(block.column("encode_texts").to_pylist())
-
-    def progress(self, todo: int, shards: int, elapsed: float) -> str:
-        return (
-            f"{self.rows} outputs of {todo} input rows (ok {self.ok}, error {self.error}), "
-            f"{self.committed_shards}/{shards} shards committed, {self.ok / elapsed:.2f} images/s, "
-            f"{elapsed:.0f} s elapsed"
-        )
 
     def finish(self, elapsed: float) -> None:
         self.seconds = round(elapsed, 3)
@@ -90,6 +97,20 @@ class Summary:
                 "  peak GPU memory per call by stage: "
                 + ", ".join(f"{k} {v:.2f} GiB" for k, v in self.peak_gpu_gb.items())
             )
+        if self.pool_sizes:
+            lines.append(
+                "  pools over time: "
+                + "; ".join(
+                    f"{p['at_s']:.0f} s: {', '.join(f'{k} {v}' for k, v in p['pools'].items())} "
+                    f"({p['nodes']} nodes, {p['gpus']:g} GPUs, {p['shards']} shards)"
+                    for p in self.pool_sizes
+                )
+            )
+        if self.chunks_lost:
+            lines.append(f"  chunks lost on the cluster and run again: {self.chunks_lost}")
+        for reason in (self.stalled, self.stopped):
+            if reason:
+                lines.append(f"  stopped early: {reason}")
         for message, count in self.errors.items():
             lines.append(f"  error x{count}: {message}")
         return "\n".join(lines)

@@ -21,6 +21,7 @@ import torch
 from workers.columns import ROW_COLUMNS
 from workers.errors import MissingColumnsError
 from workers.keys import derive_seed
+from workers.progress import Reporter
 from workers.stages import STAGES
 
 log = logging.getLogger(__name__)
@@ -107,6 +108,8 @@ class StageWorker:
     def __init__(self, cfg: Any, recorded: dict[str, Any], drop: tuple[str, ...] = ()) -> None:
         from workers.models import pick_device
 
+        self.report = Reporter(self.stage)
+        self.report("loading")
         self.cfg = cfg
         self.micro_batch = cfg.micro_batch
         self.needs = STAGES[self.stage].needs if self.stage in STAGES else type(self).needs
@@ -164,10 +167,14 @@ class StageWorker:
         if cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
         started = time.time()
+        ok_in = int(np.count_nonzero(batch["status"] == "ok"))
+        self.report("started", len(batch["id"]))
         try:
             result = self._call(batch)
         finally:
             watchdog.cancel()
+        ok_out = int(np.count_nonzero(result["status"] == "ok"))
+        self.report("finished", ok_out, ok_in - ok_out)
         # Peak GPU memory of this call, for the summary: what a stage needs at this batch size.
         peak = torch.cuda.max_memory_allocated(self.device) if cuda else 0
         n = len(batch["id"])

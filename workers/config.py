@@ -29,7 +29,15 @@ class Strict(BaseModel):
 class PoolConfig(Strict):
     """How one stage's actor pool sits on Ray."""
 
-    pool_size: int = Field(1, ge=1, description="Number of actors in this stage's fixed-size pool.")
+    pool_size: int = Field(1, ge=1, description="Number of actors in this stage's pool.")
+    max_pool_size: int | None = Field(
+        None,
+        ge=1,
+        description="Grow the pool up to this many actors while the cluster has room: before each chunk "
+        "of shards (ray.chunk_shards) the pool is sized to what the cluster holds then, so nodes that "
+        "joined take work from the next chunk, and a pool shrinks (to one actor at least) after nodes "
+        "left. None: always pool_size actors.",
+    )
     batch_size: int = Field(4, ge=1, description="Rows per call of this stage's worker.")
     num_gpus: float = Field(0, ge=0, description="GPUs reserved per actor (fractions share a GPU).")
     num_cpus: float = Field(1, gt=0, description="Logical CPUs reserved per actor.")
@@ -49,6 +57,15 @@ class PoolConfig(Strict):
                 f"Fix: {int(value)} or {int(value) + 1}, or more actors of a smaller share"
             )
         return value
+
+    @model_validator(mode="after")
+    def _max_not_below_size(self):
+        if self.max_pool_size is not None and self.max_pool_size < self.pool_size:
+            raise ValueError(
+                f"max_pool_size={self.max_pool_size} is below pool_size={self.pool_size}; expected the most "
+                f"actors the pool may grow to. Fix: max_pool_size >= pool_size, or drop it for a fixed pool"
+            )
+        return self
 
 
 POOL_FIELDS = tuple(PoolConfig.model_fields)

@@ -17,6 +17,7 @@ from PIL import Image
 
 from workers.base import Batch, require_columns, to_uint8_hwc
 from workers.columns import ROW_COLUMNS
+from workers.progress import Reporter
 from workers.storage import join, write_bytes
 
 EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
@@ -71,10 +72,13 @@ class WriteWorker:
         self.image_column = image_column
         self.image_format = image_format
         self.quality = quality
+        self.report = Reporter(self.stage)
+        self.report("loading")
 
     def __call__(self, batch: Batch) -> Batch:
         require_columns(self.stage, batch, ROW_COLUMNS + ("shard", self.image_column))
         n = len(batch["id"])
+        self.report("started", n)
         images = [pixels(image) for image in batch[self.image_column]]  # rows may differ in size
         status, error = batch["status"].copy(), batch["error"].copy()
         keys = np.full(n, None, dtype=object)
@@ -104,4 +108,6 @@ class WriteWorker:
             height=np.array([image.shape[0] for image in images], dtype=np.int64),
             write_seconds=seconds,
         )
+        ok_out = int(np.count_nonzero(status == "ok"))
+        self.report("finished", ok_out, int(np.count_nonzero(batch["status"] == "ok")) - ok_out)
         return result
