@@ -1,0 +1,75 @@
+"""OUTPUT/report.html in a real headless Chromium (Debian's `chromium`; .ci/run installs it): a
+tiny run with an error row and contact sheets writes the report, the page loads with every
+picture decoded, and its screenshot shows the plots and the sheets where the page put them."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+
+import pytest
+from PIL import Image
+
+from jobs.render import run
+
+pytestmark = pytest.mark.slow
+
+
+def chromium() -> str:
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if not found:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is not installed: .ci/run installs Debian's package (apt-get install chromium)")
+        pytest.skip("no chromium here: apt-get install chromium to run the browser test")
+    return found
+
+
+def browse(page: str, *flags: str) -> subprocess.CompletedProcess:
+    cmd = [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", *flags, f"file://{page}"]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+
+
+def test_the_run_report_opens_in_a_browser_with_its_plots_and_sheets(tiny_manifest, ray_local, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    rows = [{"id": f"p{i}", "prompt": f"a red kite over a field, take {i}"} for i in range(5)]
+    rows.insert(2, {"id": "bad", "prompt": "a kite", "seed": "not a number"})
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out"
+    m = tiny_manifest(f"input.path={prompts}", "input.shard_size=3", "contact_sheets=true", output=str(out))
+    summary = run(m, progress=False)
+    assert summary.error == 1 and summary.ok == 5
+
+    page = out / "report.html"
+    text = page.read_text()
+    assert "http://" not in text.replace("http-equiv", "") and "https://" not in text  # nothing fetched
+    assert "not a number" in text  # the error table names the bad row's error
+    assert "refresh" not in text  # the final report stops reloading
+
+    dom = browse(str(page), "--virtual-time-budget=5000", "--dump-dom")
+    assert dom.returncode == 0, dom.stderr
+    body = re.search(r"<body([^>]*)>", dom.stdout).group(1)
+    attrs = dict(re.findall(r'data-(\w+)="([^"]*)"', body))
+    assert int(attrs["images"]) == 2 + 2, attrs  # throughput, busy timeline, one sheet per shard
+    assert attrs["broken"] == "", f"pictures that did not decode: {attrs['broken']}"
+    boxes = json.loads(attrs["boxes"].replace("&quot;", '"'))
+
+    shot_path = tmp_path / "report.png"
+    width, height = 1280, int(max(b["y"] + b["h"] for b in boxes)) + 40
+    shot = browse(str(page), f"--window-size={width},{height}", f"--screenshot={shot_path}")
+    assert shot.returncode == 0 and shot_path.exists(), shot.stderr
+    screen = Image.open(io.BytesIO(shot_path.read_bytes())).convert("RGB")
+    for box in boxes:
+        crop = screen.crop((int(box["x"]), int(box["y"]), int(box["x"] + box["w"]), int(box["y"] + box["h"])))
+        colours = len(set(crop.resize((200, 100)).getdata()))
+        assert box["w"] > 100 and box["h"] > 50, box
+        assert colours > 20, f"{box['alt']} shows as a blank area ({colours} colours) in the screenshot"
+    # The plots' own colours are on screen: the images line (blue), the throughput bars (green),
+    # the stages' calls (orange at 35% on white).
+    pixels = set(screen.getdata())
+    near = lambda rgb, want, tol=30: all(abs(a - b) < tol for a, b in zip(rgb, want))  # noqa: E731
+    for name, want in (("line", (31, 119, 180)), ("bars", (44, 160, 44)), ("calls", (255, 208, 166))):
+        assert any(near(p, want) for p in pixels), f"no {name} colour {want} in the screenshot"
