@@ -158,7 +158,7 @@ def test_rayjob_steers_each_stage_to_a_worker_group_with_weights_read_only_and_n
             assert 0 < amount <= declared[name], f"{pool_name} asks {name}={amount}; groups declare {declared}"
         # the pool's actors fit the groups' nodes together
         nodes = sum(g["maxReplicas"] for g in groups.values() if pool.resources.keys() <= g.get("resources", {}).keys())
-        assert pool.pool_size * max(pool.resources.values()) <= nodes
+        assert (pool.max_pool_size or pool.pool_size) * max(pool.resources.values()) <= nodes
         for stage in stages:
             assert getattr(manifest, stage).model.startswith("/models/"), f"{stage} does not read the mounted weights"
     for group in groups.values():
@@ -204,6 +204,61 @@ def test_raycronjob_runs_the_same_job_as_the_rayjob():
     (base,) = docs(INFRA / "kuberay" / "rayjob.yaml")
     assert cron["spec"]["jobTemplate"] == base["spec"]
     assert cron["spec"]["schedule"] == "0 2 * * *"
+
+
+def test_ray_is_locked_down_in_every_config():
+    """Token auth on every cluster the project starts, the dashboard reached only through an
+    authenticated path (a port-forward or the launcher's SSH tunnel, then the token), S3 by role."""
+    for name in ("rayjob.yaml", "raycronjob.yaml"):
+        (doc,) = docs(INFRA / "kuberay" / name)
+        spec = doc["spec"].get("jobTemplate", doc["spec"])
+        assert spec["rayClusterSpec"]["authOptions"] == {"mode": "token", "secretName": "ifrender-ray-token"}, name
+    assert rendered_nightly("2026-11-22")["spec"]["rayClusterSpec"]["authOptions"]["mode"] == "token"
+    # Nothing publishes the dashboard or turns auth off.
+    for path in KUBE_FILES:
+        for doc in docs(path):
+            assert doc["kind"] not in ("Ingress", "Service"), f"{path.name} exposes a {doc['kind']}"
+        assert "RAY_AUTH_MODE" not in path.read_text() or "disabled" not in path.read_text(), path.name
+    launcher = yaml.safe_load((INFRA / "aws" / "cluster.yaml").read_text())
+    options = launcher["docker"]["run_options"]
+    assert "-e RAY_AUTH_MODE=token" in options
+    token_path = next(o.split("=", 1)[1] for o in options if o.startswith("-e RAY_AUTH_TOKEN_PATH="))
+    assert any(o.startswith("-v ") and o.split(":")[1] == token_path and o.endswith(":ro") for o in options)
+    assert any("secretsmanager get-secret-value" in c and "-m 0400" in c for c in launcher["initialization_commands"])
+    head = " ".join(launcher["head_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in head and "0.0.0.0" not in (INFRA / "aws" / "cluster.yaml").read_text()
+    assert launcher["worker_start_ray_commands"]
+    text = "\n".join(p.read_text() for p in [*KUBE_FILES, INFRA / "aws" / "cluster.yaml"])
+    assert not re.search(r"AWS_(ACCESS_KEY_ID|SECRET_ACCESS_KEY|SESSION_TOKEN)|aws_secret_access_key", text)
+    assert "IamInstanceProfile" in (INFRA / "aws" / "cluster.yaml").read_text()
+
+
+def test_the_nightly_deadline_and_stop_follow_from_the_plan():
+    """The RayJob's night (activeDeadlineSeconds) and its entrypoint's --stop-after are what
+    `ifrender plan` gives for cluster.yaml on the GPU group (8 nodes of one 48 GB GPU)."""
+    from jobs.perf.plan import flops_profile, nightly, plan
+
+    (rayjob,) = docs(INFRA / "kuberay" / "rayjob.yaml")
+    spec = rayjob["spec"]
+    args = spec["entrypoint"].split()
+    manifest = load_manifest(MANIFESTS_DIR / Path(args[2]).name, run_date="2026-11-22")
+    (gpu,) = spec["rayClusterSpec"]["workerGroupSpecs"]
+    assert gpu["template"]["spec"]["nodeSelector"]["node.kubernetes.io/instance-type"] == "g6e.xlarge"  # 1 x L40S 48 GB
+    (_, pool), *_ = manifest.units().values()
+    assert pool.max_pool_size == gpu["maxReplicas"]
+    chosen = plan(flops_profile(manifest), gpu["maxReplicas"], 48)
+    chunk = manifest.ray.chunk_shards * manifest.input.shard_size
+    stop, per_night = nightly(chosen.images_per_hour, chunk, spec["activeDeadlineSeconds"])
+    assert int(args[args.index("--stop-after") + 1]) == stop
+    assert per_night > 0 and spec["activeDeadlineSeconds"] <= 12 * 3600  # one night
+    out = subprocess.run(
+        [sys.executable, "-m", "jobs.cli", "plan", str(MANIFESTS_DIR / "cluster.yaml"), "--gpus", "8"]
+        + ["--gpu-memory", "48", "--images", "1000000", "--night-hours", str(spec["activeDeadlineSeconds"] / 3600)],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stderr
+    assert f"--stop-after {stop}" in out.stdout and "activeDeadlineSeconds: 28800" in out.stdout, out.stdout
 
 
 def test_cluster_launcher_config_passes_rays_own_validation():
