@@ -199,8 +199,9 @@ def _render_commands(sub) -> None:
         "--stop-after",
         type=float,
         metavar="SECONDS",
-        help="start no chunk (ray.chunk_shards) after this many seconds; the shards left are the next "
-        "run's (exit code 4): a job bigger than one night runs as nightly chunks that resume",
+        help="start no further chunk (ray.chunk_shards) after this many seconds (the first always runs); "
+        "the shards left are the next run's (exit code 4): a job bigger than one night runs as nightly "
+        "chunks that resume",
     )
     p.add_argument(
         "--plan", metavar="PLAN.json", help="apply pool sizes, GPU shares, batches from `ifrender plan --save`"

@@ -250,8 +250,13 @@ def render_chunks(
         import ray
 
         snap = watch.final()
+        log.info("progress: %s", watch.line(summary, time.perf_counter() - started))  # where the run ended
         summary.first_work_at, summary.rows_by_node = snap.get("first_work", {}), snap.get("node_rows", {})
         summary.node_names = {n["NodeID"]: f"{n['NodeManagerAddress']}:{n['NodeManagerPort']}" for n in ray.nodes()}
+        wall0 = time.time() - (time.perf_counter() - started)
+        summary.actor_starts = [
+            {"at_s": round(at - wall0, 1), "stage": stage, "node": node} for at, stage, node in snap.get("starts", [])
+        ]
 
 
 def _chunks(manifest, work, commits, summary, started, tracker, report, stop_after_s, watch) -> list[Work]:
@@ -263,7 +268,8 @@ def _chunks(manifest, work, commits, summary, started, tracker, report, stop_aft
     again: set[int] = set()  # shards already run a second time in this run
     nodes: set[str] = set()  # the alive nodes the last chunk saw
     while queue:
-        if stop_after_s is not None and time.perf_counter() - started > stop_after_s:
+        ran = bool(summary.pool_sizes)  # the first chunk always runs: a night never does nothing
+        if ran and stop_after_s is not None and time.perf_counter() - started > stop_after_s:
             log.warning(
                 "stopping after %.0f s (--stop-after %g): %d shards left for the same command to render next",
                 time.perf_counter() - started,

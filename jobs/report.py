@@ -157,7 +157,7 @@ img {{ max-width: 100%; border: 1px solid #ccc; margin: 4px 0; }}
 <h2>Throughput</h2>
 <img id=throughput alt="ok images over time" src="{self._throughput()}">
 <h2>Stages busy</h2>
-<img id=busy alt="per-stage busy timeline" src="{self._timeline(now)}">
+<img id=busy alt="per-stage busy timeline" src="{self._timeline(now, summary.actor_starts)}">
 <h2>Pools by chunk</h2>
 <table><tr><th>started</th><th>shards</th><th>actors per pool</th><th>nodes</th><th>GPUs</th></tr>{pools}</table>
 <h2>Errors</h2>
@@ -215,7 +215,7 @@ window.addEventListener("load", () => {{
             ax.grid(alpha=0.3)
         return self._png(fig)
 
-    def _timeline(self, now: float) -> str:
+    def _timeline(self, now: float, starts: list[dict] | None = None) -> str:
         import matplotlib
 
         matplotlib.use("Agg")
@@ -227,10 +227,15 @@ window.addEventListener("load", () => {{
             spans = [(a, b - a) for a, b in self.busy[stage]]
             # Overlapping calls (several actors) draw darker.
             ax.broken_barh(spans, (i - 0.4, 0.8), facecolors="#ff7f0e", alpha=0.35)
+            begun = [s["at_s"] for s in starts or [] if s["stage"] == stage]
+            ax.plot(begun, [i] * len(begun), "k|", markersize=14)
         ax.set_yticks(range(len(stages)), stages)
         ax.set_xlim(0, max(now, 1.0))
         ax.invert_yaxis()
-        ax.set(xlabel="seconds into the run", title="stage calls (from each row's started/finished times)")
+        ax.set(
+            xlabel="seconds into the run",
+            title="stage calls (from each row's started/finished times); | an actor started",
+        )
         ax.grid(axis="x", alpha=0.3)
         return self._png(fig)
 

@@ -35,6 +35,7 @@ class Summary:
     first_work_at: dict[str, float] = field(default_factory=dict)  # node id -> wall time its first batch finished
     node_names: dict[str, str] = field(default_factory=dict)  # node id -> address:node manager port
     rows_by_node: dict[str, dict[str, int]] = field(default_factory=dict)  # node id -> stage -> rows it finished
+    actor_starts: list[dict] = field(default_factory=list)  # per stage actor: when it started, on which node
     chunks_lost: int = 0  # chunks whose blocks Ray lost (a node left); their shards ran again
     stalled: str = ""  # why the no-progress check ended the run
     stopped: str = ""  # why the run stopped early with work left (--stop-after)
@@ -104,6 +105,22 @@ class Summary:
                     f"{p['at_s']:.0f} s: {', '.join(f'{k} {v}' for k, v in p['pools'].items())} "
                     f"({p['nodes']} nodes, {p['gpus']:g} GPUs, {p['shards']} shards)"
                     for p in self.pool_sizes
+                )
+            )
+        if self.actor_starts:
+            per: dict[str, list[float]] = {}
+            for start in self.actor_starts:
+                per.setdefault(start["stage"], []).append(start["at_s"])
+            lines.append(
+                "  actors started per stage: "
+                + ", ".join(f"{k} {len(v)} (last at {max(v):.0f} s)" for k, v in per.items())
+            )
+        if len(self.rows_by_node) > 1:
+            lines.append(
+                "  rows finished per node (busiest stage): "
+                + ", ".join(
+                    f"{self.node_names.get(node, node[:8])} {max(stages.values())}"
+                    for node, stages in self.rows_by_node.items()
                 )
             )
         if self.chunks_lost:

@@ -38,6 +38,7 @@ class Progress:
         self.actors: dict[str, dict] = {}
         self.first_work: dict[str, float] = {}  # node id -> wall time its first batch finished
         self.node_rows: dict[str, dict[str, int]] = {}  # node id -> stage -> rows finished there
+        self.starts: list[tuple[float, str, str]] = []  # (wall time, stage, node) per actor start
         self.todo = 0  # rows handed to the chain so far (the first stage's queue)
         self.commits = 0
         tags = {"job": job}
@@ -55,6 +56,8 @@ class Progress:
     def loading(self, stage: str, actor: str, node: str) -> None:
         """An actor starts: it loads its models, then waits for its first batch."""
         self._actor(actor, stage, node, "loading")
+        if len(self.starts) < 10_000:
+            self.starts.append((time.time(), stage, node))
         self.rows[stage]["last"] = time.time()
 
     def started(self, stage: str, actor: str, node: str, rows: int) -> None:
@@ -113,6 +116,7 @@ class Progress:
             "actors": self.actors,
             "first_work": self.first_work,
             "node_rows": self.node_rows,
+            "starts": self.starts,
             "commits": self.commits,
         }
 

@@ -199,7 +199,7 @@ def deadline_s(images: int, images_per_hour: float) -> int:
 
 def nightly(images_per_hour: float, chunk_images: int, night_s: float) -> tuple[int, int]:
     """(--stop-after, images rendered a night at the least) for a job that runs in nights of
-    `night_s` on one output: a run starts no chunk after --stop-after, and one chunk started just
+    `night_s` on one output: a run starts no further chunk after --stop-after, and one chunk started just
     before it still finishes within the night. The night is the RayJob's activeDeadlineSeconds."""
     chunk_s = chunk_images / images_per_hour * 3600 * MARGIN
     stop = math.floor(night_s - STARTUP_S - chunk_s - FINISH_S)

@@ -169,3 +169,23 @@ def test_job_survives_s3_slowdowns_and_lost_answers(s3_server, tiny_root, tmp_pa
     assert secret not in result.stdout + result.stderr
     for uri in (join("s3://flaky/job", k) for k in list_prefix("s3://flaky/job")):
         assert secret.encode() not in read_bytes(uri), uri
+
+
+@pytest.mark.slow
+def test_a_run_stopped_between_chunks_is_finished_by_the_next_one(tiny_manifest, ray_local, tmp_path):
+    """--stop-after (a night's budget): the first run renders one chunk of one shard, then starts
+    no other and reports the rest as left (exit code 4 in the CLI); the same job run again
+    renders only what is left, and every row is in the output once."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("".join(p + "\n" for p in PROMPTS[:6]))
+    out = tmp_path / "out"
+    m = tiny_manifest(
+        f"input.path={prompts}", "input.shard_size=2", "last_stage=stage1", "ray.chunk_shards=1", output=str(out)
+    )
+    # A budget the first chunk overruns: it runs (the first always does), and no other starts.
+    first = run(m, progress=False, stop_after_s=0.5)
+    assert (first.committed_shards, first.uncommitted_shards, first.ok) == (1, 2, 2)
+    assert first.stopped == "--stop-after 0.5 s reached with 2 shards to go"
+    second = run(m, progress=False)
+    assert second.skipped_shards == first.committed_shards and second.uncommitted_shards == 0
+    check_exactly_once(str(out), 6)
