@@ -94,14 +94,15 @@ def run(
         context.enable_progress_bars = progress
         # Ray's own no-progress limit stays behind ifrender's, which says which stage stalled.
         context.execution_no_progress_timeout_s = max(1800.0, 2 * manifest.ray.no_progress_timeout_s)
-        tracker = start_tracker(manifest)
+        watch = Watch(manifest, start_tracker(manifest), todo, len(work), started)
         if cluster_address(manifest):
             ask_autoscaler(job_pools(manifest))
         try:
             # 4. The chain, chunk by chunk, streamed back row by row; each shard committed once whole.
-            left = render_chunks(manifest, work, commits, summary, started, tracker, report, stop_after_s)
+            left = render_chunks(manifest, work, commits, summary, started, watch, report, stop_after_s)
         finally:
-            ray.kill(tracker)
+            watch.record(summary)
+            ray.kill(watch.tracker)
             if cluster_address(manifest):
                 stop_asking()
         summary.uncommitted_shards = len(left)
@@ -235,7 +236,7 @@ def render_chunks(
     commits: dict,
     summary: Summary,
     started: float,
-    tracker,
+    watch: Watch,
     report: RunReport,
     stop_after_s: float | None = None,
 ) -> list[Work]:
@@ -243,44 +244,27 @@ def render_chunks(
     the cluster before each chunk (jobs.pools.size_pools); within a chunk they grow as nodes
     join (jobs.pools.strategy). A chunk whose blocks were lost with a node runs its uncommitted shards again
     once; a stall ends the run. Returns the shards left incomplete."""
-    watch = Watch(manifest, tracker, sum(w.shard.todo for w in work), len(work), started)
-    try:
-        return _chunks(manifest, work, commits, summary, started, tracker, report, stop_after_s, watch)
-    finally:
-        import ray
-
-        snap = watch.final()
-        log.info("progress: %s", watch.line(summary, time.perf_counter() - started))  # where the run ended
-        summary.first_work_at, summary.rows_by_node = snap.get("first_work", {}), snap.get("node_rows", {})
-        summary.node_names = {n["NodeID"]: f"{n['NodeManagerAddress']}:{n['NodeManagerPort']}" for n in ray.nodes()}
-        wall0 = time.time() - (time.perf_counter() - started)
-        summary.actor_starts = [
-            {"at_s": round(at - wall0, 1), "stage": stage, "node": node} for at, stage, node in snap.get("starts", [])
-        ]
-
-
-def _chunks(manifest, work, commits, summary, started, tracker, report, stop_after_s, watch) -> list[Work]:
-    """render_chunks' loop."""
     import ray
 
     size = manifest.ray.chunk_shards or len(work)
-    queue, left = list(work), []
+    remaining, left = list(work), []
     again: set[int] = set()  # shards already run a second time in this run
     nodes: set[str] = set()  # the alive nodes the last chunk saw
-    while queue:
+    while remaining:
         ran = bool(summary.pool_sizes)  # the first chunk always runs: a night never does nothing
         if ran and stop_after_s is not None and time.perf_counter() - started > stop_after_s:
             log.warning(
                 "stopping after %.0f s (--stop-after %g): %d shards left for the same command to render next",
                 time.perf_counter() - started,
                 stop_after_s,
-                len(queue),
+                len(remaining),
             )
-            summary.stopped = f"--stop-after {stop_after_s:g} s reached with {len(queue)} shards to go"
-            return left + queue
-        chunk, queue = queue[:size], queue[size:]
+            summary.stopped = f"--stop-after {stop_after_s:g} s reached with {len(remaining)} shards to go"
+            return left + remaining
+        chunk, remaining = remaining[:size], remaining[size:]
         resources = ray.cluster_resources()
-        sizes = size_pools(job_pools(manifest), resources)
+        pools = job_pools(manifest)
+        sizes = size_pools(pools, resources)
         sized = with_pool_sizes(manifest, sizes)
         alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
         summary.pool_sizes.append(
@@ -292,12 +276,12 @@ def _chunks(manifest, work, commits, summary, started, tracker, report, stop_aft
                 "joined": sorted(alive - nodes) if nodes else [],
                 "left": sorted(nodes - alive),
                 "gpus": resources.get("GPU", 0),
-                "gpus_used": sum(sizes[n] * p.num_gpus for n, p in job_pools(manifest).items()),
+                "gpus_used": sum(sizes[n] * p.num_gpus for n, p in pools.items()),
             }
         )
         nodes = alive
         log.info("chunk of %d shards on pools %s (%g GPUs in the cluster)", len(chunk), sizes, resources.get("GPU", 0))
-        tracker.chunk.remote(sum(w.shard.todo for w in chunk), sizes)
+        watch.tracker.chunk.remote(sum(w.shard.todo for w in chunk), sizes)
         watch.expect(sizes)
         pending = {w.shard.index: w for w in chunk}
         run_id = uuid.uuid4().hex[:8]  # per chunk: a chunk run again writes under names of its own
@@ -308,7 +292,7 @@ def _chunks(manifest, work, commits, summary, started, tracker, report, stop_aft
         except Stalled as err:
             log.error("%s", err)
             summary.stalled = str(err)
-            return left + list(pending.values()) + queue
+            return left + list(pending.values()) + remaining
         except Exception as err:
             if not _lost_blocks(err):
                 raise
@@ -326,7 +310,7 @@ def _chunks(manifest, work, commits, summary, started, tracker, report, stop_aft
                 summary.discard(list(w.rows.values()))
             again |= {w.shard.index for w in retry}
             left += gave_up
-            queue = retry + queue
+            remaining = retry + remaining
             continue
         finally:
             release(groups)  # a cluster keeps no reservation of an ended chunk
@@ -416,9 +400,19 @@ class Watch:
             f"pool (`ray status`) and the actors' logs, then run the same command again to resume."
         )
 
-    def final(self) -> dict:
+    def record(self, summary: Summary) -> None:
+        """Where the run ended, and what the tracker saw of the cluster, into the summary."""
+        import ray
+
         self.last_poll = 0.0
-        return self.poll()
+        snap = self.poll()
+        log.info("progress: %s", self.line(summary, time.perf_counter() - self.started))
+        summary.first_work_at, summary.rows_by_node = snap.get("first_work", {}), snap.get("node_rows", {})
+        summary.node_names = {n["NodeID"]: f"{n['NodeManagerAddress']}:{n['NodeManagerPort']}" for n in ray.nodes()}
+        wall0 = time.time() - (time.perf_counter() - self.started)
+        summary.actor_starts = [
+            {"at_s": round(at - wall0, 1), "stage": stage, "node": node} for at, stage, node in snap.get("starts", [])
+        ]
 
 
 def _duration(seconds: float) -> str:

@@ -119,18 +119,24 @@ def test_a_node_that_joins_mid_job_takes_work_and_the_job_finishes_sooner(cluste
     assert joined_s < alone_s
 
 
+def kill_after_a_commit(cluster: LocalCluster, tmp_path: Path, n: int, node: str):
+    """Start an n-row job in one chunk (the kill lands while replicas hold batches, not between
+    chunks) and SIGKILL `node` once a shard is committed. Returns (job, output, its settings,
+    the wall time of the kill)."""
+    sets = [f"input.path={prompts(tmp_path, n)}", "ray.chunk_shards=null", "ray.no_progress_timeout_s=30", *STEPS]
+    out = tmp_path / "out"
+    job = Job(cluster, out, *sets)
+    job.wait_for(r"[1-9]\d*/\d+ shards committed")
+    return job, out, sets, cluster.kill_node(node)
+
+
 def test_a_node_killed_mid_job_ends_exactly_once_after_at_most_one_rerun(cluster, tmp_path):
     """SIGKILL a GPU node's raylet and workers while both replicas work. The run either finishes
     with every row once, or stops with exit code 4 within the no-progress timeout and the same
     command finishes it; either way each row is in the output once."""
     cluster.add_gpu_node("gpu2")
     n = 24
-    # One chunk: the kill lands while both replicas hold batches, not between chunks.
-    sets = [f"input.path={prompts(tmp_path, n)}", "ray.chunk_shards=null", "ray.no_progress_timeout_s=30", *STEPS]
-    out = tmp_path / "out"
-    job = Job(cluster, out, *sets)
-    job.wait_for(r"[1-9]\d*/\d+ shards committed")
-    killed = cluster.kill_node("gpu2")
+    job, out, sets, killed = kill_after_a_commit(cluster, tmp_path, n, "gpu2")
     rc = job.finish()
     ended = time.time() - killed
     runs = 1
@@ -154,11 +160,7 @@ def test_the_last_gpu_node_killed_stops_the_run_with_code_4_and_the_same_command
     batch waits for it), the run stops with exit code 4 within the no-progress timeout, naming
     the replicas' stage; once a GPU node is back, the same command completes it exactly once."""
     n = 12
-    sets = [f"input.path={prompts(tmp_path, n)}", "ray.chunk_shards=null", "ray.no_progress_timeout_s=30", *STEPS]
-    out = tmp_path / "out"
-    job = Job(cluster, out, *sets)
-    job.wait_for(r"[1-9]\d*/\d+ shards committed")
-    killed = cluster.kill_node("gpu1")
+    job, out, sets, killed = kill_after_a_commit(cluster, tmp_path, n, "gpu1")
     assert job.finish() == 4, job.log()
     stopped_after = job.ended - killed
     message = next(line for line in job.log().splitlines() if "no progress for" in line)
