@@ -72,6 +72,28 @@ def temp_name(path: str) -> str:
     return os.path.join(folder, f".{name}.tmp-{uuid.uuid4().hex}")
 
 
+TEMP_TRIES = 1000
+
+
+def _new_temp(path: str) -> str:
+    """Create `path`'s folder and an empty temporary file in it, and return the file's name. A
+    racing `delete` removes a folder the moment it is empty, so it can take the folder between the
+    two steps: then both are made again. Once the temporary exists the folder is not empty."""
+    tmp = temp_name(path)
+    for attempt in range(TEMP_TRIES):
+        try:
+            # makedirs raises FileExistsError too when the folder goes between its mkdir and its check
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(tmp, "xb"):
+                return tmp
+        except (FileNotFoundError, FileExistsError):
+            time.sleep(0.0001 * min(attempt, 100))  # let the delete that is removing it finish
+    raise StorageError(
+        f"{path}: its folder was removed {TEMP_TRIES} times while a file was being created in it; expected "
+        f"one writer's clean-up at a time. Fix: check that nothing else deletes folders under the output."
+    )
+
+
 @contextlib.contextmanager
 def local_output(uri: str):
     """A local file path to write an object into; on success it becomes the object whole.
@@ -89,8 +111,7 @@ def local_output(uri: str):
             os.unlink(tmp)
         return
     path = resolve(uri)[1]
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = temp_name(path)
+    tmp = _new_temp(path)
     try:
         yield tmp
         with open(tmp, "rb+") as f:
@@ -185,7 +206,10 @@ def _head(uri: str):
 
 def _fsync_dir(path: str) -> None:
     """Make a rename or link in `path` survive a crash of the machine."""
-    fd = os.open(path, os.O_RDONLY)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:  # another writer already deleted what was renamed there, and the folder
+        return
     try:
         os.fsync(fd)
     finally:
@@ -402,8 +426,7 @@ def create_exclusive(uri: str, data: bytes) -> bool:
                 time.sleep(0.1 * 2**attempt)
         raise StorageError(f"{uri}: conditional writes kept conflicting (409) after 8 tries")
     path = Path(resolve(uri)[1])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(temp_name(str(path)))
+    tmp = Path(_new_temp(str(path)))
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()

@@ -14,7 +14,7 @@ import pytest
 from jobs.commits import Commit, Work, commit_shard, list_commits
 from jobs.shards import Shard
 from workers.columns import METADATA_SCHEMA
-from workers.storage import create_exclusive, join, list_prefix, read_bytes, write_bytes
+from workers.storage import create_exclusive, delete, join, list_prefix, read_bytes, write_bytes
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -245,3 +245,38 @@ def test_a_listing_tolerates_another_writer_deleting_under_it(tmp_path):
         gone.join()
         assert all(k.startswith(f"images/000001-000-run{round_}/") for k in listed)
     assert list_prefix(str(out), "images/") == [] and list_prefix(str(out / "nowhere")) == []
+
+
+def test_a_write_survives_another_writer_removing_its_emptied_folder(tmp_path):
+    # A loser's clean-up deletes files and then their folder once it is empty; a writer still
+    # rendering into that folder (a racing run of the same shard attempt) has made the folder and
+    # not yet its file. Every write and exclusive create lands whole; 500 rounds against a delete
+    # that keeps emptying the folder (without the retry, 131 of 500 rounds raised FileNotFoundError).
+    import threading
+
+    folder, crashes, done = tmp_path / "images" / "000001-000-b", [], threading.Event()
+
+    def writer():
+        try:
+            for i in range(500):
+                data = f"row {i}".encode()
+                write_bytes(str(folder / f"r{i}.png"), data)
+                assert create_exclusive(str(folder / f"m{i}"), data)
+                assert read_bytes(str(folder / f"r{i}.png")) == data == read_bytes(str(folder / f"m{i}"))
+                delete([str(folder / f"r{i}.png"), str(folder / f"m{i}")])  # empty again: the worst case
+        except Exception as err:  # noqa: BLE001 - each is counted
+            crashes.append(repr(err))
+        finally:
+            done.set()
+
+    def cleaner():
+        while not done.is_set():
+            delete([str(folder / "gone.png")])  # removes the folder whenever it is empty
+            time.sleep(0.0001)
+
+    threads = [threading.Thread(target=writer), threading.Thread(target=cleaner)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert crashes == [] and not folder.exists()
