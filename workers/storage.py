@@ -75,7 +75,7 @@ def temp_name(path: str) -> str:
 TEMP_TRIES = 1000
 
 
-def _new_temp(path: str) -> str:
+def new_temp(path: str) -> str:
     """Create `path`'s folder and an empty temporary file in it, and return the file's name. A
     racing `delete` removes a folder the moment it is empty, so it can take the folder between the
     two steps: then both are made again. Once the temporary exists the folder is not empty."""
@@ -111,7 +111,7 @@ def local_output(uri: str):
             os.unlink(tmp)
         return
     path = resolve(uri)[1]
-    tmp = _new_temp(path)
+    tmp = new_temp(path)
     try:
         yield tmp
         with open(tmp, "rb+") as f:
@@ -426,7 +426,7 @@ def create_exclusive(uri: str, data: bytes) -> bool:
                 time.sleep(0.1 * 2**attempt)
         raise StorageError(f"{uri}: conditional writes kept conflicting (409) after 8 tries")
     path = Path(resolve(uri)[1])
-    tmp = Path(_new_temp(str(path)))
+    tmp = Path(new_temp(str(path)))
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()

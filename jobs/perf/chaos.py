@@ -236,9 +236,7 @@ def leave_partial(uri: str, data: bytes) -> None:
     S3 nothing (an unfinished PUT or multipart upload is never an object)."""
     if storage.is_s3(uri):
         return
-    path = storage.resolve(uri)[1]
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(storage.temp_name(path), "wb") as f:
+    with open(storage.new_temp(storage.resolve(uri)[1]), "wb") as f:
         f.write(data[: len(data) // 2])
 
 
