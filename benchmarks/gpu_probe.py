@@ -41,7 +41,7 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 # IF-I at 64 px, IF-II at 256 px, the x4 UNet at a 256 px latent: batch-1 forward FLOPs.
-from jobs.perf.plan import FORWARD_TFLOP, VAE_DECODE_TFLOP  # noqa: E402
+from jobs.perf.plan import FORWARD_TFLOP, VAE_DECODE_TFLOP, step_costs  # noqa: E402
 
 UNETS = ("stage1", "stage2", "upscale")
 
@@ -378,9 +378,7 @@ def workers(s: Setup, root: Path) -> dict:
             assert (result["status"] == "ok").all(), result["error"]
             times[steps] = seconds
             del worker
-        (n1, t1), (n2, t2) = sorted(times.items())
-        per_step = (t2 - t1) / (n2 - n1)
-        fixed = t1 - n1 * per_step
+        fixed, per_step = step_costs(times)
         out[stage] = {
             "micro_batch": micro[stage],
             "load_s": round(load_s, 1),

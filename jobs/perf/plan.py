@@ -52,6 +52,19 @@ class Profile:
     # (context switches); benchmarks/gpu_probe.py measures it. 1.0: no loss assumed.
     timeslice_efficiency: float = 1.0
 
+    def __post_init__(self) -> None:
+        for name, st in self.stages.items():
+            if not (math.isfinite(st.seconds_per_image) and st.seconds_per_image > 0):
+                raise PlanError(
+                    f"profile ({self.source}): stage {name} has seconds_per_image={st.seconds_per_image}; expected a "
+                    f"positive, finite time. Fix: measure it again (ifrender profile, benchmarks/gpu_probe.py)."
+                )
+        if not 0 < self.timeslice_efficiency <= 1:
+            raise PlanError(
+                f"profile ({self.source}): timeslice_efficiency={self.timeslice_efficiency}; expected a share of "
+                f"the GPU's time in (0, 1]. Fix: measure it again with benchmarks/gpu_probe.py."
+            )
+
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(asdict(self), indent=2))
 
@@ -60,6 +73,18 @@ class Profile:
         data = json.loads(Path(path).read_text())
         stages = {k: StageProfile(**v) for k, v in data.pop("stages").items()}
         return cls(stages=stages, **data)
+
+
+def step_costs(seconds_per_call: dict[int, float]) -> tuple[float, float]:
+    """(fixed, per step) seconds of a call, from calls timed at two step counts. Where the call
+    with more steps was not the slower one (timing noise swamped the step cost), the fit would
+    give a negative cost per step; each call's whole time is then counted per step and the larger
+    rate taken, an upper bound, so a profile never predicts a free stage."""
+    (n1, t1), (n2, t2) = sorted(seconds_per_call.items())
+    per_step = (t2 - t1) / (n2 - n1)
+    if per_step <= 0:
+        return 0.0, max(t1 / n1, t2 / n2)
+    return t1 - n1 * per_step, per_step
 
 
 def _steps(cfg) -> int:

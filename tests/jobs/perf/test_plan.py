@@ -22,6 +22,7 @@ from jobs.perf.plan import (
     plan,
     plan_layouts,
     predict,
+    step_costs,
 )
 from jobs.pools import packs
 from tests.helpers import (
@@ -168,3 +169,20 @@ def test_a_plan_of_any_layout_applies_and_moves_group_resources_with_gpu_shares(
         assert set(pool.resources.values()) == {a.num_gpus}
         for stage in stages:  # the workers get the pool's share: what picks their device
             assert applied.stage_config(stage).num_gpus == a.num_gpus
+
+
+@pytest.mark.parametrize("seconds", [0.0, -0.4, float("nan"), float("inf")])
+def test_a_profile_with_a_stage_that_takes_no_time_is_refused_naming_it(seconds):
+    with pytest.raises(PlanError, match=r"stage stage2 has seconds_per_image=.*expected a positive, finite time"):
+        Profile("t", "x", {"stage1": StageProfile(1.0, 10, 8), "stage2": StageProfile(seconds, 10, 8)})
+    with pytest.raises(PlanError, match=r"timeslice_efficiency=0.0; expected a share"):
+        Profile("t", "x", {"stage1": StageProfile(1.0, 10, 8)}, 0.0)
+
+
+def test_step_costs_split_a_call_and_never_go_negative_on_noisy_timings():
+    fixed, per_step = step_costs({2: 1.0 + 2 * 0.5, 3: 1.0 + 3 * 0.5})
+    assert (round(fixed, 9), round(per_step, 9)) == (1.0, 0.5)
+    # The 3-step call timed faster than the 2-step one (a busy CPU): each call's time all per step,
+    # the larger rate, so a call at any step count costs at least what was measured.
+    fixed, per_step = step_costs({2: 0.9, 3: 0.6})
+    assert fixed == 0.0 and per_step == 0.45 and fixed + 100 * per_step > 0
