@@ -20,9 +20,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from jobs.commits import list_commits  # noqa: E402
-from jobs.perf.chaos import READERS, Figures, read_rows  # noqa: E402
-from jobs.perf.models import build_models  # noqa: E402
+from jobs.output.commits import list_commits  # noqa: E402
+from jobs.plan.models import build_models  # noqa: E402
+from tests.harness.chaos import READERS, Figures, read_rows  # noqa: E402
 
 STAGES = ("EncodeWorker", "Stage1Worker", "Stage2Worker", "WriteWorker")
 

@@ -57,14 +57,14 @@ def main() -> None:
 
     import ray
 
-    from jobs.commits import check_input, list_commits, work_left
-    from jobs.job_record import check_job
+    from jobs.input.shards import plan_shards
     from jobs.manifest import DEFAULT_MANIFEST, load_manifest
-    from jobs.preflight import prepare_output
-    from jobs.publish import Derived, finish_output, write_card
+    from jobs.output.commits import check_input, list_commits, work_left
+    from jobs.output.job_record import check_job
+    from jobs.output.publish import Derived, finish_output, write_card
     from jobs.render import collect, read_dataset
-    from jobs.shards import plan_shards
-    from jobs.summary import Summary
+    from jobs.run.preflight import prepare_output
+    from jobs.run.summary import Summary
     from workers.stages import STAGES
 
     work_dir = Path(tempfile.mkdtemp(prefix="ifrender-driver-"))

@@ -41,7 +41,7 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 # IF-I at 64 px, IF-II at 256 px, the x4 UNet at a 256 px latent: batch-1 forward FLOPs.
-from jobs.perf.plan import FORWARD_TFLOP, VAE_DECODE_TFLOP, step_costs  # noqa: E402
+from jobs.plan.costs import FORWARD_TFLOP, VAE_DECODE_TFLOP, step_costs  # noqa: E402
 
 UNETS = ("stage1", "stage2", "upscale")
 
@@ -153,7 +153,7 @@ def unet_inputs(unet, stage: str, batch: int, s: Setup) -> dict:
 
 
 def build_unet(stage: str, s: Setup):
-    from jobs.perf import models
+    from jobs.plan import models
 
     if stage == "upscale":
         return s.build(lambda: models.build_upscale_components(models.build_clip_tokenizer(), s.preset)[0])
@@ -195,7 +195,7 @@ def unets(s: Setup, matmul_tflops: float | None) -> dict:
 def vae(s: Setup) -> dict:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from jobs.perf import models
+    from jobs.plan import models
 
     base = s.build(lambda: models.build_upscale_components(models.build_clip_tokenizer(), s.preset)[1]).eval()
     pixels = 256 if s.dry_run else 1024  # the upscaler's output
@@ -235,7 +235,7 @@ class _nothing:
 
 
 def t5(s: Setup) -> dict:
-    from jobs.perf import models
+    from jobs.plan import models
 
     tokenizer = models.build_t5_tokenizer()
     encoder = s.build(models.build_t5_encoder, len(tokenizer), s.preset).eval()
@@ -256,7 +256,7 @@ def host(s: Setup) -> dict:
     for per-row determinism), against the same step drawing no noise."""
     from diffusers import DDPMScheduler
 
-    from jobs.perf.models import _config
+    from jobs.plan.models import _config
     from workers.base import row_generators
 
     out = {}
@@ -295,7 +295,7 @@ def save_checkpoints(s: Setup, root: Path) -> dict[str, Path]:
         StableDiffusionUpscalePipeline,
     )
 
-    from jobs.perf import models
+    from jobs.plan import models
 
     variant = None if s.dry_run else "fp16"
     none = dict(safety_checker=None, feature_extractor=None, watermarker=None, requires_safety_checker=False)
@@ -337,7 +337,7 @@ def worker_batch(s: Setup, n: int, width: int) -> dict:
     """The profiler's prompt rows with T5 embeddings of the full width added (no T5 run)."""
     import numpy as np
 
-    from jobs.perf.profile import prompt_rows
+    from jobs.plan.profile import prompt_rows
 
     embeds = np.random.default_rng(0).standard_normal((n, 77, width))
     embeds = embeds.astype(np.float32 if s.dry_run else np.float16)
@@ -451,7 +451,7 @@ def measured_profile(probe: Probe, out: Path) -> dict:
     """Seconds per image at the default steps from the workers' fixed and per-step costs, T5 from
     its section, memory from the peaks: a profile for `ifrender plan --profile`."""
     from jobs.manifest import MANIFESTS_DIR, load_manifest
-    from jobs.perf.plan import Profile, StageProfile, _steps
+    from jobs.plan.costs import Profile, StageProfile, _steps
 
     sections = probe.results["sections"]
     w, enc = sections["workers"], sections["t5"]

@@ -18,10 +18,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from jobs.commits import Work, commit_shard, list_commits, work_left
-from jobs.job_record import check_job
+from jobs.input.shards import plan_shards
 from jobs.manifest import load_manifest
-from jobs.shards import plan_shards
+from jobs.output.commits import Work, commit_shard, list_commits, work_left
+from jobs.output.job_record import check_job
 from workers.columns import METADATA_SCHEMA
 
 

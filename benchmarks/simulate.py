@@ -1,5 +1,5 @@
 """Scale by simulation: the planned allocation and one-pool-per-stage on N logical GPUs
-(jobs/perf/simulation.py), with results, a table and a plot for docs/benchmarks.md.
+(tests/harness/simulation.py), with results, a table and a plot for docs/benchmarks.md.
 
     .venv/bin/python benchmarks/simulate.py [--profile PROFILE.json] [--gpus 1 2 4 8 16]
 """
@@ -14,8 +14,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from jobs.manifest import MANIFESTS_DIR, load_manifest  # noqa: E402
-from jobs.perf.plan import Profile, flops_profile  # noqa: E402
-from jobs.perf.simulation import markdown, plot, sweep  # noqa: E402
+from jobs.plan.costs import Profile, flops_profile  # noqa: E402
+from tests.harness.simulation import markdown, plot, sweep  # noqa: E402
 
 
 def main() -> None:

@@ -22,7 +22,7 @@ def _load(args: argparse.Namespace):
         return manifest
     from pathlib import Path
 
-    from jobs.perf.plan import saved_plan
+    from jobs.plan.search import saved_plan
 
     try:
         chosen = saved_plan(json.loads(Path(args.plan).read_text()))
@@ -50,7 +50,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from jobs.status import status
+    from jobs.output.status import status
 
     print(status(args.output, show_all=args.all))
     return 0
@@ -63,7 +63,7 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _tiny_models(args: argparse.Namespace) -> int:
-    from jobs.perf.models import build_models
+    from jobs.plan.models import build_models
 
     for stage, path in build_models(args.dir).items():
         print(f"{stage}: {path}")
@@ -71,7 +71,8 @@ def _tiny_models(args: argparse.Namespace) -> int:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from jobs.perf.plan import Profile, choose, flops_profile, naive, plan_layouts, why
+    from jobs.plan.costs import Profile, flops_profile
+    from jobs.plan.search import choose, naive, plan_layouts, why
 
     manifest = load_manifest(args.manifest, args.set)
     if args.profile:
@@ -84,7 +85,7 @@ def _plan(args: argparse.Namespace) -> int:
     print("\n".join(why(profile, layouts, chosen)))
     print(chosen.table(args.images))
     if args.images:
-        from jobs.perf.plan import deadlines
+        from jobs.plan.schedule import deadlines
 
         chunk = manifest.ray.chunk_shards and manifest.ray.chunk_shards * manifest.input.shard_size
         print("\n".join(deadlines(chosen, args.images, chunk, args.night_hours)))
@@ -107,8 +108,8 @@ def _plan(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from jobs.bench import bench, report
     from jobs.manifest import MANIFESTS_DIR
-    from jobs.perf.bench import bench, report
 
     manifest = load_manifest(args.manifest or MANIFESTS_DIR / "bench-tiny.yaml", args.set)
     result = bench(manifest, args.images, Path(args.workdir))
@@ -120,8 +121,8 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _profile(args: argparse.Namespace) -> int:
-    from jobs.perf.profile import profile_stages
-    from jobs.preflight import resolve_models
+    from jobs.plan.profile import profile_stages
+    from jobs.run.preflight import resolve_models
 
     manifest = resolve_models(load_manifest(args.manifest, args.set))
     profile, measurements = profile_stages(manifest, args.batch_sizes)
@@ -137,7 +138,7 @@ def _profile(args: argparse.Namespace) -> int:
 def _stage_models(args: argparse.Namespace) -> int:
     import os
 
-    from jobs.preflight import resolve_tiny
+    from jobs.run.preflight import resolve_tiny
     from jobs.weights import stage_models
 
     manifest = resolve_tiny(load_manifest(args.manifest, args.set))

@@ -5,7 +5,7 @@
 Each model stage is a callable class in its own fixed-size actor pool (workers/); embeddings and
 images travel between them as columns through Ray's object store. The driver streams the small
 metadata rows back (never an image) and commits each shard once all its rows are in
-(jobs/commits.py); a Ray task then publishes the shard's files from storage (jobs/publish.py).
+(jobs/output/commits.py); a Ray task then publishes the shard's files from storage (jobs/output/publish.py).
 A re-run of the same command renders only what is missing.
 """
 
@@ -20,26 +20,17 @@ import time
 import uuid
 from dataclasses import asdict
 
-from jobs.commits import Work, check_input, commit_shard, list_commits, to_metadata, work_left
-from jobs.job_record import check_job
+from jobs.input.rows import read_shards
+from jobs.input.shards import plan_shards, shard_items
 from jobs.manifest import Manifest, with_pool_sizes
-from jobs.pools import (
-    ask_autoscaler,
-    cluster_address,
-    init_ray,
-    job_pools,
-    map_pool,
-    release,
-    reserve,
-    size_pools,
-    stop_asking,
-)
-from jobs.preflight import check_resources, prepare_output, resolve_models
-from jobs.publish import Derived, finish_output, publish, write_card, write_index
-from jobs.report import RunReport
-from jobs.rows import read_shards
-from jobs.shards import plan_shards, shard_items
-from jobs.summary import Summary
+from jobs.output.commits import Work, check_input, commit_shard, list_commits, to_metadata, work_left
+from jobs.output.job_record import check_job
+from jobs.output.publish import Derived, finish_output, publish, write_card, write_index
+from jobs.plan.packing import size_pools
+from jobs.run.pools import ask_autoscaler, cluster_address, init_ray, job_pools, map_pool, release, reserve, stop_asking
+from jobs.run.preflight import check_resources, prepare_output, resolve_models
+from jobs.run.report import RunReport
+from jobs.run.summary import Summary
 from workers.group import GroupWorker
 from workers.keys import item_key
 from workers.progress import TRACKER, Progress
@@ -141,7 +132,7 @@ def read_dataset(manifest: Manifest, work: list[Work]):
 
 def build_dataset(manifest: Manifest, work: list[Work], run_id: str, placed: dict[str, dict] | None = None):
     """The Ray Data chain, one line per stage; `placed` holds the pools' placement groups
-    (jobs.pools.reserve)."""
+    (jobs.run.pools.reserve)."""
     placed = placed or {}
     dropped = drops(manifest.last_stage)
     # 1-2. The shards' rows, in blocks.
@@ -241,8 +232,8 @@ def render_chunks(
     stop_after_s: float | None = None,
 ) -> list[Work]:
     """Run the work chunk by chunk (ray.chunk_shards shards each), sizing the elastic pools to
-    the cluster before each chunk (jobs.pools.size_pools); within a chunk they grow as nodes
-    join (jobs.pools.strategy). A chunk whose blocks were lost with a node runs its uncommitted shards again
+    the cluster before each chunk (jobs.run.pools.size_pools); within a chunk they grow as nodes
+    join (jobs.run.pools.strategy). A chunk whose blocks were lost with a node runs its uncommitted shards again
     once; a stall ends the run. Returns the shards left incomplete."""
     import ray
 

@@ -21,7 +21,7 @@ os.environ.setdefault("IFRENDER_MODEL_CACHE", tempfile.mkdtemp(prefix="ifrender-
 @pytest.fixture(scope="session")
 def tiny_root(tmp_path_factory) -> Path:
     """Tiny checkpoints in the hub layout, built through `ifrender tiny-models`' code path."""
-    from jobs.perf.models import build_models
+    from jobs.plan.models import build_models
 
     root = tmp_path_factory.mktemp("tiny-models")
     build_models(root)

@@ -236,7 +236,9 @@ def test_ray_is_locked_down_in_every_config():
 def test_the_nightly_deadline_and_stop_follow_from_the_plan():
     """The RayJob's night (activeDeadlineSeconds) and its entrypoint's --stop-after are what
     `ifrender plan` gives for cluster.yaml on the GPU group (8 nodes of one 48 GB GPU)."""
-    from jobs.perf.plan import flops_profile, nightly, plan
+    from jobs.plan.costs import flops_profile
+    from jobs.plan.schedule import nightly
+    from jobs.plan.search import plan
 
     (rayjob,) = docs(INFRA / "kuberay" / "rayjob.yaml")
     spec = rayjob["spec"]

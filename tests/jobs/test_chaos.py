@@ -12,8 +12,8 @@ import time
 import boto3
 import pytest
 
-from jobs.perf.chaos import count_calls, kill_trials, race_trials
-from jobs.publish import Derived
+from jobs.output.publish import Derived
+from tests.harness.chaos import count_calls, kill_trials, race_trials
 
 ALL = Derived(embed_images=True, webdataset=True, contact_sheets=True)
 

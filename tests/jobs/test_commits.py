@@ -11,8 +11,8 @@ import boto3
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.commits import Commit, Work, commit_shard, list_commits
-from jobs.shards import Shard
+from jobs.input.shards import Shard
+from jobs.output.commits import Commit, Work, commit_shard, list_commits
 from workers.columns import METADATA_SCHEMA
 from workers.storage import create_exclusive, delete, join, list_prefix, read_bytes, write_bytes
 
@@ -46,7 +46,7 @@ def _work(shard: int, rows: int, run: str, attempt: int = 0) -> Work:
 
 
 def test_losing_writer_drops_its_copy_and_publishing_clears_leftovers(output):
-    from jobs.publish import Derived, publish
+    from jobs.output.publish import Derived, publish
 
     # a killed run left images and metadata of shard 3 behind
     write_bytes(join(output, "images/000003-000-killed1/6.png"), b"old")
@@ -83,8 +83,8 @@ def test_losing_writer_drops_its_copy_and_publishing_clears_leftovers(output):
 
 
 def test_a_slow_writer_of_an_older_attempt_never_deletes_or_replaces_a_newer_one(output):
-    from jobs.commits import clean
-    from jobs.publish import Derived, publish, published
+    from jobs.output.commits import clean
+    from jobs.output.publish import Derived, publish, published
 
     for attempt in (0, 1):
         for r in range(6, 8):
@@ -107,10 +107,10 @@ def test_a_retry_renders_every_image_of_a_row_that_failed_before_it_was_expanded
 
     import numpy as np
 
-    from jobs.commits import work_left
+    from jobs.input.rows import read_shards
+    from jobs.input.shards import plan_shards, shard_items
     from jobs.manifest import load_manifest
-    from jobs.rows import read_shards
-    from jobs.shards import plan_shards, shard_items
+    from jobs.output.commits import work_left
     from tests.helpers import png
     from workers.keys import item_key
 
@@ -145,7 +145,7 @@ def test_a_retry_renders_every_image_of_a_row_that_failed_before_it_was_expanded
 
 
 def test_marker_names_hold_any_number_of_shards_and_attempts(tmp_path):
-    from jobs.commits import try_commit
+    from jobs.output.commits import try_commit
 
     out = str(tmp_path / "out")
     for shard, attempt in ((0, 0), (1_000_000, 0), (7, 999), (7, 1000)):
@@ -157,8 +157,8 @@ def test_marker_names_hold_any_number_of_shards_and_attempts(tmp_path):
 
 
 def test_two_different_jobs_starting_at_once_on_one_output_cannot_both_start(output):
-    from jobs.job_record import check_job
     from jobs.manifest import load_manifest
+    from jobs.output.job_record import check_job
     from workers.errors import ChangedManifestError
 
     manifests = [load_manifest(None, [f"output.path={output}", f"seed={seed}"]) for seed in (1, 2)] * 4
@@ -179,10 +179,10 @@ def test_two_different_jobs_starting_at_once_on_one_output_cannot_both_start(out
 
 
 def test_a_changed_input_file_re_renders_its_shard_or_is_refused_and_no_row_is_lost_or_doubled(tmp_path):
-    from jobs.commits import check_input, work_left
+    from jobs.input.shards import plan_shards
     from jobs.manifest import load_manifest
-    from jobs.publish import Derived, publish
-    from jobs.shards import plan_shards
+    from jobs.output.commits import check_input, work_left
+    from jobs.output.publish import Derived, publish
     from workers.errors import ChangedInputError
 
     data = tmp_path / "in"

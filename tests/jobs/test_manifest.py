@@ -98,7 +98,7 @@ def test_paths_template_the_run_date_and_run_id(tmp_path):
 
 
 def test_pool_resources_are_runtime_settings_not_part_of_the_images(tmp_path):
-    from jobs.job_record import fingerprint
+    from jobs.output.job_record import fingerprint
 
     plain = load_manifest(None, ["output.path=/o"])
     steered = load_manifest(None, ["output.path=/o", "stage1.resources={ifrender_heavy: 1}"])
@@ -136,7 +136,7 @@ def test_a_job_size_must_fit_the_cascade_and_each_stage_limit():
 
 
 def test_a_job_record_from_before_encode_lost_its_unused_settings_still_loads(tmp_path):
-    from jobs.job_record import recorded_manifest
+    from jobs.output.job_record import recorded_manifest
 
     manifest = load_manifest(None, [f"output.path={tmp_path}"]).model_dump(mode="json")
     manifest["encode"] |= {"offload": "none", "attention": "sdpa", "compile": False}  # as older outputs hold

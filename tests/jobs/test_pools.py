@@ -1,5 +1,5 @@
-"""Sizing elastic pools to the cluster as it is (jobs.pools.size_pools), the manifest they are
-applied to, and the deadlines a run is given (jobs.perf.plan.nightly)."""
+"""Sizing elastic pools to the cluster as it is (jobs.run.pools.size_pools), the manifest they are
+applied to, and the deadlines a run is given (jobs.plan.search.nightly)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from jobs.manifest import MANIFESTS_DIR, load_manifest, with_pool_sizes
-from jobs.perf.plan import MARGIN, STARTUP_S, nightly
-from jobs.pools import fits, size_pools
+from jobs.plan.packing import fits, size_pools
+from jobs.plan.schedule import MARGIN, STARTUP_S, nightly
 from workers.config import PoolConfig
 
 

@@ -15,7 +15,7 @@ import time
 import boto3
 import pytest
 
-from jobs.commits import list_commits
+from jobs.output.commits import list_commits
 from jobs.render import run
 from tests.helpers import (
     FaultyS3Proxy,

@@ -13,8 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from jobs.commits import list_commits
 from jobs.manifest import with_groups
+from jobs.output.commits import list_commits
 from jobs.render import run
 from tests.helpers import (
     png,
@@ -256,7 +256,7 @@ def test_unreachable_endpoint_fails_at_once(s3_server, prompts, monkeypatch, tin
 
 
 def test_missing_weights_fail_with_staging_advice(prompts, tmp_path, tiny_manifest):
-    from jobs.preflight import resolve_models
+    from jobs.run.preflight import resolve_models
     from workers.errors import ModelLoadError
 
     cases = {
@@ -377,8 +377,8 @@ def test_hostile_rows_all_accounted_for_and_keys_stay_inside(ray_local, tmp_path
 
 
 def test_overwrite_empties_the_output_first(tmp_path, prompts, tiny_manifest):
-    from jobs.job_record import check_job
-    from jobs.preflight import prepare_output
+    from jobs.output.job_record import check_job
+    from jobs.run.preflight import prepare_output
 
     out = tmp_path / "old"
     (out / "images" / "000000-x").mkdir(parents=True)
@@ -394,8 +394,8 @@ def test_overwrite_empties_the_output_first(tmp_path, prompts, tiny_manifest):
 
 
 def test_overwrite_refuses_anything_but_an_ifrender_output_and_checks_the_input_first(tmp_path, prompts, tiny_manifest):
-    from jobs.job_record import check_job
-    from jobs.preflight import prepare_output
+    from jobs.output.job_record import check_job
+    from jobs.run.preflight import prepare_output
     from workers.errors import InputError
 
     home = tmp_path / "home"
@@ -424,7 +424,7 @@ def test_overwrite_refuses_anything_but_an_ifrender_output_and_checks_the_input_
 
 
 def test_unknown_tiny_model_is_named(prompts, tmp_path, tiny_manifest):
-    from jobs.preflight import resolve_models
+    from jobs.run.preflight import resolve_models
 
     manifest = tiny_manifest(f"input.path={prompts}", "stage2.model=tiny:IF-III", output=str(tmp_path / "o"))
     with pytest.raises(ValueError, match="stage2.model: unknown tiny model 'IF-III'; expected one of"):
@@ -487,9 +487,9 @@ def test_mixed_dataset_end_to_end_with_retry_and_contact_sheets(ray_local, tmp_p
     ],
 )
 def test_the_chain_runs_the_registry_stages_in_order(ray_local, prompts, tmp_path, tiny_manifest, last_stage, models):
-    from jobs.commits import Work
+    from jobs.input.shards import plan_shards
+    from jobs.output.commits import Work
     from jobs.render import build_dataset
-    from jobs.shards import plan_shards
 
     m = tiny_manifest(f"input.path={prompts}", f"last_stage={last_stage}", output=str(tmp_path / "o"))
     op = build_dataset(m, [Work(s, 0) for s in plan_shards(m.input)], "r1")._logical_plan.dag

@@ -13,9 +13,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from jobs.input.rows import read_shards
+from jobs.input.shards import plan_shards, shard_items
 from jobs.manifest import InputConfig, load_manifest
-from jobs.rows import read_shards
-from jobs.shards import plan_shards, shard_items
 from tests.helpers import (
     png,
 )

@@ -17,10 +17,10 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
+from jobs.input.rows import read_shards
+from jobs.input.shards import plan_shards, shard_items
 from jobs.manifest import load_manifest
 from jobs.render import run
-from jobs.rows import read_shards
-from jobs.shards import plan_shards, shard_items
 from tests.helpers import png
 from workers.overrides import OVERRIDE_COLUMNS
 

@@ -10,11 +10,12 @@ import re
 import pytest
 
 from jobs.manifest import load_manifest
-from jobs.perf.plan import Profile, plan
+from jobs.plan.costs import Profile
+from jobs.plan.search import plan
 
 
 def test_profiler_measures_every_stage_at_each_batch_size(tmp_path, tiny_manifest):
-    from jobs.perf.profile import profile_stages
+    from jobs.plan.profile import profile_stages
 
     m = tiny_manifest("last_stage=stage2", output=str(tmp_path / "o"))
     profile, measurements = profile_stages(m, [1, 2], repeats=1)
@@ -57,7 +58,7 @@ def test_simulation_runs_every_image_through_stand_ins(tmp_path):
 
 @pytest.mark.slow
 def test_bench_renders_the_same_images_three_ways_and_checks_the_planners_pick(ray_local, tmp_path, tiny_manifest):
-    from jobs.perf.bench import bench, report
+    from jobs.bench import bench, report
 
     m = tiny_manifest("last_stage=stage2", "stage1.batch_size=2", "stage2.batch_size=2", output=str(tmp_path / "o"))
     result = bench(m, 6, tmp_path / "bench")
@@ -82,7 +83,7 @@ def test_bench_renders_the_same_images_three_ways_and_checks_the_planners_pick(r
 
 
 def test_bench_wants_more_images_than_one_batch(tmp_path):
-    from jobs.perf.bench import bench
+    from jobs.bench import bench
 
     with pytest.raises(
         ValueError, match=r"--images 4: expected more than the largest batch_size \(4\).*Fix: --images 16"

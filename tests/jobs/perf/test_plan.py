@@ -10,21 +10,9 @@ import pytest
 
 from jobs.cli import _load
 from jobs.manifest import MANIFESTS_DIR, load_manifest
-from jobs.perf.plan import (
-    Allocation,
-    Plan,
-    Profile,
-    StageProfile,
-    choose,
-    flops_profile,
-    naive,
-    partitions,
-    plan,
-    plan_layouts,
-    predict,
-    step_costs,
-)
-from jobs.pools import packs
+from jobs.plan.costs import Profile, StageProfile, flops_profile, step_costs
+from jobs.plan.packing import packs
+from jobs.plan.search import Allocation, Plan, choose, naive, partitions, plan, plan_layouts, predict
 from tests.helpers import (
     ifrender,
 )

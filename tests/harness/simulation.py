@@ -1,4 +1,4 @@
-"""The simulation: stand-ins of the stages (jobs/perf/simulated.py) on N logical GPUs, in the
+"""The simulation: stand-ins of the stages (tests/harness/simulated.py) on N logical GPUs, in the
 layout and allocation the planner picks and in one pool per stage with equal shares, measured
 side by side against the planner's prediction.
 
@@ -20,7 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from jobs.perf.plan import Plan, Profile, naive, plan
+from jobs.plan.costs import Profile
+from jobs.plan.search import Plan, naive, plan
 
 RATE = 5.0  # predicted images/s of every simulated run, after time scaling
 SECONDS = 20.0  # steady-state length aimed at per run
@@ -34,8 +35,8 @@ def simulate(profile: Profile, chosen: Plan, time_scale: float, images: int) -> 
     import ray
     from ray.data import DataContext
 
-    from jobs.perf.simulated import SimulatedPool, sink
-    from jobs.pools import map_pool, release, reserve
+    from jobs.run.pools import map_pool, release, reserve
+    from tests.harness.simulated import SimulatedPool, sink
     from workers.config import PoolConfig
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -47,7 +48,7 @@ def simulate(profile: Profile, chosen: Plan, time_scale: float, images: int) -> 
     gpu_root = tempfile.mkdtemp(prefix="ifrender-gpus-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
     try:
         DataContext.get_current().enable_progress_bars = False
-        # The same pool layout as a render (jobs/pools.py): reserved shares, re-cut blocks.
+        # The same pool layout as a render (jobs/run/pools.py): reserved shares, re-cut blocks.
         pools = {
             n: PoolConfig(pool_size=a.pool_size, batch_size=a.batch_size, num_gpus=a.num_gpus, num_cpus=0.1)
             for n, a in chosen.pools.items()

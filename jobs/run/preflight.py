@@ -10,10 +10,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from jobs.formats import check_packages
-from jobs.job_record import is_job_record
 from jobs.manifest import Manifest
-from jobs.pools import cluster_address, job_pools, packs
+from jobs.output.formats import check_packages
+from jobs.output.job_record import is_job_record
+from jobs.plan.packing import packs
+from jobs.run.pools import cluster_address, job_pools
 from workers.errors import ModelLoadError, StorageError
 from workers.models import check_model_available
 from workers.storage import check_output_writable, delete, join, list_prefix, read_bytes
@@ -25,7 +26,7 @@ def tiny_models_dir() -> Path:
 
 def resolve_tiny(manifest: Manifest) -> Manifest:
     """Turn `tiny:NAME` references into built local directories."""
-    from jobs.perf.models import ALL_REPOS, build_models
+    from jobs.plan.models import ALL_REPOS, build_models
 
     updates = {}
     for stage in manifest.stages():

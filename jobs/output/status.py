@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 from collections import Counter
 
-from jobs.commits import list_commits, read_metadata
-from jobs.job_record import recorded_manifest
-from jobs.shards import plan_shards
+from jobs.input.shards import plan_shards
+from jobs.output.commits import list_commits, read_metadata
+from jobs.output.job_record import recorded_manifest
 from workers.storage import join, read_bytes
 
 

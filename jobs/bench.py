@@ -165,7 +165,8 @@ def on_cpus(manifest: Manifest, chosen) -> Manifest:
 def machine_plan(manifest: Manifest, pipeline: dict, slots: int):
     """The planner's layouts for this machine, from the pipeline's measured seconds per batch of
     one single-threaded actor per stage: a CPU core is a slot the busy processes time-slice."""
-    from jobs.perf.plan import Profile, StageProfile, plan_layouts
+    from jobs.plan.costs import Profile, StageProfile
+    from jobs.plan.search import plan_layouts
 
     stages = {
         s: StageProfile(
@@ -242,9 +243,9 @@ def _max_diff(a: Path, b: Path) -> int:
 
 
 def bench(manifest: Manifest, images: int, workdir: Path) -> dict:
-    from jobs.preflight import resolve_models
-    from jobs.rows import read_shards
-    from jobs.shards import plan_shards, shard_items
+    from jobs.input.rows import read_shards
+    from jobs.input.shards import plan_shards, shard_items
+    from jobs.run.preflight import resolve_models
 
     # Steady state starts after the first output batch, and the sequential way's batch is the
     # largest stage batch: with no more images than that there is nothing to measure.
@@ -296,7 +297,7 @@ def bench(manifest: Manifest, images: int, workdir: Path) -> dict:
     same = {r["id"]: r["sha256"] for r in replica_rows} == {r["id"]: r["sha256"] for r in done}
     import torch
 
-    from jobs.perf.plan import choose, why
+    from jobs.plan.search import choose, why
 
     profile, layouts = machine_plan(manifest, pipeline, slots)
     chosen = choose(layouts)

@@ -2,7 +2,7 @@
 
 The plan pass streams each file once, keeping only shard boundaries (byte offsets for line
 formats, row offsets for Parquet), so the input is never held in memory and every row gets a
-stable global index however Ray later splits the work. jobs/rows.py reads each shard's rows.
+stable global index however Ray later splits the work. jobs/input/rows.py reads each shard's rows.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ A shard is committed when its marker `commits/<shard>-<attempt>.json` exists. Th
 the attempt's metadata `attempts/<shard>-<attempt>-<run>.parquet` first, then creates the marker
 once (`create_exclusive`): of two writers one wins, and the loser removes its own files. What
 readers load, `data/<shard>.parquet` and the other formats, is published from the committed
-attempt afterwards (jobs/publish.py), one file per shard replaced whole, so a glob over `data/`
+attempt afterwards (jobs/output/publish.py), one file per shard replaced whole, so a glob over `data/`
 sees each committed row once at every moment. A retry of a shard's failed rows commits its next
 attempt; the highest attempt counts. Files are named by shard, attempt and run, so a commit's
 cleanup removes older attempts and killed runs, and never a newer attempt's files.
@@ -25,9 +25,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from jobs.contact import sheet_key
-from jobs.formats import tar_key
-from jobs.shards import Shard
+from jobs.input.shards import Shard
+from jobs.output.contact import sheet_key
+from jobs.output.formats import tar_key
 from workers.columns import IMAGE_FIELDS, METADATA_SCHEMA
 from workers.errors import ChangedInputError
 from workers.keys import item_key
@@ -53,7 +53,7 @@ class Commit:
     error: int
     run_id: str
     stage_seconds: dict[str, float] = field(default_factory=dict)
-    input: dict[str, Any] = field(default_factory=dict)  # the shard's fingerprint (jobs.shards.Shard)
+    input: dict[str, Any] = field(default_factory=dict)  # the shard's fingerprint (jobs.input.shards.Shard)
 
     @property
     def key(self) -> str:

@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
+from jobs.input.shards import Record, Shard, records
 from jobs.manifest import InputConfig
-from jobs.shards import Record, Shard, records
 from workers.keys import derive_seed, item_key
 from workers.overrides import OVERRIDE_COLUMNS, STAGE_PREFIXES, parse_overrides, row_mode
 from workers.sizes import NATIVE, JobSize, stage1_size

@@ -1,4 +1,4 @@
-"""The chaos harness: the real commit path (jobs/commits.py, jobs/publish.py) interrupted at every
+"""The chaos harness: the real commit path (jobs/output/commits.py, jobs/output/publish.py) interrupted at every
 storage call, mid-write included, or raced by a second writer with random delays, then resumed;
 and the reader checks that every trial, in process or end to end, ends with.
 
@@ -21,10 +21,10 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from jobs.commits import Work, commit_shard, data_key, list_commits, read_metadata, work_left
-from jobs.formats import tar_key
-from jobs.publish import Derived, finish_output, publish, write_card
-from jobs.shards import Shard
+from jobs.input.shards import Shard
+from jobs.output.commits import Work, commit_shard, data_key, list_commits, read_metadata, work_left
+from jobs.output.formats import tar_key
+from jobs.output.publish import Derived, finish_output, publish, write_card
 from workers import storage
 from workers.columns import METADATA_SCHEMA
 from workers.keys import item_key

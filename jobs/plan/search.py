@@ -17,106 +17,14 @@ handovers through the object store.
 from __future__ import annotations
 
 import itertools
-import json
 import math
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 
 from jobs.manifest import Manifest, with_groups
-from jobs.pools import packs, place
+from jobs.plan.costs import Profile
+from jobs.plan.packing import packs, place
 from workers.errors import PlanError
 from workers.stages import MODEL_STAGES, group_name
-
-# FLOPs per forward at batch 1 (FACTS: counted on the meta device), TFLOP.
-FORWARD_TFLOP = {"encode": 0.72, "stage1": 2.88, "stage2": 3.09, "upscale": 4.53}
-VAE_DECODE_TFLOP = 18.98  # the x4 upscaler's VAE decode to 1024 px, once per image
-# Memory per actor, GB: fp16 weights (8-bit T5), plus activations per image in a batch.
-WEIGHTS_GB = {"encode": 10.0, "stage1": 8.6, "stage2": 2.5, "upscale": 1.7}
-WEIGHTS_8BIT_GB = {"encode": 8.0}
-ACTIVATION_GB = {"encode": 0.02, "stage1": 0.4, "stage2": 0.6, "upscale": 2.5}
-
-
-@dataclass
-class StageProfile:
-    seconds_per_image: float  # of one whole device
-    memory_gb: float  # per actor at batch_size
-    batch_size: int
-
-
-@dataclass
-class Profile:
-    source: str  # how the numbers were obtained
-    device: str
-    stages: dict[str, StageProfile]
-    # Of a GPU's time, the part left for work while two or more busy processes time-slice it
-    # (context switches); benchmarks/gpu_probe.py measures it. 1.0: no loss assumed.
-    timeslice_efficiency: float = 1.0
-
-    def __post_init__(self) -> None:
-        for name, st in self.stages.items():
-            if not (math.isfinite(st.seconds_per_image) and st.seconds_per_image > 0):
-                raise PlanError(
-                    f"profile ({self.source}): stage {name} has seconds_per_image={st.seconds_per_image}; expected a "
-                    f"positive, finite time. Fix: measure it again (ifrender profile, benchmarks/gpu_probe.py)."
-                )
-        if not 0 < self.timeslice_efficiency <= 1:
-            raise PlanError(
-                f"profile ({self.source}): timeslice_efficiency={self.timeslice_efficiency}; expected a share of "
-                f"the GPU's time in (0, 1]. Fix: measure it again with benchmarks/gpu_probe.py."
-            )
-
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(asdict(self), indent=2))
-
-    @classmethod
-    def load(cls, path: str | Path) -> Profile:
-        data = json.loads(Path(path).read_text())
-        stages = {k: StageProfile(**v) for k, v in data.pop("stages").items()}
-        return cls(stages=stages, **data)
-
-
-def step_costs(seconds_per_call: dict[int, float]) -> tuple[float, float]:
-    """(fixed, per step) seconds of a call, from calls timed at two step counts. Where the call
-    with more steps was not the slower one (timing noise swamped the step cost), the fit would
-    give a negative cost per step; each call's whole time is then counted per step and the larger
-    rate taken, an upper bound, so a profile never predicts a free stage."""
-    (n1, t1), (n2, t2) = sorted(seconds_per_call.items())
-    per_step = (t2 - t1) / (n2 - n1)
-    if per_step <= 0:
-        return 0.0, max(t1 / n1, t2 / n2)
-    return t1 - n1 * per_step, per_step
-
-
-def _steps(cfg) -> int:
-    if getattr(cfg, "timesteps", None):
-        from workers.models import preset_timesteps
-
-        return len(preset_timesteps(cfg.timesteps))
-    return cfg.num_inference_steps
-
-
-def flops_profile(manifest: Manifest, tflops: float = 800.0, utilisation: float = 0.4, device: str = "H100") -> Profile:
-    """Seconds per image from FLOP counts at a stated utilisation of a GPU's peak dense TFLOP/s."""
-    rate = tflops * utilisation
-    stages = {}
-    for stage in manifest.stages():
-        cfg = getattr(manifest, stage)
-        if stage == "encode":
-            tflop = FORWARD_TFLOP["encode"] * 2  # prompt and negative prompt
-        else:
-            cfg_factor = 2 if cfg.guidance_scale > 1 else 1  # classifier-free guidance doubles the batch
-            tflop = FORWARD_TFLOP[stage] * _steps(cfg) * cfg_factor
-            if stage == "upscale":
-                tflop += VAE_DECODE_TFLOP
-        weights = WEIGHTS_8BIT_GB["encode"] if stage == "encode" and cfg.load_in_8bit else WEIGHTS_GB[stage]
-        # Memory follows the rows of one model call (micro_batch), whatever the layout's batches.
-        stages[stage] = StageProfile(
-            seconds_per_image=tflop / rate,
-            memory_gb=round(weights + ACTIVATION_GB[stage] * cfg.micro_batch, 2),
-            batch_size=cfg.micro_batch,
-        )
-    source = f"FLOP counts at {utilisation:.0%} of {tflops:g} TFLOP/s"
-    return Profile(source, device, stages)
 
 
 @dataclass
@@ -211,58 +119,6 @@ class Plan:
         return "\n".join(lines)
 
 
-# What a run needs beyond rendering, for the deadlines a RayJob is given.
-STARTUP_S = 1800  # nodes up, the image pulled, weights synced and loaded
-FINISH_S = 600  # the last commits and publishes, the index, the report
-MARGIN = 1.25  # nodes lost and replaced, stragglers, the planner's error
-
-
-def deadline_s(images: int, images_per_hour: float) -> int:
-    """activeDeadlineSeconds for a run that renders `images` at the plan's rate in one go."""
-    return math.ceil(STARTUP_S + images / images_per_hour * 3600 * MARGIN + FINISH_S)
-
-
-def nightly(images_per_hour: float, chunk_images: int, night_s: float) -> tuple[int, int]:
-    """(--stop-after, images rendered a night at the least) for a job that runs in nights of
-    `night_s` on one output: a run starts no further chunk after --stop-after, and one chunk started just
-    before it still finishes within the night. The night is the RayJob's activeDeadlineSeconds."""
-    chunk_s = chunk_images / images_per_hour * 3600 * MARGIN
-    stop = math.floor(night_s - STARTUP_S - chunk_s - FINISH_S)
-    if stop <= 0:
-        raise ValueError(
-            f"a night of {night_s / 3600:g} h cannot hold start-up ({STARTUP_S} s), one chunk of {chunk_images:,} "
-            f"images ({chunk_s:,.0f} s) and the finish ({FINISH_S} s). Fix: a smaller ray.chunk_shards, or a "
-            f"longer night"
-        )
-    return stop, math.floor(stop / 3600 / MARGIN * images_per_hour)
-
-
-def deadlines(chosen: Plan, images: int, chunk_images: int | None, night_hours: float) -> list[str]:
-    """What `ifrender plan --images` prints for the RayJob: its deadline, and how the job runs
-    as nightly chunks that resume when it is bigger than a night."""
-    rate = chosen.images_per_hour
-    if not rate:
-        return ["  no deadline: the plan renders nothing"]
-    hours = images / rate
-    lines = [
-        f"  deadline for {images:,} images in one run: activeDeadlineSeconds: {deadline_s(images, rate)} "
-        f"({hours:,.1f} h of rendering x {MARGIN:g} + {STARTUP_S // 60} min start-up + {FINISH_S // 60} min finish)"
-    ]
-    if deadline_s(images, rate) <= night_hours * 3600:
-        return lines + [f"  fits one night of {night_hours:g} h"]
-    if not chunk_images:
-        return lines + [
-            f"  more than one night of {night_hours:g} h, and ray.chunk_shards is unset (one chunk): set it so "
-            "that a run can stop between chunks and the next night resume"
-        ]
-    stop, per_night = nightly(rate, chunk_images, night_hours * 3600)
-    return lines + [
-        f"  more than one night of {night_hours:g} h: run nightly on one output.path with activeDeadlineSeconds: "
-        f"{int(night_hours * 3600)} and --stop-after {stop}; each night renders at least {per_night:,} images and "
-        f"the next resumes, about {math.ceil(images / per_night)} nights"
-    ]
-
-
 def saved_plan(record: dict) -> Plan:
     """A plan from `ifrender plan --save`'s JSON."""
     data = dict(record["plan"])
@@ -285,7 +141,7 @@ def predict(
     profile: Profile, pools: dict[str, Allocation], gpus: int, mps: bool = False
 ) -> tuple[float, str, dict[str, float]]:
     """(images/s, what limits it, images/s each pool's GPUs let it sustain) for actors placed as
-    Ray places them (jobs.pools.place): time slicing unless `mps`."""
+    Ray places them (jobs.run.pools.place): time slicing unless `mps`."""
     cost = {name: _cost(profile, a.stages)[0] for name, a in pools.items()}
     if mps:  # each actor on its share of the GPU, whatever its neighbours do
         rates = {n: a.pool_size * min(1.0, a.num_gpus) / cost[n] for n, a in pools.items()}

@@ -19,7 +19,7 @@ import time
 import pyarrow as pa
 
 from jobs.manifest import Manifest
-from jobs.summary import Summary
+from jobs.run.summary import Summary
 from workers.storage import join, read_bytes, write_bytes
 
 log = logging.getLogger(__name__)
@@ -84,7 +84,8 @@ class RunReport:
     def prediction(self, summary: Summary) -> tuple[float | None, str]:
         """The planner's images/s for the last chunk's pools on its GPUs, from the same profile
         `ifrender plan` uses by default (FLOP counts)."""
-        from jobs.perf.plan import Allocation, flops_profile, predict
+        from jobs.plan.costs import flops_profile
+        from jobs.plan.search import Allocation, predict
 
         if not summary.pool_sizes or not summary.pool_sizes[-1].get("gpus_used"):
             return None, "no prediction: the pools use no GPU (the planner models GPUs)"
@@ -240,7 +241,7 @@ window.addEventListener("load", () => {{
         return self._png(fig)
 
     def _sheets(self) -> str:
-        from jobs.contact import sheet_key
+        from jobs.output.contact import sheet_key
 
         if not self.manifest.contact_sheets:
             return "<p>Contact sheets are off (contact_sheets: true draws one per shard).</p>"

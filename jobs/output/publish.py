@@ -20,9 +20,18 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from jobs.commits import Commit, clean, clean_all, data_key, latest_commit, list_commits, read_marker, read_metadata
-from jobs.contact import sheet_key, write_job_sheet, write_shard_sheet
-from jobs.formats import tar_key, write_embedded, write_tar
+from jobs.output.commits import (
+    Commit,
+    clean,
+    clean_all,
+    data_key,
+    latest_commit,
+    list_commits,
+    read_marker,
+    read_metadata,
+)
+from jobs.output.contact import sheet_key, write_job_sheet, write_shard_sheet
+from jobs.output.formats import tar_key, write_embedded, write_tar
 from workers.storage import copy_object, delete, join, list_prefix, version, versions, write_bytes
 
 log = logging.getLogger(__name__)

@@ -13,7 +13,7 @@ import time
 import numpy as np
 
 from jobs.manifest import Manifest
-from jobs.perf.plan import Profile, StageProfile
+from jobs.plan.costs import Profile, StageProfile
 from workers.stages import STAGES
 
 log = logging.getLogger(__name__)

@@ -39,7 +39,7 @@ def fingerprint(manifest: Manifest) -> dict[str, Any]:
     for name in ("name", "groups", "write", "ray", "contact_sheets"):  # the layout changes no pixel
         data.pop(name)
     # embed_images and webdataset are left out on purpose: turned on later, they are published
-    # for the committed shards from their stored images (jobs/publish.py)
+    # for the committed shards from their stored images (jobs/output/publish.py)
     data["output"] = {k: data["output"][k] for k in ("image_format", "quality")}
     return data
 
