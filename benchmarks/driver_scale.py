@@ -1,7 +1,7 @@
 """How far one job scales: the rows per second one driver carries, and its memory.
 
 A prompt file of N rows (100,000 by default) goes through the job's own driver path: the shard
-plan, the real readers, Ray Data streaming, `collect` (metadata rows back, a commit per shard,
+plan, the real readers, Ray Data streaming, `assemble` (metadata rows back, a commit per shard,
 publish tasks, index.json) and the end of the run, with the model stages and the writer replaced
 by one zero-cost stand-in task that adds the columns they add (no pixels, no image files). The
 rate it reaches is the driver's ceiling: a cluster rendering more images per second than that
@@ -61,9 +61,13 @@ def main() -> None:
     from jobs.manifest import DEFAULT_MANIFEST, load_manifest
     from jobs.output.commits import check_input, list_commits, work_left
     from jobs.output.job_record import check_job
-    from jobs.output.publish import Derived, finish_output, write_card
-    from jobs.render import collect, read_dataset
+    from jobs.output.layout import Derived
+    from jobs.output.publish import finish_output, write_card
+    from jobs.run.assemble import assemble
+    from jobs.run.chain import read_dataset
+    from jobs.run.events import Clock
     from jobs.run.preflight import prepare_output
+    from jobs.run.state import Run
     from jobs.run.summary import Summary
     from workers.stages import STAGES
 
@@ -83,7 +87,8 @@ def main() -> None:
         ],
     )
     tracemalloc.start()
-    started = time.perf_counter()
+    clock = Clock()
+    started = clock.started
     out = manifest.output.path
     shards = plan_shards(manifest.input)
     planned = time.perf_counter() - started
@@ -104,7 +109,7 @@ def main() -> None:
     )
     streaming = time.perf_counter()
     pending = {w.shard.index: w for w in work}
-    collect(manifest, ds, pending, commits, uuid.uuid4().hex[:8], summary, started)
+    assemble(Run(manifest, clock, commits, work, summary), ds, pending, uuid.uuid4().hex[:8])
     collected = time.perf_counter() - streaming
     index = finish_output(out, Derived.of(manifest))
     total = time.perf_counter() - started

@@ -78,7 +78,8 @@ def read_output(uri: str):
     files index.json names. Also checks that the index names exactly the files in data/, that
     each data file is its shard's committed attempt, and that nothing lies beside the committed
     files (no orphaned image or attempt)."""
-    from jobs.output.commits import data_key, list_commits, read_metadata
+    from jobs.output.commits import list_commits, read_metadata
+    from jobs.output.layout import data_key
 
     index = json.loads(read_bytes(join(uri, "index.json")))
     commits = list_commits(uri)

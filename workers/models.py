@@ -1,6 +1,6 @@
 """Load each stage's model offline: a hub id, local directory or S3 mirror in, a diffusers pipeline out.
 
-The same code loads the random-weight checkpoints of jobs/perf/models.py and the real DeepFloyd
+The same code loads the random-weight checkpoints of jobs/plan/models.py and the real DeepFloyd
 IF and x4 upscaler weights: `from_pretrained` with `local_files_only=True`, so a run never
 reaches a hub. A checkpoint staged to s3:// (`ifrender stage-models`) is synced to the node's
 disk first, once per node.

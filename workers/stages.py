@@ -62,6 +62,15 @@ STAGES = {
 MODEL_STAGES = tuple(STAGES)
 
 
+WRITE = "write"  # the writer's pool: after the last model stage in every chain
+
+
+def chain_stages(last_stage: str = MODEL_STAGES[-1]) -> tuple[str, ...]:
+    """Every stage of a job's chain in order, each with a pool of its own or a group's: its model
+    stages, then the writer."""
+    return (*stages_to(last_stage), WRITE)
+
+
 def group_name(stages: tuple[str, ...]) -> str:
     """The name of an actor pool running these stages: the stage's own, or theirs joined by '+'."""
     return "+".join(stages)

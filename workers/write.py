@@ -17,7 +17,9 @@ from PIL import Image
 
 from workers.base import Batch, require_columns, to_uint8_hwc
 from workers.columns import ROW_COLUMNS
+from workers.keys import image_dir
 from workers.progress import Reporter
+from workers.stages import WRITE
 from workers.storage import join, write_bytes
 
 EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
@@ -31,10 +33,6 @@ def image_name(row_id: str) -> str:
     if safe == row_id and not row_id.startswith("."):
         return row_id
     return f"{safe.lstrip('.') or 'row'}-{hashlib.sha256(row_id.encode()).hexdigest()[:10]}"
-
-
-def image_dir(shard: int, attempt: int, run_id: str) -> str:
-    return f"images/{shard:06d}-{attempt:03d}-{run_id}"
 
 
 def encode_image(pixels: np.ndarray, image_format: str, quality: int) -> bytes:
@@ -55,7 +53,7 @@ def pixels(image: np.ndarray) -> np.ndarray:
 
 
 class WriteWorker:
-    stage = "write"
+    stage = WRITE
 
     def __init__(
         self,

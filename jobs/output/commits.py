@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
@@ -26,21 +25,26 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from jobs.input.shards import Shard
-from jobs.output.contact import sheet_key
-from jobs.output.formats import tar_key
+from jobs.output.layout import (
+    ATTEMPT_FILE,
+    ATTEMPTS,
+    COMMITS,
+    MARKER,
+    STAMPS,
+    attempt_files_of,
+    attempt_key,
+    image_dir,
+    marker_key,
+    markers_of,
+    published_keys,
+)
 from workers.columns import IMAGE_FIELDS, METADATA_SCHEMA
 from workers.errors import ChangedInputError
-from workers.keys import item_key
-from workers.stages import MODEL_STAGES
+from workers.keys import IMAGES, item_key
+from workers.stages import chain_stages
 from workers.storage import create_exclusive, delete, is_s3, join, list_prefix, read_bytes, write_bytes
-from workers.write import image_dir
 
 log = logging.getLogger(__name__)
-
-# A marker's name is its shard and attempt, zero-padded but never cut: shard 1,000,000 is 1000000-000.
-_MARKER = re.compile(r"^commits/(\d+)-(\d+)\.json$")
-# An attempt's own files: its metadata, and its images' folder.
-_ATTEMPT_FILE = re.compile(r"^(?:attempts|images)/(\d+)-(\d+)-([^/.]+)(?:/|\.parquet$)")
 
 
 @dataclass
@@ -58,19 +62,6 @@ class Commit:
     @property
     def key(self) -> str:
         return marker_key(self.shard, self.attempt)
-
-
-def marker_key(shard: int, attempt: int) -> str:
-    return f"commits/{shard:06d}-{attempt:03d}.json"
-
-
-def attempt_key(shard: int, attempt: int, run_id: str) -> str:
-    return f"attempts/{shard:06d}-{attempt:03d}-{run_id}.parquet"
-
-
-def data_key(shard: int) -> str:
-    """The published metadata of a committed shard: what a glob over OUTPUT/data/ reads."""
-    return f"data/{shard:06d}.parquet"
 
 
 def read_metadata(out: str, commit: Commit, columns: list[str] | None = None) -> list[dict]:
@@ -95,15 +86,15 @@ def read_marker(uri: str) -> Commit:
 
 def latest_commit(out: str, shard: int) -> Commit | None:
     """The committed attempt of one shard, read now."""
-    attempts = [(int(m[2]), key) for key in list_prefix(out, f"commits/{shard:06d}-") if (m := _MARKER.match(key))]
+    attempts = [(int(m[2]), key) for key in list_prefix(out, markers_of(shard)) if (m := MARKER.match(key))]
     return read_marker(join(out, max(attempts)[1])) if attempts else None
 
 
 def list_commits(out: str) -> dict[int, Commit]:
     """The committed attempt of every committed shard (the highest attempt wins)."""
     latest: dict[int, tuple[int, str]] = {}
-    for key in list_prefix(out, "commits/"):
-        match = _MARKER.match(key)
+    for key in list_prefix(out, COMMITS):
+        match = MARKER.match(key)
         if match:
             shard, attempt = int(match[1]), int(match[2])
             if attempt >= latest.get(shard, (-1, ""))[0]:
@@ -165,13 +156,12 @@ def check_input(out: str, shards: list[Shard], commits: dict[int, Commit], allow
             f"rendered: {'; '.join(named[:5])}. Fix: restore the input, pass --allow-changed to render those "
             f"shards again from the new input, or write to another output.path."
         )
-    stamp_keys = list_prefix(out, "stamps/") if gone else []
+    stamp_keys = list_prefix(out, STAMPS) if gone else []
     for i in gone:  # markers first: a retired shard is never half there
         delete([join(out, marker_key(i, a)) for a in range(commits[i].attempt + 1)])
-        published = [data_key(i), tar_key(i), sheet_key(i)]
         stamps = [k for k in stamp_keys if f"/{i:06d}-" in k]
-        files = list_prefix(out, f"images/{i:06d}-") + list_prefix(out, f"attempts/{i:06d}-")
-        delete([join(out, k) for k in published + stamps + files])
+        files = [k for prefix in attempt_files_of(i) for k in list_prefix(out, prefix)]
+        delete([join(out, k) for k in published_keys(i) + stamps + files])
         commits.pop(i)
     return changed
 
@@ -236,7 +226,7 @@ def commit_shard(out: str, work: Work, run_id: str) -> Commit | None:
     # 2. The marker, created once: the commit itself.
     seconds: dict[str, float] = {}
     for r in work.rows.values():
-        for stage in (*MODEL_STAGES, "write"):
+        for stage in chain_stages():
             seconds[stage] = seconds.get(stage, 0.0) + (r.get(f"{stage}_seconds") or 0.0)
     ok = sum(r["status"] == "ok" for r in rows)
     commit = Commit(shard, attempt, metadata, len(rows), ok, len(rows) - ok, run_id, seconds, work.shard.fingerprint())
@@ -253,7 +243,7 @@ def leftovers(commit: Commit, keys: list[str]) -> tuple[list[str], list[str]]:
     of this attempt, those of older attempts). A newer attempt's files are in neither."""
     same, older = [], []
     for key in keys:
-        match = _ATTEMPT_FILE.match(key)
+        match = ATTEMPT_FILE.match(key)
         if not match or int(match[1]) != commit.shard:
             continue
         attempt, run = int(match[2]), match[3]
@@ -270,7 +260,7 @@ def clean(out: str, commit: Commit, keys: list[str] | None = None) -> int:
     shard's published files come from this commit: until then readers may still load older rows.
     Returns the number of files removed."""
     if keys is None:
-        keys = list_prefix(out, f"attempts/{commit.shard:06d}-") + list_prefix(out, f"images/{commit.shard:06d}-")
+        keys = [k for prefix in attempt_files_of(commit.shard) for k in list_prefix(out, prefix)]
     same, older = leftovers(commit, keys)
     if older:  # only then do the commit's rows matter
         try:
@@ -285,8 +275,8 @@ def clean(out: str, commit: Commit, keys: list[str] | None = None) -> int:
 def clean_all(out: str, commits: dict[int, Commit]) -> None:
     """`clean` every committed shard, from one listing of attempts/ and images/."""
     by_shard: dict[int, list[str]] = {}
-    for key in list_prefix(out, "attempts/") + list_prefix(out, "images/"):
-        match = _ATTEMPT_FILE.match(key)
+    for key in list_prefix(out, ATTEMPTS) + list_prefix(out, IMAGES):
+        match = ATTEMPT_FILE.match(key)
         if match:
             by_shard.setdefault(int(match[1]), []).append(key)
     for shard, keys in by_shard.items():

@@ -9,6 +9,7 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
+from jobs.output.layout import JOB_SHEET, sheet_key
 from workers.storage import join, read_bytes, write_bytes
 
 THUMB = 128  # px, the longer side of a tile on a shard's sheet
@@ -59,10 +60,6 @@ def shard_sheet(out: str, rows: list[dict]) -> bytes:
     return _grid(tiles, len(rows), THUMB, f"shard {shard}: {ok}/{len(rows)} ok")
 
 
-def sheet_key(shard: int) -> str:
-    return f"contact/{shard:06d}.jpg"
-
-
 def write_shard_sheet(out: str, rows: list[dict], uri: str) -> None:
     write_bytes(uri, shard_sheet(out, rows))
 
@@ -81,6 +78,4 @@ def write_job_sheet(out: str, commits: dict[int, Any]) -> None:
     rows = sum(c.ok + c.error for c in commits.values())
     ok = sum(c.ok for c in commits.values())
     more = f" (first {MAX_SHARDS} shown)" if len(commits) > MAX_SHARDS else ""
-    write_bytes(
-        join(out, "contact/job.jpg"), _grid(tiles, len(shown), 256, f"{len(commits)} shards, {ok}/{rows} ok{more}")
-    )
+    write_bytes(join(out, JOB_SHEET), _grid(tiles, len(shown), 256, f"{len(commits)} shards, {ok}/{rows} ok{more}"))

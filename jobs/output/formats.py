@@ -69,10 +69,6 @@ def write_embedded(out: str, rows: list[dict], uri: str) -> None:
             writer.write_table(table.replace_schema_metadata(schema.metadata))
 
 
-def tar_key(shard: int) -> str:
-    return f"webdataset/{shard:06d}.tar"
-
-
 def write_tar(out: str, rows: list[dict], uri: str) -> None:
     """The successful rows as KEY.<ext>, KEY.txt (prompt), KEY.json; KEY is the global row index,
     zero-padded, as WebDataset keys must not hold dots. Failures stay in the Parquet only."""

@@ -11,6 +11,7 @@ import json
 from typing import Any
 
 from jobs.manifest import Manifest
+from jobs.output.layout import JOB
 from workers.errors import ChangedManifestError
 from workers.stages import MODEL_STAGES
 from workers.storage import create_exclusive, join, read_bytes, write_bytes
@@ -84,7 +85,7 @@ def check_job(out: str, manifest: Manifest, allow_changed: bool) -> None:
     """Record the job in a new output; refuse a resume whose manifest would render differently.
     A new output's record is created once (create-exclusive): of two jobs starting on one
     output at once, the second compares itself with the first's record like any resume."""
-    uri = join(out, "job.json")
+    uri = join(out, JOB)
     new = fingerprint(manifest)
     record = json.dumps({"fingerprint": new, "manifest": manifest.model_dump(mode="json")}, indent=1).encode()
     existing = read_bytes(uri)

@@ -16,73 +16,41 @@ from __future__ import annotations
 
 import json
 import logging
-import re
-from dataclasses import dataclass
 from typing import Any
 
-from jobs.output.commits import (
-    Commit,
-    clean,
-    clean_all,
+from jobs.output.commits import Commit, clean, clean_all, latest_commit, list_commits, read_marker, read_metadata
+from jobs.output.contact import write_job_sheet, write_shard_sheet
+from jobs.output.formats import write_embedded, write_tar
+from jobs.output.layout import (
+    CARD,
+    DATA_GLOB,
+    INDEX,
+    KINDS,
+    STAMP,
+    STAMPS,
+    Derived,
     data_key,
-    latest_commit,
-    list_commits,
-    read_marker,
-    read_metadata,
+    marker_key,
+    stamp_key,
+    stamps_of,
 )
-from jobs.output.contact import sheet_key, write_job_sheet, write_shard_sheet
-from jobs.output.formats import tar_key, write_embedded, write_tar
 from workers.storage import copy_object, delete, join, list_prefix, version, versions, write_bytes
 
 log = logging.getLogger(__name__)
-
-
-# kind -> (the file it publishes, the folder listed for version tags)
-TARGETS = {
-    "data": (data_key, "data/"),
-    "data-images": (data_key, "data/"),  # the same file, with the images embedded
-    "webdataset": (tar_key, "webdataset/"),
-    "contact": (sheet_key, "contact/"),
-}
-_STAMP = re.compile(r"^stamps/([a-z-]+)/(\d+)-(\d+)-([^/]+)$")
-
-
-@dataclass(frozen=True)
-class Derived:
-    """What a committed shard becomes, from the output settings."""
-
-    embed_images: bool = False
-    webdataset: bool = False
-    contact_sheets: bool = False
-
-    @classmethod
-    def of(cls, manifest) -> Derived:
-        return cls(manifest.output.embed_images, manifest.output.webdataset, manifest.contact_sheets)
-
-    def kinds(self) -> tuple[str, ...]:
-        return (
-            ("data-images" if self.embed_images else "data",)
-            + ("webdataset",) * self.webdataset
-            + ("contact",) * self.contact_sheets
-        )
-
-
-def stamp_key(kind: str, shard: int, attempt: int, tag: str) -> str:
-    return f"stamps/{kind}/{shard:06d}-{attempt:03d}-{tag}"
 
 
 def published(out: str) -> dict[tuple[str, int], int]:
     """{(kind, shard): the attempt its current file was built from}, for files whose stamp matches
     their version now."""
     tags = {}
-    for _, folder in set(TARGETS.values()):
+    for _, folder in set(KINDS.values()):
         tags.update(versions(out, folder))
     found = {}
-    for key in list_prefix(out, "stamps/"):
-        match = _STAMP.match(key)
+    for key in list_prefix(out, STAMPS):
+        match = STAMP.match(key)
         if match:
             kind, shard, attempt, tag = match[1], int(match[2]), int(match[3]), match[4]
-            if kind in TARGETS and tags.get(TARGETS[kind][0](shard)) == tag:
+            if kind in KINDS and tags.get(KINDS[kind][0](shard)) == tag:
                 found[(kind, shard)] = max(attempt, found.get((kind, shard), -1))
     return found
 
@@ -96,7 +64,7 @@ def stale(out: str, commits: dict[int, Commit], derived: Derived) -> list[int]:
 
 def _build(out: str, kind: str, commit: Commit, rows: list[dict] | None) -> None:
     shard = commit.shard
-    target = join(out, TARGETS[kind][0](shard))
+    target = join(out, KINDS[kind][0](shard))
     if kind == "data":
         copy_object(join(out, commit.metadata), target)
     elif kind == "data-images":
@@ -109,7 +77,7 @@ def _build(out: str, kind: str, commit: Commit, rows: list[dict] | None) -> None
     write_bytes(join(out, stamp_key(kind, shard, commit.attempt, tag)), b"")
     # Older stamps go once the new one is in; of the two data kinds only the one built now stays.
     family = ("data", "data-images") if kind.startswith("data") else (kind,)
-    older = [k for f in family for k in list_prefix(out, f"stamps/{f}/{shard:06d}-")]
+    older = [k for f in family for k in list_prefix(out, stamps_of(f, shard))]
     delete([join(out, k) for k in older if k != stamp_key(kind, shard, commit.attempt, tag)])
 
 
@@ -150,20 +118,20 @@ def write_index(out: str, commits: dict[int, Commit], derived: Derived) -> dict[
         c = commits[shard]
         if attempt != c.attempt:
             try:
-                c = read_marker(join(out, f"commits/{shard:06d}-{attempt:03d}.json"))
+                c = read_marker(join(out, marker_key(shard, attempt)))
             except RuntimeError:
                 continue
         shards.append(
             {"shard": shard, "attempt": attempt, "data": data_key(shard), "rows": c.rows, "ok": c.ok, "error": c.error}
         )
     index = {
-        "data": "data/*.parquet",
+        "data": DATA_GLOB,
         "shards": shards,
         "rows": sum(s["rows"] for s in shards),
         "ok": sum(s["ok"] for s in shards),
         "error": sum(s["error"] for s in shards),
     }
-    write_bytes(join(out, "index.json"), json.dumps(index, indent=1).encode())
+    write_bytes(join(out, INDEX), json.dumps(index, indent=1).encode())
     return index
 
 
@@ -187,12 +155,12 @@ def finish_output(out: str, derived: Derived, submit=None) -> dict[str, Any]:
     return write_index(out, commits, derived)
 
 
-CARD = """---
+CARD_TEXT = """---
 configs:
 - config_name: default
   data_files:
   - split: train
-    path: data/*.parquet
+    path: {data}
 tags:
 - synthetic
 - ifrender
@@ -215,5 +183,5 @@ def write_card(out: str, name: str, derived: Derived, index: dict[str, Any] | No
     only, so image folders and ifrender's own files are never read as data."""
     status = f"{index['rows']} rows in {len(index['shards'])} shards, {index['ok']} ok" if index else "rendering"
     embedded = "; the `image` column holds its bytes" if derived.embed_images else ""
-    text = CARD.format(name=name, status=status, embedded=embedded, path=out)
-    write_bytes(join(out, "README.md"), text.encode())
+    text = CARD_TEXT.format(name=name, status=status, embedded=embedded, path=out, data=DATA_GLOB)
+    write_bytes(join(out, CARD), text.encode())

@@ -8,11 +8,12 @@ from collections import Counter
 from jobs.input.shards import plan_shards
 from jobs.output.commits import list_commits, read_metadata
 from jobs.output.job_record import recorded_manifest
+from jobs.output.layout import JOB
 from workers.storage import join, read_bytes
 
 
 def status(out: str, show_all: bool = False, top_errors: int = 5) -> str:
-    record = read_bytes(join(out, "job.json"))
+    record = read_bytes(join(out, JOB))
     if record is None:
         raise FileNotFoundError(f"{out}: no ifrender job here (no job.json). Expected the output.path of a job.")
     manifest = recorded_manifest(json.loads(record))

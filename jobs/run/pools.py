@@ -1,5 +1,5 @@
-"""How the stage pools sit on Ray: the local Ray or the cluster joined, GPU reservations,
-and the block layout into each pool.
+"""How the stage pools sit on Ray: each pool's actors, GPU reservations, and the block layout into
+each pool.
 
 Two things the pools need beyond `map_batches`, both measured in the 8-GPU simulation
 (benchmarks/simulate.py), which reached 84-86% of the planned rate without them and 97% with:
@@ -23,6 +23,7 @@ import warnings
 
 from jobs.manifest import Manifest
 from jobs.plan.packing import fractional
+from workers.stages import WRITE
 
 log = logging.getLogger(__name__)
 
@@ -33,30 +34,7 @@ def cluster_address(manifest: Manifest) -> str | None:
 
 def job_pools(manifest: Manifest) -> dict:
     """Every actor pool of the job by name: its model stages' or groups' (Manifest.units) and the writer's."""
-    return {name: pool for name, (_, pool) in manifest.units().items()} | {"write": manifest.write}
-
-
-def init_ray(manifest: Manifest) -> None:
-    """Join the manifest's cluster, or start a local Ray sized for the job's pools."""
-    import ray
-
-    # Workers inherit the environment of a local Ray; a cluster gets it through the runtime env.
-    os.environ["HF_HUB_OFFLINE"] = "1"  # nothing reaches a hub at run time
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if ray.is_initialized():
-        return
-    address = cluster_address(manifest)
-    if address:
-        ray.init(address=address, runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}}, log_to_driver=True)
-        return
-    import torch
-
-    # Logical CPUs: enough for every pool plus read tasks, else the read task can starve behind
-    # the actors and Ray waits 30 minutes before failing.
-    needed = sum(c.pool_size * c.num_cpus for c in job_pools(manifest).values()) + 1
-    num_cpus = manifest.ray.num_cpus or max(os.cpu_count() or 1, math.ceil(needed))
-    num_gpus = torch.cuda.device_count() if manifest.ray.num_gpus is None else manifest.ray.num_gpus
-    ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, log_to_driver=True)
+    return {name: pool for name, (_, pool) in manifest.units().items()} | {WRITE: manifest.write}
 
 
 def bundle(pool) -> dict[str, float]:
@@ -125,22 +103,6 @@ def strategy(pool, placed: bool):
     if pool.max_pool_size and not placed and pool.max_pool_size > pool.pool_size:
         return ActorPoolStrategy(min_size=pool.pool_size, max_size=pool.max_pool_size, max_tasks_in_flight_per_actor=2)
     return ActorPoolStrategy(size=pool.pool_size)
-
-
-def ask_autoscaler(pools: dict) -> None:
-    """Tell the cluster's autoscaler (KubeRay's, the launcher's) what the pools could use at most.
-    Ray Data sizes a pool to the nodes that are there and so never asks for more nodes by itself;
-    without this an autoscaling cluster that starts empty would stay at one node per pool."""
-    from ray.autoscaler.sdk import request_resources
-
-    wanted = [bundle(p) for p in pools.values() for _ in range(p.max_pool_size or p.pool_size)]
-    request_resources(bundles=wanted)
-
-
-def stop_asking() -> None:
-    from ray.autoscaler.sdk import request_resources
-
-    request_resources(bundles=[])
 
 
 def map_pool(ds, fn, pool, rows_in: int, placed: dict | None = None, mps: bool = False, **kwargs):

@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 from jobs.manifest import Manifest
+from jobs.output import layout
 from jobs.output.formats import check_packages
 from jobs.output.job_record import is_job_record
 from jobs.plan.packing import packs
@@ -75,12 +76,6 @@ def resolve_models(manifest: Manifest) -> Manifest:
     return manifest
 
 
-# What an ifrender output holds: all that --overwrite may delete.
-OUTPUT_FILES = ("job.json", "index.json", "summary.json", "README.md")
-OUTPUT_FOLDERS = ("commits/", "attempts/", "data/", "stamps/", "images/", "webdataset/", "contact/")
-OUTPUT_FOLDERS += ("shards/",)  # metadata of outputs written before data/ and attempts/
-
-
 def prepare_output(manifest: Manifest, overwrite: bool) -> None:
     """The output can be written (and, with --overwrite, loses what an earlier job wrote
     there); the formats it asks for have their packages. Call it after the input is planned:
@@ -98,16 +93,16 @@ def overwritable(out: str) -> list[str]:
     found = list_prefix(out)
     if not found:
         return []
-    if not is_job_record(read_bytes(join(out, "job.json"))):
+    if not is_job_record(read_bytes(join(out, layout.JOB))):
         shown = ", ".join(found[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else "")
         raise StorageError(
             f"output.path {out}: --overwrite deletes an ifrender output only, and this holds no job.json "
             f"written by ifrender (found {shown}). Nothing was deleted. Fix: point output.path at a new or "
             f"empty location, or at an ifrender output."
         )
-    ours = [k for k in found if k in OUTPUT_FILES or k.startswith(OUTPUT_FOLDERS)]
+    ours = [k for k in found if k in layout.FILES or k.startswith(layout.FOLDERS)]
     # job.json goes last: an overwrite cut short still finds the output is ifrender's.
-    return sorted(ours, key=lambda k: k == "job.json")
+    return sorted(ours, key=lambda k: k == layout.JOB)
 
 
 def check_resources(manifest: Manifest, have: dict[str, float]) -> None:

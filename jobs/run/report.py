@@ -19,6 +19,8 @@ import time
 import pyarrow as pa
 
 from jobs.manifest import Manifest
+from jobs.output.layout import REPORT
+from jobs.run.events import Clock, Observer
 from jobs.run.summary import Summary
 from workers.storage import join, read_bytes, write_bytes
 
@@ -33,18 +35,31 @@ def _thin(points: list) -> list:
     return points[::2] if len(points) > MAX_POINTS else points
 
 
-class RunReport:
-    def __init__(self, manifest: Manifest, started: float) -> None:
+class RunReport(Observer):
+    def __init__(self, manifest: Manifest, clock: Clock) -> None:
         self.manifest = manifest
-        self.started = started  # perf_counter at the run's start
-        self.wall0 = time.time() - (time.perf_counter() - started)
+        self.clock = clock
         self.done: list[tuple[float, int]] = []  # (seconds into the run, ok images so far)
         self.busy: dict[str, list[tuple[float, float]]] = {s: [] for s in manifest.stages()}
         self.written = 0.0
         self.sheets: list[int] = []  # shards committed by this run, latest last
 
+    # ---- as the run's observer (jobs/run/state.py) ----------------------------------------
+
+    def on_block(self, run, block: pa.Table, rows: pa.Table) -> None:
+        self.add(block, run.summary)
+
+    def on_commit(self, run, commit) -> None:
+        self.committed(commit.shard)
+        self.maybe_write(run.summary)
+
+    def on_end(self, run) -> None:
+        self.write(run.summary, final=True)
+
+    # ---- what it keeps of the run ------------------------------------------------------------
+
     def add(self, block: pa.Table, summary: Summary) -> None:
-        self.done = _thin(self.done + [(time.perf_counter() - self.started, summary.ok)])
+        self.done = _thin(self.done + [(self.clock.elapsed(), summary.ok)])
         names = block.column_names
         for stage, spans in self.busy.items():
             if f"{stage}_started" not in names:
@@ -52,7 +67,7 @@ class RunReport:
             calls = set(
                 zip(block.column(f"{stage}_started").to_pylist(), block.column(f"{stage}_finished").to_pylist())
             )
-            spans += sorted((a - self.wall0, b - self.wall0) for a, b in calls if a and b)
+            spans += sorted((self.clock.at(a), self.clock.at(b)) for a, b in calls if a and b)
             self.busy[stage] = _thin(spans)
 
     def committed(self, shard: int) -> None:
@@ -67,7 +82,7 @@ class RunReport:
         self.written = time.perf_counter()
         try:
             page = self.html(summary, final)
-            write_bytes(join(self.manifest.output.path, "report.html"), page.encode())
+            write_bytes(join(self.manifest.output.path, REPORT), page.encode())
         except Exception as err:  # noqa: BLE001 - the report is a view of the run, not the run
             log.warning("report.html not written: %s", err)
 
@@ -99,7 +114,7 @@ class RunReport:
         return rate, f"profile: {profile.source}; limited by {limit}"
 
     def html(self, summary: Summary, final: bool) -> str:
-        now = time.perf_counter() - self.started
+        now = self.clock.elapsed()
         achieved = summary.ok / now if now > 0 else 0.0
         predicted, basis = self.prediction(summary)
         hours = self.gpu_hours(summary, now)
@@ -241,7 +256,7 @@ window.addEventListener("load", () => {{
         return self._png(fig)
 
     def _sheets(self) -> str:
-        from jobs.output.contact import sheet_key
+        from jobs.output.layout import sheet_key
 
         if not self.manifest.contact_sheets:
             return "<p>Contact sheets are off (contact_sheets: true draws one per shard).</p>"

@@ -3,14 +3,20 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import json
+import resource
+from dataclasses import asdict, dataclass, field
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from jobs.output.layout import SUMMARY
+from jobs.run.events import Observer
+from workers.storage import join, write_bytes
+
 
 @dataclass
-class Summary:
+class Summary(Observer):
     name: str
     output: str
     rows: int = 0
@@ -39,6 +45,28 @@ class Summary:
     chunks_lost: int = 0  # chunks whose blocks Ray lost (a node left); their shards ran again
     stalled: str = ""  # why the no-progress check ended the run
     stopped: str = ""  # why the run stopped early with work left (--stop-after)
+
+    # ---- as the run's observer (jobs/run/state.py) ----------------------------------------
+
+    def on_chunk(self, run, chunk) -> None:
+        self.pool_sizes.append(chunk.record)
+
+    def on_block(self, run, block: pa.Table, rows: pa.Table) -> None:
+        self.add(rows)
+        self.add_stage_counters(block, run.manifest.stages())
+
+    def on_commit(self, run, commit) -> None:
+        self.committed_shards += 1
+
+    def on_end(self, run) -> None:
+        """The counts of the whole output, the rates, then summary.json."""
+        self.uncommitted_shards = len(run.left)
+        self.driver_peak_rss_mb = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+        self.finish(run.clock.elapsed())
+        self.output_rows, self.output_ok = run.index["rows"], run.index["ok"]
+        write_bytes(join(run.out, SUMMARY), json.dumps(asdict(self), indent=2).encode())
+
+    # ---- the counts ------------------------------------------------------------------------
 
     def add(self, table: pa.Table) -> None:
         status = table.column("status").to_pylist()

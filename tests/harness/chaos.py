@@ -22,14 +22,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from jobs.input.shards import Shard
-from jobs.output.commits import Work, commit_shard, data_key, list_commits, read_metadata, work_left
-from jobs.output.formats import tar_key
-from jobs.output.publish import Derived, finish_output, publish, write_card
+from jobs.output.commits import Work, commit_shard, list_commits, read_metadata, work_left
+from jobs.output.layout import Derived, data_key, image_dir, tar_key
+from jobs.output.publish import finish_output, publish, write_card
 from workers import storage
 from workers.columns import METADATA_SCHEMA
 from workers.keys import item_key
 from workers.storage import join, list_prefix, read_bytes, write_bytes
-from workers.write import image_dir
 
 READERS = ("duckdb", "pyarrow", "ray", "datasets")
 

@@ -12,7 +12,7 @@ import time
 import boto3
 import pytest
 
-from jobs.output.publish import Derived
+from jobs.output.layout import Derived
 from tests.harness.chaos import count_calls, kill_trials, race_trials
 
 ALL = Derived(embed_images=True, webdataset=True, contact_sheets=True)

@@ -46,7 +46,8 @@ def _work(shard: int, rows: int, run: str, attempt: int = 0) -> Work:
 
 
 def test_losing_writer_drops_its_copy_and_publishing_clears_leftovers(output):
-    from jobs.output.publish import Derived, publish
+    from jobs.output.layout import Derived
+    from jobs.output.publish import publish
 
     # a killed run left images and metadata of shard 3 behind
     write_bytes(join(output, "images/000003-000-killed1/6.png"), b"old")
@@ -84,7 +85,8 @@ def test_losing_writer_drops_its_copy_and_publishing_clears_leftovers(output):
 
 def test_a_slow_writer_of_an_older_attempt_never_deletes_or_replaces_a_newer_one(output):
     from jobs.output.commits import clean
-    from jobs.output.publish import Derived, publish, published
+    from jobs.output.layout import Derived
+    from jobs.output.publish import publish, published
 
     for attempt in (0, 1):
         for r in range(6, 8):
@@ -182,7 +184,8 @@ def test_a_changed_input_file_re_renders_its_shard_or_is_refused_and_no_row_is_l
     from jobs.input.shards import plan_shards
     from jobs.manifest import load_manifest
     from jobs.output.commits import check_input, work_left
-    from jobs.output.publish import Derived, publish
+    from jobs.output.layout import Derived
+    from jobs.output.publish import publish
     from workers.errors import ChangedInputError
 
     data = tmp_path / "in"

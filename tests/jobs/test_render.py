@@ -489,7 +489,7 @@ def test_mixed_dataset_end_to_end_with_retry_and_contact_sheets(ray_local, tmp_p
 def test_the_chain_runs_the_registry_stages_in_order(ray_local, prompts, tmp_path, tiny_manifest, last_stage, models):
     from jobs.input.shards import plan_shards
     from jobs.output.commits import Work
-    from jobs.render import build_dataset
+    from jobs.run.chain import build_dataset
 
     m = tiny_manifest(f"input.path={prompts}", f"last_stage={last_stage}", output=str(tmp_path / "o"))
     op = build_dataset(m, [Work(s, 0) for s in plan_shards(m.input)], "r1")._logical_plan.dag

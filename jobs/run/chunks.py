@@ -1,0 +1,121 @@
+"""The run chunk by chunk (ray.chunk_shards shards each): before each chunk the elastic pools are
+sized to the cluster as it is then (jobs.plan.packing.size_pools), and within a chunk they grow
+as nodes join (jobs.run.pools.strategy). A chunk whose blocks were lost with a node runs its
+uncommitted shards again once; a stall ends the run; --stop-after starts no further chunk."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+
+from jobs.manifest import with_pool_sizes
+from jobs.output.commits import Work
+from jobs.plan.packing import size_pools
+from jobs.run.assemble import assemble
+from jobs.run.chain import build_dataset
+from jobs.run.cluster import Cluster
+from jobs.run.events import Chunk
+from jobs.run.pools import job_pools, release, reserve
+from jobs.run.state import Run
+from jobs.run.watch import Stalled
+
+log = logging.getLogger(__name__)
+
+
+def render_chunks(run: Run, cluster: Cluster, stop_after_s: float | None = None) -> list[Work]:
+    """Render run.work; returns the shards left incomplete (also in run.left)."""
+    run.left = _render_chunks(run, cluster, stop_after_s)
+    return run.left
+
+
+def _render_chunks(run: Run, cluster: Cluster, stop_after_s: float | None) -> list[Work]:
+    manifest, summary = run.manifest, run.summary
+    size = manifest.ray.chunk_shards or len(run.work)
+    remaining, left = list(run.work), []
+    again: set[int] = set()  # shards already run a second time in this run
+    nodes: set[str] = set()  # the alive nodes the last chunk saw
+    while remaining:
+        elapsed = run.clock.elapsed()
+        # The first chunk always runs: a night never does nothing.
+        if run.chunks and stop_after_s is not None and elapsed > stop_after_s:
+            log.warning(
+                "stopping after %.0f s (--stop-after %g): %d shards left for the same command to render next",
+                elapsed,
+                stop_after_s,
+                len(remaining),
+            )
+            summary.stopped = f"--stop-after {stop_after_s:g} s reached with {len(remaining)} shards to go"
+            return left + remaining
+        work, remaining = remaining[:size], remaining[size:]
+        chunk, nodes = start_chunk(run, work, nodes)
+        pending = {w.shard.index: w for w in work}
+        run_id = uuid.uuid4().hex[:8]  # per chunk: a chunk run again writes under names of its own
+        sized = with_pool_sizes(manifest, chunk.pools)
+        placed, groups = reserve(job_pools(sized), manifest.ray.reserve_timeout_s)
+        try:
+            ds = build_dataset(sized, work, run_id, placed)
+            assemble(run, ds, pending, run_id, cluster.watch)
+        except Stalled as err:
+            log.error("%s", err)
+            summary.stalled = str(err)
+            return left + list(pending.values()) + remaining
+        except Exception as err:
+            if not lost_blocks(err):
+                raise
+            retry = [Work(w.shard, w.attempt, w.carried) for w in pending.values() if w.shard.index not in again]
+            gave_up = [w for w in pending.values() if w.shard.index in again]
+            log.warning(
+                "a chunk failed on the cluster (%s: %s); %d uncommitted shards run again in the next chunk%s",
+                type(err).__name__,
+                str(err).splitlines()[0][:300] if str(err) else "",
+                len(retry),
+                f", {len(gave_up)} left for a re-run (they failed twice)" if gave_up else "",
+            )
+            summary.chunks_lost += 1
+            for w in pending.values():
+                summary.discard(list(w.rows.values()))
+            again |= {w.shard.index for w in retry}
+            left += gave_up
+            remaining = retry + remaining
+            continue
+        finally:
+            release(groups)  # a cluster keeps no reservation of an ended chunk
+            run.chunk_ended()
+        left += list(pending.values())
+    return left
+
+
+def start_chunk(run: Run, work: list[Work], nodes: set[str]) -> tuple[Chunk, set[str]]:
+    """The chunk's pools, sized to the cluster now, told to the run. Returns it and the alive nodes."""
+    import ray
+
+    resources = ray.cluster_resources()
+    pools = job_pools(run.manifest)
+    sizes = size_pools(pools, resources)
+    alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+    record = {
+        "at_s": round(run.clock.elapsed(), 1),
+        "shards": len(work),
+        "pools": sizes,
+        "nodes": len(alive),
+        "joined": sorted(alive - nodes) if nodes else [],
+        "left": sorted(nodes - alive),
+        "gpus": resources.get("GPU", 0),
+        "gpus_used": sum(sizes[n] * p.num_gpus for n, p in pools.items()),
+    }
+    log.info("chunk of %d shards on pools %s (%g GPUs in the cluster)", len(work), sizes, resources.get("GPU", 0))
+    chunk = Chunk(work, sizes, record)
+    run.chunk(chunk)
+    return chunk, alive
+
+
+def lost_blocks(err: BaseException) -> bool:
+    """A Ray failure of the cluster (a node, an actor, an object lost), not an error in ifrender's code."""
+    from ray.data.exceptions import UserCodeException
+    from ray.exceptions import RayError
+
+    seen, e = [], err
+    while e is not None and len(seen) < 10:
+        seen.append(e)
+        e = e.__cause__ or e.__context__
+    return any(isinstance(e, RayError) for e in seen) and not any(isinstance(e, UserCodeException) for e in seen)

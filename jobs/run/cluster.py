@@ -1,0 +1,131 @@
+"""The Ray a run renders on: the local Ray started or the cluster joined, its Data context, the
+run's progress tracker on the head node, the autoscaler asked for the pools' maximum, and the
+publish task. `Cluster.start` before the first chunk, `close` when the chunks are over."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+
+from jobs.manifest import Manifest
+from jobs.output.layout import Derived
+from jobs.output.publish import publish
+from jobs.run.pools import bundle, cluster_address, job_pools
+from jobs.run.preflight import check_resources
+from jobs.run.watch import Metrics, Watch
+from workers.progress import TRACKER, Progress
+from workers.stages import chain_stages
+
+log = logging.getLogger(__name__)
+
+
+class Cluster:
+    def __init__(self, manifest: Manifest, tracker, address: str | None) -> None:
+        self.manifest, self.tracker, self.address = manifest, tracker, address
+        self.watch: Watch | None = None
+
+    @classmethod
+    def start(cls, manifest: Manifest, progress_bars: bool) -> Cluster:
+        """Ray up (local or joined), the pools checked against what it has, the tracker started."""
+        import ray
+        from ray.data import DataContext
+
+        init_ray(manifest)
+        check_resources(manifest, ray.cluster_resources())
+        context = DataContext.get_current()
+        context.enable_progress_bars = progress_bars
+        # Ray's own no-progress limit stays behind ifrender's, which says which stage stalled.
+        context.execution_no_progress_timeout_s = max(1800.0, 2 * manifest.ray.no_progress_timeout_s)
+        cluster = cls(manifest, start_tracker(manifest), cluster_address(manifest))
+        if cluster.address:
+            ask_autoscaler(job_pools(manifest))
+        return cluster
+
+    def observers(self, run) -> tuple:
+        """The run's observers that live on the cluster: the progress watch and the metrics."""
+        self.watch = Watch(run, self.tracker)
+        return self.watch, Metrics(self.tracker)
+
+    def publish_all(self, out: str, shards: list[int], derived: Derived) -> None:
+        import ray
+
+        task = publisher()
+        ray.get([task.remote(out, s, derived) for s in shards])
+
+    def close(self, run) -> None:
+        """What the tracker saw of the cluster into the run's summary; then the tracker and the
+        autoscaler request go."""
+        import ray
+
+        if self.watch:
+            self.watch.record(run.summary)
+        ray.kill(self.tracker)
+        if self.address:
+            stop_asking()
+
+
+def publisher():
+    """publish() as a Ray task: it reads images from storage, so no image passes the driver."""
+    import ray
+
+    return ray.remote(publish).options(num_cpus=0.25, max_retries=3)
+
+
+def init_ray(manifest: Manifest) -> None:
+    """Join the manifest's cluster, or start a local Ray sized for the job's pools."""
+    import ray
+
+    # Workers inherit the environment of a local Ray; a cluster gets it through the runtime env.
+    os.environ["HF_HUB_OFFLINE"] = "1"  # nothing reaches a hub at run time
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if ray.is_initialized():
+        return
+    address = cluster_address(manifest)
+    if address:
+        ray.init(address=address, runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}}, log_to_driver=True)
+        return
+    import torch
+
+    # Logical CPUs: enough for every pool plus read tasks, else the read task can starve behind
+    # the actors and Ray waits 30 minutes before failing.
+    needed = sum(c.pool_size * c.num_cpus for c in job_pools(manifest).values()) + 1
+    num_cpus = manifest.ray.num_cpus or max(os.cpu_count() or 1, math.ceil(needed))
+    num_gpus = torch.cuda.device_count() if manifest.ray.num_gpus is None else manifest.ray.num_gpus
+    ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, log_to_driver=True)
+
+
+def start_tracker(manifest: Manifest):
+    """The run's Progress actor (workers/progress.py), where the stage actors report, on the head
+    node: the node that lives as long as the cluster (and exports its metrics). A local Ray's
+    only node is its head."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    heads = [n["NodeID"] for n in ray.nodes() if n["Alive"] and "node:__internal_head__" in n["Resources"]]
+    node = heads[0] if heads else ray.get_runtime_context().get_node_id()
+    tracker = ray.remote(Progress).options(
+        name=TRACKER,
+        num_cpus=0,
+        max_restarts=-1,  # lost with its node only; a restart starts its counts again
+        scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=True),
+    )
+    tracker = tracker.remote(manifest.name, list(chain_stages(manifest.last_stage)))
+    ray.get(tracker.snapshot.remote())  # ready before any stage looks it up
+    return tracker
+
+
+def ask_autoscaler(pools: dict) -> None:
+    """Tell the cluster's autoscaler (KubeRay's, the launcher's) what the pools could use at most.
+    Ray Data sizes a pool to the nodes that are there and so never asks for more nodes by itself;
+    without this an autoscaling cluster that starts empty would stay at one node per pool."""
+    from ray.autoscaler.sdk import request_resources
+
+    wanted = [bundle(p) for p in pools.values() for _ in range(p.max_pool_size or p.pool_size)]
+    request_resources(bundles=wanted)
+
+
+def stop_asking() -> None:
+    from ray.autoscaler.sdk import request_resources
+
+    request_resources(bundles=[])

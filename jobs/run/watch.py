@@ -1,0 +1,197 @@
+"""The driver's view of a run's progress, from the tracker actor (workers/progress.py): the live
+progress line with its ETA, the no-progress check that ends a stalled run naming the stage, its
+queue and its actors, and the metrics the driver adds (chunks and commits). `stream` iterates the
+chain's result blocks while the watch keeps checking."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+
+from jobs.run.events import Observer
+from jobs.run.summary import Summary
+from workers.stages import WRITE
+
+log = logging.getLogger(__name__)
+
+POLL_S = 2  # at most one tracker snapshot per this many seconds; also the stream's wait
+LINE_S = 5  # one progress line per this many seconds
+
+
+class Stalled(RuntimeError):
+    """No stage moved for ray.no_progress_timeout_s while rows were waiting."""
+
+
+class Watch(Observer):
+    def __init__(self, run, tracker) -> None:
+        self.run, self.tracker = run, tracker
+        self.timeout = run.manifest.ray.no_progress_timeout_s
+        self.pools = {stage: name for name, (members, _) in run.manifest.units().items() for stage in members}
+        self.pools[WRITE] = WRITE
+        self.sizes: dict[str, int] = {}
+        self.snap: dict = {}
+        self.last_poll = self.last_line = 0.0
+        self.last_move = time.time()
+        self.marks: tuple = ()
+
+    def on_chunk(self, run, chunk) -> None:
+        self.sizes = chunk.pools
+        self.last_move = time.time()  # a new chunk's actors start loading now
+
+    def moved(self) -> None:
+        """Rows reached the driver."""
+        self.last_move = time.time()
+
+    def poll(self) -> dict:
+        import ray
+
+        if time.perf_counter() - self.last_poll < POLL_S:
+            return self.snap
+        self.last_poll = time.perf_counter()
+        try:
+            self.snap = ray.get(self.tracker.snapshot.remote(), timeout=10)
+        except Exception as err:  # noqa: BLE001 - a slow tracker delays the check, never the run
+            log.debug("progress snapshot failed: %s", err)
+            return self.snap
+        marks = tuple((s, c["last"]) for s, c in self.snap["rows"].items()) + tuple(
+            (a, v["since"]) for a, v in self.snap["actors"].items()
+        )
+        if marks != self.marks:
+            self.marks, self.last_move = marks, time.time()
+        return self.snap
+
+    def check(self) -> None:
+        """Called at least every POLL_S seconds while a chunk runs."""
+        snap = self.poll()
+        now = time.perf_counter()
+        if now - self.last_line >= LINE_S:
+            self.last_line = now
+            log.info("progress: %s", self.line(self.run.summary, self.run.clock.elapsed()))
+        idle = time.time() - self.last_move
+        if idle > self.timeout:
+            raise Stalled(self.stalled(snap, idle))
+
+    def line(self, summary: Summary, elapsed: float) -> str:
+        done, todo = summary.rows, self.run.todo
+        rate = done / elapsed if elapsed > 0 else 0.0
+        eta = (todo - done) / rate if rate > 0 else float("inf")
+        queues = self.snap.get("queues", {})
+        waiting = ", ".join(f"{s} {q}" for s, q in queues.items() if q)
+        return (
+            f"{done}/{todo} rows (ok {summary.ok}, error {summary.error}), {summary.committed_shards}/"
+            f"{len(self.run.work)} shards committed, {summary.ok / elapsed if elapsed else 0:.2f} images/s, "
+            f"{elapsed:.0f} s elapsed, ETA {_duration(eta)}" + (f"; queued: {waiting}" if waiting else "")
+        )
+
+    def stalled(self, snap: dict, idle: float, alive: set[str] | None = None) -> str:
+        queues = snap.get("queues", {})
+        actors = list(snap.get("actors", {}).values())
+        alive = _alive_nodes() if alive is None else alive
+        stage = stalled_stage(queues, actors, alive) or next(iter(self.pools))
+        pool = self.pools[stage]
+        actors = [a for a in actors if a["stage"] == stage]
+        now = snap.get("now", time.time())
+        states = ", ".join(
+            f"{a['state']} for {now - a['since']:.0f} s on node {a['node'][:8]}"
+            + ("" if a["node"] in alive else " (that node is gone)")
+            for a in actors
+        )
+        return (
+            f"no progress for {idle:.0f} s (ray.no_progress_timeout_s={self.timeout:g}): stage {stage} (pool "
+            f"{pool}, {self.sizes.get(pool, '?')} actors planned) has {queues.get(stage, '?')} queued rows; its "
+            f"actors: {states or 'none has started (waiting for resources or a node)'}. Queued rows by stage: "
+            f"{queues or 'unknown'}. Committed shards stay committed. Fix: check the cluster has room for the "
+            f"pool (`ray status`) and the actors' logs, then run the same command again to resume."
+        )
+
+    def record(self, summary: Summary) -> None:
+        """Where the run ended, and what the tracker saw of the cluster, into the summary."""
+        import ray
+
+        self.last_poll = 0.0
+        snap = self.poll()
+        log.info("progress: %s", self.line(summary, self.run.clock.elapsed()))
+        summary.first_work_at, summary.rows_by_node = snap.get("first_work", {}), snap.get("node_rows", {})
+        summary.node_names = {n["NodeID"]: f"{n['NodeManagerAddress']}:{n['NodeManagerPort']}" for n in ray.nodes()}
+        summary.actor_starts = [
+            {"at_s": round(self.run.clock.at(at), 1), "stage": stage, "node": node}
+            for at, stage, node in snap.get("starts", [])
+        ]
+
+
+class Metrics(Observer):
+    """What the driver adds to the tracker's Ray metrics: each chunk's pools and rows, each commit."""
+
+    def __init__(self, tracker) -> None:
+        self.tracker = tracker
+
+    def on_chunk(self, run, chunk) -> None:
+        self.tracker.chunk.remote(chunk.todo, chunk.pools)
+
+    def on_commit(self, run, commit) -> None:
+        self.tracker.committed.remote(1, run.summary.ok, run.clock.elapsed())
+
+
+def stalled_stage(queues: dict[str, int], actors: list[dict], alive: set[str]) -> str | None:
+    """The stage a stall is blamed on. The first stage in the chain with rows waiting and no actor
+    on a live node (its actors gone with their node, or never started): the stages after it idle
+    for want of its rows. Else the last stage with rows waiting: those before it back up behind it."""
+    waiting = [s for s, q in queues.items() if q]
+    working = {a["stage"] for a in actors if not alive or a["node"] in alive}
+    stranded = [s for s in waiting if s not in working]
+    if stranded:
+        return stranded[0]
+    return waiting[-1] if waiting else None
+
+
+def _alive_nodes() -> set[str]:
+    import ray
+
+    try:
+        return {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+    except Exception as err:  # noqa: BLE001 - the message is still worth giving without it
+        log.debug("listing nodes failed: %s", err)
+        return set()
+
+
+def _duration(seconds: float) -> str:
+    if seconds == float("inf"):
+        return "unknown"
+    h, rest = divmod(int(seconds), 3600)
+    return f"{h}h{rest // 60:02d}m" if h else f"{rest // 60}m{rest % 60:02d}s"
+
+
+def stream(ds, watch: Watch | None):
+    """The chain's result blocks. With a watch, they are iterated in a thread of their own so that
+    the driver checks progress while Ray Data waits: a stalled stage raises Stalled instead of
+    hanging."""
+    if watch is None:
+        yield from ds.iter_batches(batch_size=None, batch_format="pyarrow")
+        return
+    blocks: queue.Queue = queue.Queue(maxsize=4)  # bounded: the chain feels the driver's pace
+    end = object()
+
+    def pump() -> None:
+        try:
+            for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                blocks.put(block)
+            blocks.put(end)
+        except BaseException as err:  # noqa: BLE001 - handed to the driver's thread
+            blocks.put(err)
+
+    threading.Thread(target=pump, name="ifrender-stream", daemon=True).start()
+    while True:
+        try:
+            item = blocks.get(timeout=POLL_S)
+        except queue.Empty:
+            watch.check()
+            continue
+        if item is end:
+            return
+        if isinstance(item, BaseException):
+            raise item
+        watch.moved()
+        watch.check()
+        yield item
