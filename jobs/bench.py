@@ -129,7 +129,7 @@ def replica_stats(rows: list[dict], manifest: Manifest) -> dict:
 def replicas_of(manifest: Manifest, actors: int) -> Manifest:
     """The manifest as `actors` copies of the whole cascade, with the pipeline's per-actor CPUs and
     GPUs, batches of its largest stage batch, and the same micro-batches (so the same pixels)."""
-    from jobs.manifest import with_groups
+    from jobs.plan.layouts import with_groups
 
     stages = manifest.stages()
     first = getattr(manifest, stages[0])
@@ -146,7 +146,7 @@ def replicas_of(manifest: Manifest, actors: int) -> Manifest:
 
 def on_cpus(manifest: Manifest, chosen) -> Manifest:
     """A plan for this machine's CPU slots applied: a slot per actor is a CPU, not a GPU."""
-    from jobs.manifest import with_groups
+    from jobs.plan.layouts import with_groups
 
     groups = [
         {

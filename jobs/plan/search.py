@@ -20,8 +20,9 @@ import itertools
 import math
 from dataclasses import dataclass, field
 
-from jobs.manifest import Manifest, with_groups
+from jobs.manifest import Manifest
 from jobs.plan.costs import Profile
+from jobs.plan.layouts import with_groups
 from jobs.plan.packing import packs, place
 from workers.errors import PlanError
 from workers.stages import MODEL_STAGES, group_name

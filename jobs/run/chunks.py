@@ -8,8 +8,8 @@ from __future__ import annotations
 import logging
 import uuid
 
-from jobs.manifest import with_pool_sizes
 from jobs.output.commits import Work
+from jobs.plan.layouts import with_pool_sizes
 from jobs.plan.packing import size_pools
 from jobs.run.assemble import assemble
 from jobs.run.chain import build_dataset

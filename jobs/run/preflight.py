@@ -14,11 +14,12 @@ from jobs.manifest import Manifest
 from jobs.output import layout
 from jobs.output.formats import check_packages
 from jobs.output.job_record import is_job_record
+from jobs.output.probe import check_output_writable
 from jobs.plan.packing import packs
 from jobs.run.pools import cluster_address, job_pools
 from workers.errors import ModelLoadError, StorageError
 from workers.models import check_model_available
-from workers.storage import check_output_writable, delete, join, list_prefix, read_bytes
+from workers.storage import delete, join, list_prefix, read_bytes
 
 
 def tiny_models_dir() -> Path:

@@ -145,7 +145,7 @@ def test_a_job_record_from_before_encode_lost_its_unused_settings_still_loads(tm
 
 
 def test_layouts_are_named_and_their_pools_listed_in_cascade_order():
-    from jobs.manifest import with_groups
+    from jobs.plan.layouts import with_groups
 
     manifest = load_manifest()
     assert manifest.layout == "pipeline" and list(manifest.units()) == list(manifest.stages())

@@ -8,7 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from jobs.manifest import MANIFESTS_DIR, load_manifest, with_pool_sizes
+from jobs.manifest import MANIFESTS_DIR, load_manifest
+from jobs.plan.layouts import with_pool_sizes
 from jobs.plan.packing import fits, size_pools
 from jobs.plan.schedule import MARGIN, STARTUP_S, nightly
 from workers.config import PoolConfig

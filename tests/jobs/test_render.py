@@ -13,8 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from jobs.manifest import with_groups
 from jobs.output.commits import list_commits
+from jobs.plan.layouts import with_groups
 from jobs.render import run
 from tests.helpers import (
     png,
