@@ -4,4 +4,4 @@
 # Asserts every stage ran on CUDA and prints the run summary with busy seconds per stage.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python3 -m pytest -q -s -m gpu tests/jobs/test_gpu.py
+python3 -m pytest -q -s -m gpu tests/scenarios/test_gpu.py

@@ -107,8 +107,8 @@ def run_pipeline(manifest: Manifest) -> tuple[dict, list[dict]]:
 def replica_stats(rows: list[dict], manifest: Manifest) -> dict:
     """A run whose pools hold several stages: the rate, and each stage's share of its actors' time."""
     stages = manifest.stages()
-    units = manifest.units()
-    last_pool = next(pool for members, pool in units.values() if stages[-1] in members)
+    pools = manifest.model_pools()
+    last_pool = next(pool for members, pool in pools.values() if stages[-1] in members)
     rate, window = steady_rate([r[f"{stages[-1]}_finished"] for r in rows], last_pool.batch_size)
     per_batch = {}
     spent = {}
@@ -122,7 +122,7 @@ def replica_stats(rows: list[dict], manifest: Manifest) -> dict:
         "window_s": round(window, 2),
         "busy_fraction": {s: round(v / total, 3) for s, v in spent.items()},  # of the actors' busy time
         "seconds_per_batch": per_batch,
-        "pools": {name: pool.pool_size for name, (_, pool) in units.items()},
+        "pools": {name: pool.pool_size for name, (_, pool) in pools.items()},
     }
 
 

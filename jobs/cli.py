@@ -1,4 +1,5 @@
-"""The `ifrender` command: run a manifest, validate one, build tiny models."""
+"""The `ifrender` command: run, status, validate, plan, bench, profile, tiny-models, stage-models and
+sync-models (`ifrender --help` lists each with its arguments)."""
 
 from __future__ import annotations
 

@@ -201,7 +201,7 @@ class Manifest(Strict):
             return "pipeline"
         return "replicas" if len(self.groups) == 1 and tuple(self.groups[0].stages) == self.stages() else "fused"
 
-    def units(self) -> dict[str, tuple[tuple[str, ...], PoolConfig]]:
+    def model_pools(self) -> dict[str, tuple[tuple[str, ...], PoolConfig]]:
         """The model actor pools in cascade order: {name: (its stages, its pool settings)}; a stage
         in no group is a pool of its own, named as the stage."""
         grouped = {g.stages[0]: g for g in self.groups}

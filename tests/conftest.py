@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from jobs.manifest import DEFAULT_MANIFEST, load_manifest
-from tests.helpers import free_port
+from tests.helpers import LINES, free_port
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -77,3 +78,11 @@ def ray_local(s3_server):
     ray.init(num_cpus=4, num_gpus=0, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def prompts(tmp_path_factory):
+    """tests.helpers.LINES as a JSONL file: good rows, and bad ones that must become error rows."""
+    path = tmp_path_factory.mktemp("prompts") / "prompts.jsonl"
+    path.write_text("\n".join(line if isinstance(line, str) else json.dumps(line) for line in LINES) + "\n")
+    return path

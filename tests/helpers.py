@@ -3,6 +3,7 @@ consumer's view of an output, and an S3 proxy that injects faults."""
 
 from __future__ import annotations
 
+import hashlib
 import http.client
 import http.server
 import io
@@ -188,3 +189,47 @@ class FaultyS3Proxy:
     def __exit__(self, *exc) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+# ---- the prompt file the end-to-end tests share: good rows and bad ones ----------------------
+
+GOOD = [
+    "a red fox in the snow",
+    "a lighthouse in a storm",
+    "a corgi on a skateboard",
+    "a bowl of ramen",
+    "a castle in fog",
+]
+
+
+LINES = [
+    {"prompt": GOOD[0]},
+    {"prompt": None},
+    {"prompt": GOOD[1], "negative_prompt": "blurry"},
+    {"prompt": GOOD[2], "seed": "not-a-seed"},
+    {"prompt": GOOD[2], "id": "corgi/1", "seed": 42},
+    "{broken json",
+    {"prompt": GOOD[3]},
+    {"prompt": GOOD[4]},
+]
+
+
+OK_COUNT = 5
+
+
+def check_complete(rows, images, size):
+    """Every input row exactly once; images decodable, of the right size, matching their digests."""
+    assert len(rows) == len(LINES)
+    assert sorted(r["row"] for r in rows) == list(range(len(LINES)))
+    assert len({r["id"] for r in rows}) == len(rows)
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert len(ok) == OK_COUNT
+    for r in rows:
+        if r["status"] == "ok":
+            data = images[r["image_key"]]
+            assert hashlib.sha256(data).hexdigest() == r["sha256"]
+            assert Image.open(io.BytesIO(data)).size == (size, size) == (r["width"], r["height"])
+            assert r["error"] is None
+        else:
+            assert r["image_key"] is None and r["sha256"] is None and r["error"]
+    assert len(images) == OK_COUNT

@@ -25,7 +25,7 @@ def read_dataset(manifest: Manifest, work: list[Work]):
     the first pools' batch. Returns the dataset and its rows per block."""
     import ray
 
-    rows = manifest.ray.block_rows or min(pool.batch_size for _, pool in manifest.units().values())
+    rows = manifest.ray.block_rows or min(pool.batch_size for _, pool in manifest.model_pools().values())
     ds = ray.data.from_items(shard_items([w.shard for w in work]), override_num_blocks=len(work))
     ds = ds.map_batches(
         read_shards,
@@ -57,7 +57,7 @@ def build_dataset(manifest: Manifest, work: list[Work], run_id: str, placed: dic
             kwargs["safety"] = manifest.safety
         return kwargs
 
-    for name, (members, pool) in manifest.units().items():
+    for name, (members, pool) in manifest.model_pools().items():
         if len(members) == 1:
             fn, kwargs = STAGES[name].worker_class(), worker_args(name)
         else:

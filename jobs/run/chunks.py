@@ -30,7 +30,7 @@ def render_chunks(run: Run, cluster: Cluster, stop_after_s: float | None = None)
 
 def _render_chunks(run: Run, cluster: Cluster, stop_after_s: float | None) -> list[Work]:
     manifest, summary = run.manifest, run.summary
-    size = manifest.ray.chunk_shards or len(run.work)
+    per_chunk = manifest.ray.chunk_shards or len(run.work)
     remaining, left = list(run.work), []
     again: set[int] = set()  # shards already run a second time in this run
     nodes: set[str] = set()  # the alive nodes the last chunk saw
@@ -46,12 +46,12 @@ def _render_chunks(run: Run, cluster: Cluster, stop_after_s: float | None) -> li
             )
             summary.stopped = f"--stop-after {stop_after_s:g} s reached with {len(remaining)} shards to go"
             return left + remaining
-        work, remaining = remaining[:size], remaining[size:]
+        work, remaining = remaining[:per_chunk], remaining[per_chunk:]
         chunk, nodes = start_chunk(run, work, nodes)
         pending = {w.shard.index: w for w in work}
         run_id = uuid.uuid4().hex[:8]  # per chunk: a chunk run again writes under names of its own
         sized = with_pool_sizes(manifest, chunk.pools)
-        placed, groups = reserve(job_pools(sized), manifest.ray.reserve_timeout_s)
+        placed, reservations = reserve(job_pools(sized), manifest.ray.reserve_timeout_s)
         try:
             ds = build_dataset(sized, work, run_id, placed)
             assemble(run, ds, pending, run_id, cluster.watch)
@@ -79,7 +79,7 @@ def _render_chunks(run: Run, cluster: Cluster, stop_after_s: float | None) -> li
             remaining = retry + remaining
             continue
         finally:
-            release(groups)  # a cluster keeps no reservation of an ended chunk
+            release(reservations)  # a cluster keeps no reservation of an ended chunk
             run.chunk_ended()
         left += list(pending.values())
     return left

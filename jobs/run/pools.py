@@ -33,8 +33,8 @@ def cluster_address(manifest: Manifest) -> str | None:
 
 
 def job_pools(manifest: Manifest) -> dict:
-    """Every actor pool of the job by name: its model stages' or groups' (Manifest.units) and the writer's."""
-    return {name: pool for name, (_, pool) in manifest.units().items()} | {WRITE: manifest.write}
+    """Every actor pool of the job by name: its model stages' or groups' (Manifest.model_pools) and the writer's."""
+    return {name: pool for name, (_, pool) in manifest.model_pools().items()} | {WRITE: manifest.write}
 
 
 def bundle(pool) -> dict[str, float]:
@@ -46,21 +46,21 @@ def bundle(pool) -> dict[str, float]:
 def reserve(pools: dict, timeout_s: float) -> tuple[dict[str, dict], list]:
     """Placement groups for the pools with fractional GPU shares, created largest share first,
     each ready before the next. Returns per stage the `map_batches` arguments that put its actors
-    in its group, and the groups (release them when the job ends). Whole-GPU pools need none:
+    in its placement group, and the reservations (release them when the chunk ends). Whole-GPU pools need none:
     their actors take GPUs nobody shares."""
     import ray
     from ray.util.placement_group import placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     args: dict[str, dict] = {}
-    groups: list = []
+    reservations: list = []
     order = sorted((s for s, p in pools.items() if fractional(p.num_gpus)), key=lambda s: -pools[s].num_gpus)
     try:
         for stage in order:
             p = pools[stage]
-            group = placement_group([bundle(p)] * p.pool_size, strategy="PACK")
-            groups.append(group)
-            ready, _ = ray.wait([group.ready()], timeout=timeout_s)
+            reserved = placement_group([bundle(p)] * p.pool_size, strategy="PACK")
+            reservations.append(reserved)
+            ready, _ = ray.wait([reserved.ready()], timeout=timeout_s)
             if not ready:
                 raise RuntimeError(
                     f"{stage}: could not reserve {p.pool_size} actor(s) of {bundle(p)} within {timeout_s:g} s "
@@ -69,19 +69,19 @@ def reserve(pools: dict, timeout_s: float) -> tuple[dict[str, dict], list]:
                     f"fewer actors or a smaller num_gpus for {stage}, or a longer ray.reserve_timeout_s "
                     f"while an autoscaler adds nodes."
                 )
-            args[stage] = {"scheduling_strategy": PlacementGroupSchedulingStrategy(group)}
+            args[stage] = {"scheduling_strategy": PlacementGroupSchedulingStrategy(reserved)}
             log.info("reserved %d x %s for %s", p.pool_size, bundle(p), stage)
     except BaseException:
-        release(groups)
+        release(reservations)
         raise
-    return args, groups
+    return args, reservations
 
 
-def release(groups: list) -> None:
+def release(reservations: list) -> None:
     from ray.util.placement_group import remove_placement_group
 
-    for group in groups:
-        remove_placement_group(group)
+    for reserved in reservations:
+        remove_placement_group(reserved)
 
 
 def mps_env(pool, mps: bool) -> dict:
@@ -96,7 +96,7 @@ def strategy(pool, placed: bool):
     """The pool's actors: a fixed number, or for a pool with a max_pool_size and no reservation,
     Ray Data's autoscaling pool from this chunk's size up to the maximum, so that a node joining
     mid-chunk takes work without waiting for the next chunk (measured on a local multi-node
-    cluster: tests/jobs/test_cluster.py). Two tasks in flight per actor keep one queued behind
+    cluster: tests/scenarios/test_cluster.py). Two tasks in flight per actor keep one queued behind
     the one running without the first actor ready taking a whole chunk's blocks."""
     from ray.data import ActorPoolStrategy
 

@@ -107,7 +107,7 @@ class RunReport(Observer):
         chunk = summary.pool_sizes[-1]
         pools = {
             name: Allocation(stages, chunk["pools"].get(name, pool.pool_size), pool.num_gpus, pool.batch_size)
-            for name, (stages, pool) in self.manifest.units().items()
+            for name, (stages, pool) in self.manifest.model_pools().items()
         }
         profile = flops_profile(self.manifest)
         rate, limit, _ = predict(profile, pools, int(chunk["gpus"]), self.manifest.ray.mps)

@@ -28,7 +28,7 @@ class Watch(Observer):
     def __init__(self, run, tracker) -> None:
         self.run, self.tracker = run, tracker
         self.timeout = run.manifest.ray.no_progress_timeout_s
-        self.pools = {stage: name for name, (members, _) in run.manifest.units().items() for stage in members}
+        self.pools = {stage: name for name, (members, _) in run.manifest.model_pools().items() for stage in members}
         self.pools[WRITE] = WRITE
         self.sizes: dict[str, int] = {}
         self.snap: dict = {}

@@ -53,7 +53,7 @@ def simulate(profile: Profile, chosen: Plan, time_scale: float, images: int) -> 
             n: PoolConfig(pool_size=a.pool_size, batch_size=a.batch_size, num_gpus=a.num_gpus, num_cpus=0.1)
             for n, a in chosen.pools.items()
         }
-        placed, groups = reserve(pools, timeout_s=120)
+        placed, reservations = reserve(pools, timeout_s=120)
         ds = ray.data.range(images, override_num_blocks=max(1, images // 2))
         ds = ds.map_batches(lambda b: {"id": b["id"]}, batch_size=None, num_cpus=1)
         rows = 2
@@ -78,7 +78,7 @@ def simulate(profile: Profile, chosen: Plan, time_scale: float, images: int) -> 
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             for c in columns:
                 calls[c].extend(batch[c].tolist())
-        release(groups)
+        release(reservations)
     finally:
         ray.shutdown()
         shutil.rmtree(gpu_root, ignore_errors=True)

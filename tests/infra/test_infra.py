@@ -9,10 +9,9 @@ import functools
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
-import tempfile
+import time
 import tomllib
 from importlib.metadata import version
 from pathlib import Path
@@ -22,6 +21,7 @@ import pytest
 import yaml
 
 from jobs.manifest import MANIFESTS_DIR, load_manifest
+from tests.harness.cluster import LocalCluster, ray_env
 from tests.helpers import (
     free_port,
 )
@@ -152,7 +152,7 @@ def test_rayjob_steers_each_stage_to_a_worker_group_with_weights_read_only_and_n
     manifest = load_manifest(MANIFESTS_DIR / Path(manifest_path).name, run_date="2026-11-22")
     groups = {g["groupName"]: g for g in spec["rayClusterSpec"]["workerGroupSpecs"]}
     declared = {k: float(v) for g in groups.values() for k, v in g.get("resources", {}).items()}
-    for pool_name, (stages, pool) in manifest.units().items():
+    for pool_name, (stages, pool) in manifest.model_pools().items():
         assert pool.resources, f"{pool_name} has no resources: its pool could land on any group"
         for name, amount in pool.resources.items():
             assert 0 < amount <= declared[name], f"{pool_name} asks {name}={amount}; groups declare {declared}"
@@ -246,7 +246,7 @@ def test_the_nightly_deadline_and_stop_follow_from_the_plan():
     manifest = load_manifest(MANIFESTS_DIR / Path(args[2]).name, run_date="2026-11-22")
     (gpu,) = spec["rayClusterSpec"]["workerGroupSpecs"]
     assert gpu["template"]["spec"]["nodeSelector"]["node.kubernetes.io/instance-type"] == "g6e.xlarge"  # 1 x L40S 48 GB
-    (_, pool), *_ = manifest.units().values()
+    (_, pool), *_ = manifest.model_pools().values()
     assert pool.max_pool_size == gpu["maxReplicas"]
     chosen = plan(flops_profile(manifest), gpu["maxReplicas"], 48)
     chunk = manifest.ray.chunk_shards * manifest.input.shard_size
@@ -274,7 +274,7 @@ def test_cluster_launcher_config_passes_rays_own_validation():
     types = config["available_node_types"]
     declared = {k for t in types.values() for k in t.get("resources", {})}
     manifest = load_manifest(MANIFESTS_DIR / "cluster.yaml", run_date="2026-11-22")
-    wanted = {k for _, pool in manifest.units().values() for k in pool.resources}
+    wanted = {k for _, pool in manifest.model_pools().values() for k in pool.resources}
     assert wanted
     assert wanted <= declared
     assert types[config["head_node_type"]]["resources"]["GPU"] == 0
@@ -303,27 +303,22 @@ def test_ray_job_submit_runs_local_tiny_on_a_local_head(tmp_path):
     """The cluster path end to end: a Ray head on 127.0.0.1, the job submitted through its job
     server (the dashboard), the driver joining with RAY_ADDRESS as on a cluster."""
     ray_bin = Path(sys.executable).parent / "ray"
-    # A short session directory: Ray's socket paths must fit the 107-byte limit of AF_UNIX.
-    session = Path(tempfile.mkdtemp(prefix="ifr-ray-", dir="/tmp"))
-    port, dashboard = free_port(), free_port()
-    env = os.environ | {
-        "RAY_AUTH_MODE": "disabled",
-        "PATH": f"{ray_bin.parent}:{os.environ['PATH']}",
-        "RAY_TMPDIR": str(session),
-    }
-    env.pop("RAY_ADDRESS", None)
-    start = [str(ray_bin), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}"]
-    start += ["--num-cpus=8", "--num-gpus=0", "--include-dashboard=true", "--dashboard-host=127.0.0.1"]
-    start += [f"--dashboard-port={dashboard}", f"--temp-dir={session}", "--disable-usage-stats"]
-    subprocess.run(start, env=env, check=True, capture_output=True, timeout=180)
+    dashboard = free_port()
+    env = ray_env() | {"PATH": f"{ray_bin.parent}:{os.environ['PATH']}"}
+    cluster = LocalCluster(head_cpus=8, dashboard_port=dashboard)  # ended by its own processes, not `ray stop`
     out = tmp_path / "out"
     try:
         submit = [str(ray_bin), "job", "submit", f"--address=http://127.0.0.1:{dashboard}", "--"]
         submit += ["ifrender", "run", str(MANIFESTS_DIR / "local-tiny.yaml"), f"--set=output.path={out}", "--quiet"]
-        result = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=900)
+        # The head's job agent comes up after `ray start` returns: wait for it rather than race it.
+        deadline = time.monotonic() + 120
+        while True:
+            result = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=900)
+            if "No available agent" not in result.stdout + result.stderr or time.monotonic() > deadline:
+                break
+            time.sleep(2)
     finally:
-        subprocess.run([str(ray_bin), "stop", "--force"], env=env, capture_output=True, timeout=120)
-        shutil.rmtree(session, ignore_errors=True)
+        cluster.stop()
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "succeeded" in result.stdout
     index = json.loads((out / "index.json").read_text())

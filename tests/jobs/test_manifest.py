@@ -148,17 +148,17 @@ def test_layouts_are_named_and_their_pools_listed_in_cascade_order():
     from jobs.plan.layouts import with_groups
 
     manifest = load_manifest()
-    assert manifest.layout == "pipeline" and list(manifest.units()) == list(manifest.stages())
+    assert manifest.layout == "pipeline" and list(manifest.model_pools()) == list(manifest.stages())
     replicas = with_groups(manifest, [{"stages": list(manifest.stages()), "pool_size": 3}])
     assert replicas.layout == "replicas"
-    assert {n: (s, p.pool_size) for n, (s, p) in replicas.units().items()} == {
+    assert {n: (s, p.pool_size) for n, (s, p) in replicas.model_pools().items()} == {
         "encode+stage1+stage2+upscale": (manifest.stages(), 3)
     }
     # a grouped stage's worker takes the group's pool settings and keeps its own micro_batch
     assert replicas.stage_config("stage2").pool_size == 3
     assert replicas.stage_config("stage2").micro_batch == manifest.stage2.micro_batch
     fused = with_groups(manifest, [{"stages": ["stage2", "upscale"], "num_gpus": 0}])
-    assert fused.layout == "fused" and list(fused.units()) == ["encode", "stage1", "stage2+upscale"]
+    assert fused.layout == "fused" and list(fused.model_pools()) == ["encode", "stage1", "stage2+upscale"]
 
 
 @pytest.mark.parametrize(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 from pathlib import Path
@@ -17,58 +16,14 @@ from jobs.output.commits import list_commits
 from jobs.plan.layouts import with_groups
 from jobs.render import run
 from tests.helpers import (
+    GOOD,
+    LINES,
+    OK_COUNT,
+    check_complete,
     png,
     read_output,
 )
-from workers.errors import ChangedManifestError, StorageError
-
-GOOD = [
-    "a red fox in the snow",
-    "a lighthouse in a storm",
-    "a corgi on a skateboard",
-    "a bowl of ramen",
-    "a castle in fog",
-]
-
-
-LINES = [
-    {"prompt": GOOD[0]},
-    {"prompt": None},
-    {"prompt": GOOD[1], "negative_prompt": "blurry"},
-    {"prompt": GOOD[2], "seed": "not-a-seed"},
-    {"prompt": GOOD[2], "id": "corgi/1", "seed": 42},
-    "{broken json",
-    {"prompt": GOOD[3]},
-    {"prompt": GOOD[4]},
-]
-
-
-OK_COUNT = 5
-
-
-@pytest.fixture(scope="module")
-def prompts(tmp_path_factory):
-    path = tmp_path_factory.mktemp("prompts") / "prompts.jsonl"
-    path.write_text("\n".join(line if isinstance(line, str) else json.dumps(line) for line in LINES) + "\n")
-    return path
-
-
-def check_complete(rows, images, size):
-    """Every input row exactly once; images decodable, of the right size, matching their digests."""
-    assert len(rows) == len(LINES)
-    assert sorted(r["row"] for r in rows) == list(range(len(LINES)))
-    assert len({r["id"] for r in rows}) == len(rows)
-    ok = [r for r in rows if r["status"] == "ok"]
-    assert len(ok) == OK_COUNT
-    for r in rows:
-        if r["status"] == "ok":
-            data = images[r["image_key"]]
-            assert hashlib.sha256(data).hexdigest() == r["sha256"]
-            assert Image.open(io.BytesIO(data)).size == (size, size) == (r["width"], r["height"])
-            assert r["error"] is None
-        else:
-            assert r["image_key"] is None and r["sha256"] is None and r["error"]
-    assert len(images) == OK_COUNT
+from workers.errors import ChangedManifestError
 
 
 @pytest.fixture(scope="module")
@@ -244,45 +199,6 @@ def test_retry_errors_reruns_only_failed_rows_as_a_new_attempt(prompts, ray_loca
     assert {s: c.attempt for s, c in list_commits(out).items()} == {0: 1, 1: 1, 2: 0}
 
 
-def test_missing_bucket_fails_at_once(s3_server, prompts, tiny_manifest):
-    with pytest.raises(StorageError, match="bucket 'no-such-bucket' is not usable \\(the bucket does not exist\\)"):
-        run(tiny_manifest(f"input.path={prompts}", output="s3://no-such-bucket/x"), progress=False)
-
-
-def test_unreachable_endpoint_fails_at_once(s3_server, prompts, monkeypatch, tiny_manifest):
-    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:9")  # discard port: nothing listens
-    with pytest.raises(StorageError, match="cannot reach http://127.0.0.1:9"):
-        run(tiny_manifest(f"input.path={prompts}", output="s3://renders/x"), progress=False)
-
-
-def test_missing_weights_fail_with_staging_advice(prompts, tmp_path, tiny_manifest):
-    from jobs.run.preflight import resolve_models
-    from workers.errors import ModelLoadError
-
-    cases = {
-        str(tmp_path / "not-there"): "Expected a directory in the hub layout there.*hf download REPO --local-dir",
-        "DeepFloyd/IF-I-XL-v1.0": "not in the Hugging Face cache.*hf download DeepFloyd/IF-I-XL-v1.0",
-    }
-    for model, advice in cases.items():
-        manifest = tiny_manifest(f"input.path={prompts}", f"stage1.model={model}", output=str(tmp_path / "o"))
-        with pytest.raises(ModelLoadError, match=f"stage1: could not load model '{model}' offline.*{advice}"):
-            resolve_models(manifest)
-
-
-def test_gpu_pools_without_gpus_fail_before_rendering(ray_local, prompts, tmp_path, tiny_manifest):
-    manifest = tiny_manifest(f"input.path={prompts}", "stage1.num_gpus=1", output=str(tmp_path / "o"))
-    with pytest.raises(RuntimeError, match="stage1: asks for 1 GPU\\(s\\) per actor but this local Ray has 0"):
-        run(manifest, progress=False)
-
-
-def test_pools_steered_to_resources_this_ray_lacks_fail_before_rendering(ray_local, prompts, tmp_path, tiny_manifest):
-    manifest = tiny_manifest(
-        f"input.path={prompts}", "stage2.resources={ifrender_light: 1}", output=str(tmp_path / "o")
-    )
-    with pytest.raises(RuntimeError, match=r"stage2.resources: asks for \{'ifrender_light': 1.0\} per actor"):
-        run(manifest, progress=False)
-
-
 def readme_recipes() -> dict[str, str]:
     """The README's recipes for reading an output: the python blocks after `<!-- recipe: NAME -->`."""
     import re
@@ -376,61 +292,6 @@ def test_hostile_rows_all_accounted_for_and_keys_stay_inside(ray_local, tmp_path
             assert r["image_key"].isprintable() and ".." not in r["image_key"]
 
 
-def test_overwrite_empties_the_output_first(tmp_path, prompts, tiny_manifest):
-    from jobs.output.job_record import check_job
-    from jobs.run.preflight import prepare_output
-
-    out = tmp_path / "old"
-    (out / "images" / "000000-x").mkdir(parents=True)
-    (out / "images" / "000000-x" / "a.png").write_bytes(b"old")
-    (out / "commits").mkdir()
-    (out / "commits" / "000000-000.json").write_text("{}")
-    manifest = tiny_manifest(f"input.path={prompts}", output=str(out))
-    check_job(str(out), manifest, allow_changed=False)  # an ifrender output: it has its job.json
-    prepare_output(manifest, overwrite=False)
-    assert (out / "commits" / "000000-000.json").exists()  # resuming keeps everything
-    prepare_output(manifest, overwrite=True)
-    assert not [p for p in out.rglob("*") if p.is_file()]
-
-
-def test_overwrite_refuses_anything_but_an_ifrender_output_and_checks_the_input_first(tmp_path, prompts, tiny_manifest):
-    from jobs.output.job_record import check_job
-    from jobs.run.preflight import prepare_output
-    from workers.errors import InputError
-
-    home = tmp_path / "home"
-    (home / "photos").mkdir(parents=True)
-    (home / "photos" / "me.jpg").write_bytes(b"precious")
-    (home / "job.json").write_text('{"name": "not ours"}')
-    with pytest.raises(StorageError, match=r"holds no job.json written by ifrender \(found job.json, photos/me.jpg\)"):
-        prepare_output(tiny_manifest(f"input.path={prompts}", output=str(home)), overwrite=True)
-    assert (home / "photos" / "me.jpg").read_bytes() == b"precious"
-    # An ifrender output keeps what ifrender did not write there.
-    out = tmp_path / "out"
-    manifest = tiny_manifest(f"input.path={prompts}", output=str(out))
-    check_job(str(out), manifest, allow_changed=False)
-    (out / "shards").mkdir()
-    (out / "shards" / "000000-000-r.parquet").write_bytes(b"old")
-    (out / "NOTES.txt").write_text("mine")
-    prepare_output(manifest, overwrite=True)
-    assert sorted(p.name for p in out.rglob("*") if p.is_file()) == ["NOTES.txt"]
-    # A bad input stops a run before --overwrite touches anything.
-    check_job(str(out), manifest, allow_changed=False)
-    (out / "shards").mkdir(exist_ok=True)
-    (out / "shards" / "000001-000-r.parquet").write_bytes(b"kept")
-    with pytest.raises(InputError):
-        run(tiny_manifest(f"input.path={tmp_path / 'missing.jsonl'}", output=str(out)), overwrite=True)
-    assert (out / "shards" / "000001-000-r.parquet").read_bytes() == b"kept"
-
-
-def test_unknown_tiny_model_is_named(prompts, tmp_path, tiny_manifest):
-    from jobs.run.preflight import resolve_models
-
-    manifest = tiny_manifest(f"input.path={prompts}", "stage2.model=tiny:IF-III", output=str(tmp_path / "o"))
-    with pytest.raises(ValueError, match="stage2.model: unknown tiny model 'IF-III'; expected one of"):
-        resolve_models(manifest)
-
-
 @pytest.mark.slow
 def test_mixed_dataset_end_to_end_with_retry_and_contact_sheets(ray_local, tmp_path, tiny_manifest):
     (tmp_path / "fox.png").write_bytes(png((180, 90, 20)))
@@ -479,28 +340,6 @@ def test_mixed_dataset_end_to_end_with_retry_and_contact_sheets(ray_local, tmp_p
     }
 
 
-@pytest.mark.parametrize(
-    ("last_stage", "models"),
-    [
-        ("stage1", ["EncodeWorker", "Stage1Worker"]),
-        ("upscale", ["EncodeWorker", "Stage1Worker", "Stage2Worker", "UpscaleWorker"]),
-    ],
-)
-def test_the_chain_runs_the_registry_stages_in_order(ray_local, prompts, tmp_path, tiny_manifest, last_stage, models):
-    from jobs.input.shards import plan_shards
-    from jobs.output.commits import Work
-    from jobs.run.chain import build_dataset
-
-    m = tiny_manifest(f"input.path={prompts}", f"last_stage={last_stage}", output=str(tmp_path / "o"))
-    op = build_dataset(m, [Work(s, 0) for s in plan_shards(m.input)], "r1")._logical_plan.dag
-    chain = []
-    while op is not None:
-        chain.append(op.name)
-        op = op.input_dependencies[0] if op.input_dependencies else None
-    maps = [name[len("MapBatches(") : -1] for name in reversed(chain) if name.startswith("MapBatches(")]
-    assert maps == ["read_shards", *models, "WriteWorker"]
-
-
 @pytest.mark.slow
 def test_a_mixed_file_renders_every_good_row_at_its_own_size(ray_local, tmp_path, tiny_manifest):
     import csv
@@ -542,20 +381,3 @@ def test_a_mixed_file_renders_every_good_row_at_its_own_size(ray_local, tmp_path
         assert by_id["wide"]["prompt"] == 'a 12" pizza on a table'
         assert "not a readable image" in by_id["corrupt"]["error"]
         assert "Nearest valid: 16x16 or 24x16" in by_id["badsize"]["error"]
-
-
-def test_a_store_that_ignores_conditional_writes_is_refused_before_any_model_work(
-    s3_server, prompts, tmp_path, monkeypatch, tiny_manifest
-):
-    import boto3
-
-    from tests.helpers import FaultyS3Proxy
-
-    boto3.client("s3").create_bucket(Bucket="unconditional")
-    never = 10**9  # no 503s, no lost answers: only the conditions go missing
-    with FaultyS3Proxy(int(s3_server.rsplit(":", 1)[1]), never, never, ignore_conditions=True) as proxy:
-        monkeypatch.setenv("AWS_ENDPOINT_URL_S3", proxy.endpoint)
-        with pytest.raises(StorageError, match="ignores If-None-Match: a second create of one key succeeded"):
-            run(tiny_manifest(f"input.path={prompts}", output="s3://unconditional/job"), progress=False)
-    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3_server)
-    assert boto3.client("s3").list_objects_v2(Bucket="unconditional").get("KeyCount") == 0  # probe cleaned up

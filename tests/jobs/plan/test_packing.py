@@ -79,9 +79,9 @@ def test_max_pool_size_below_pool_size_is_refused_naming_both():
 def test_pool_sizes_apply_to_groups_and_single_stages(tiny_manifest):
     replicas = load_manifest(MANIFESTS_DIR / "cluster-tiny.yaml")
     sized = with_pool_sizes(replicas, {"encode+stage1+stage2+upscale": 3, "write": 5})
-    assert sized.units()["encode+stage1+stage2+upscale"][1].pool_size == 3 and sized.write.pool_size == 5
+    assert sized.model_pools()["encode+stage1+stage2+upscale"][1].pool_size == 3 and sized.write.pool_size == 5
     assert sized.stage_config("upscale").pool_size == 3
-    assert replicas.units()["encode+stage1+stage2+upscale"][1].pool_size == 1  # a copy, not an edit
+    assert replicas.model_pools()["encode+stage1+stage2+upscale"][1].pool_size == 1  # a copy, not an edit
     pipeline = with_pool_sizes(tiny_manifest(), {"encode": 2, "upscale": 4})
     assert pipeline.encode.pool_size == 2 and pipeline.upscale.pool_size == 4 and pipeline.stage1.pool_size == 1
 

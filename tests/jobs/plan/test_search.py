@@ -139,7 +139,7 @@ def test_plan_command_prints_every_layout_and_saves_a_plan_that_run_applies(tmp_
     )
     assert m.layout == record["plan"]["layout"] == "replicas"
     for name, a in record["plan"]["pools"].items():
-        _, pool = m.units()[name]
+        _, pool = m.model_pools()[name]
         assert (pool.pool_size, pool.num_gpus, pool.batch_size) == (a["pool_size"], a["num_gpus"], a["batch_size"])
     bad = ifrender("run", "--plan", str(tmp_path / "nope.json"))
     assert bad.returncode == 1 and "expected a plan saved by `ifrender plan --save`" in bad.stderr
@@ -152,7 +152,7 @@ def test_a_plan_of_any_layout_applies_and_moves_group_resources_with_gpu_shares(
     applied = chosen.apply(cluster)
     assert applied.layout == layout
     for name, a in chosen.pools.items():
-        stages, pool = applied.units()[name]
+        stages, pool = applied.model_pools()[name]
         assert stages == a.stages and (pool.pool_size, pool.num_gpus) == (a.pool_size, a.num_gpus)
         assert set(pool.resources.values()) == {a.num_gpus}
         for stage in stages:  # the workers get the pool's share: what picks their device

@@ -1,5 +1,5 @@
 """On a real multi-node Ray: a head and GPU-group nodes started with `ray start` on 127.0.0.1
-(tests/cluster.py), the job submitted to it through the CLI as an operator runs it. Nodes join
+(tests/harness/cluster.py), the job submitted to it through the CLI as an operator runs it. Nodes join
 and are killed mid-job; a stage that cannot run is reported, not waited on; the metrics are
 scraped from the cluster's Prometheus endpoints.
 
@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from jobs.manifest import MANIFESTS_DIR
-from tests.cluster import LocalCluster, ray_env
+from tests.harness.cluster import LocalCluster, ray_env
 from tests.helpers import check_exactly_once
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]

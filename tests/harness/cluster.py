@@ -30,7 +30,7 @@ def ray_env() -> dict[str, str]:
 
 
 class LocalCluster:
-    def __init__(self, head_cpus: int = 2) -> None:
+    def __init__(self, head_cpus: int = 2, dashboard_port: int | None = None) -> None:
         # Short: Ray's socket paths live under it and must stay within 107 characters.
         self.temp = tempfile.mkdtemp(prefix="ifr-ray-", dir="/tmp")
         self.port = free_port()
@@ -46,7 +46,12 @@ class LocalCluster:
             "--num-gpus=0",
             f"--temp-dir={self.temp}",
             f"--metrics-export-port={self.metrics_port}",
-            "--include-dashboard=false",
+            *(
+                ["--node-ip-address=127.0.0.1", "--include-dashboard=true", "--dashboard-host=127.0.0.1"]
+                + [f"--dashboard-port={dashboard_port}"]
+                if dashboard_port
+                else ["--include-dashboard=false"]
+            ),
         )
 
     def _start(self, name: str, *args: str) -> None:

@@ -117,7 +117,7 @@ def test_stage_actors_killed_at_ten_random_moments_are_restarted_and_rows_come_o
 
 @pytest.mark.slow
 def test_two_jobs_on_one_output_commit_each_shard_once(tiny_root, tmp_path):
-    # On S3 the same race runs in process, many times over (tests/jobs/test_chaos.py).
+    # On S3 the same race runs in process, many times over (tests/scenarios/test_chaos.py).
     out = str(tmp_path / "out")
     prompts = tmp_path / "p.txt"
     prompts.write_text("\n".join(PROMPTS[:8]) + "\n")
