@@ -26,6 +26,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from jobs.manifest import Manifest
+from jobs.output.layout import INDEX
 from workers.sizes import JobSize
 from workers.stages import STAGES
 
@@ -95,7 +96,7 @@ def run_pipeline(manifest: Manifest) -> tuple[dict, list[dict]]:
 
     summary = run(manifest, overwrite=True, progress=False)
     out = Path(manifest.output.path)
-    index = json.loads((out / "index.json").read_text())
+    index = json.loads((out / INDEX).read_text())
     rows = []
     for shard in index["shards"]:
         rows += pq.read_table(out / shard["data"]).to_pylist()

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from jobs.manifest import DEFAULT_MANIFEST, load_manifest
-from tests.helpers import LINES, free_port
+from tests.helpers import EVERY_FORMAT, LINES, free_port
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -86,3 +86,25 @@ def prompts(tmp_path_factory):
     path = tmp_path_factory.mktemp("prompts") / "prompts.jsonl"
     path.write_text("\n".join(line if isinstance(line, str) else json.dumps(line) for line in LINES) + "\n")
     return path
+
+
+@pytest.fixture(scope="session")
+def local_run(ray_local, prompts, tmp_path_factory, tiny_manifest):
+    """One render for every test that asserts on the same output: the full cascade of `prompts`
+    to a local directory at local-tiny's batch sizes, with every output format on (embedded
+    images, WebDataset tars, contact sheets). Tests that run it again (a resume, a rebuild) use
+    `local_run.manifest`; what the run itself wrote at its end is kept here, since they rewrite it."""
+    from types import SimpleNamespace
+
+    from jobs.render import run
+
+    out = tmp_path_factory.mktemp("local") / "out"
+    manifest = tiny_manifest(f"input.path={prompts}", *EVERY_FORMAT, output=str(out))
+    summary = run(manifest, progress=False)
+    return SimpleNamespace(
+        out=out,
+        manifest=manifest,
+        summary=summary,
+        summary_json=(out / "summary.json").read_text(),
+        report=(out / "report.html").read_text(),
+    )

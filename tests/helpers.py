@@ -215,6 +215,8 @@ LINES = [
 
 
 OK_COUNT = 5
+# The shared render's settings (conftest's local_run): three shards, every output format on.
+EVERY_FORMAT = ("input.shard_size=3", "output.embed_images=true", "output.webdataset=true", "contact_sheets=true")
 
 
 def check_complete(rows, images, size):

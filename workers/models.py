@@ -31,6 +31,12 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _NO_SAFETY = dict(safety_checker=None, feature_extractor=None, watermarker=None)
 
 
+def cache_root() -> Path:
+    """Where ifrender keeps what it builds or copies on a machine (tiny models, synced mirrors, compiled
+    graphs): $IFRENDER_CACHE, by default ~/.cache/ifrender."""
+    return Path(os.environ.get("IFRENDER_CACHE", Path.home() / ".cache" / "ifrender"))
+
+
 def staging_hint(stage: str, source: str) -> str:
     if is_local_path(source):
         return (
@@ -215,7 +221,7 @@ def load_pipeline(stage: str, pipeline_cls: Any, cfg: Any, device: torch.device,
 
 
 def compile_cache_dir() -> Path:
-    return Path(os.environ.get("IFRENDER_COMPILE_CACHE", Path.home() / ".cache" / "ifrender" / "inductor"))
+    return Path(os.environ.get("IFRENDER_COMPILE_CACHE", cache_root() / "inductor"))
 
 
 def use_compile_cache() -> None:
@@ -255,7 +261,7 @@ def preset_timesteps(name: str | None) -> list[int] | None:
 
 
 def model_cache_dir() -> Path:
-    return Path(os.environ.get("IFRENDER_MODEL_CACHE", Path.home() / ".cache" / "ifrender" / "models"))
+    return Path(os.environ.get("IFRENDER_MODEL_CACHE", cache_root() / "models"))
 
 
 def mirror_has_checkpoint(uri: str) -> bool:

@@ -27,7 +27,7 @@ def with_groups(manifest: Manifest, groups: list[dict[str, Any]]) -> Manifest:
 
 
 def with_pool_sizes(manifest: Manifest, sizes: dict[str, int]) -> Manifest:
-    """The manifest with these pools (named as in job_pools: units and "write") at these sizes."""
+    """The manifest with these pools (named as in job_pools: the model pools and the writer's) at these sizes."""
     groups = {group_name(tuple(g.stages)): i for i, g in enumerate(manifest.groups)}
     update: dict[str, Any] = {}
     new_groups = list(manifest.groups)

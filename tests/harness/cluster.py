@@ -24,7 +24,10 @@ RAY = str(Path(sys.executable).with_name("ray"))
 
 
 def ray_env() -> dict[str, str]:
-    env = os.environ | {"RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+    """The environment of the cluster's nodes and of what runs on them: this venv's commands on
+    the PATH (a submitted job's entrypoint runs `ifrender`), no token for the local CLI nodes."""
+    path = f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"
+    env = os.environ | {"RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1", "PATH": path}
     env.pop("RAY_ADDRESS", None)
     return env
 
@@ -48,7 +51,10 @@ class LocalCluster:
             f"--metrics-export-port={self.metrics_port}",
             *(
                 ["--node-ip-address=127.0.0.1", "--include-dashboard=true", "--dashboard-host=127.0.0.1"]
-                + [f"--dashboard-port={dashboard_port}"]
+                # Ports of its own: another Ray on the machine (a test's local one) holds the defaults,
+                # and a job agent that cannot bind its port never takes a submission.
+                + [f"--dashboard-port={dashboard_port}", f"--dashboard-agent-listen-port={free_port()}"]
+                + [f"--ray-client-server-port={free_port()}"]
                 if dashboard_port
                 else ["--include-dashboard=false"]
             ),
@@ -97,10 +103,17 @@ class LocalCluster:
         return time.time()
 
     def processes(self) -> list[psutil.Process]:
-        """This cluster's processes: each names its session under this cluster's temp dir."""
+        """This cluster's processes: each names its session under this cluster's temp dir, or (Ray's
+        client server, which outlives its parent) this cluster's GCS address."""
         mine = []
+        gcs = f":{self.port}"
         for proc in psutil.process_iter(["cmdline"]):
-            if proc.pid != os.getpid() and any(self.temp in part for part in proc.info["cmdline"] or []):
+            cmdline = proc.info["cmdline"] or []
+            ours = any(self.temp in part for part in cmdline) or any(
+                part.startswith(("--address=", "--gcs-address=", "--gcs_address=")) and part.endswith(gcs)
+                for part in cmdline
+            )
+            if proc.pid != os.getpid() and ours:
                 mine.append(proc)
         for raylet_port in self.nodes.values():  # workers name no session dir: take each raylet's children
             for proc in psutil.process_iter(["name", "cmdline"]):

@@ -16,6 +16,7 @@ from jobs.output.commits import list_commits
 from jobs.plan.layouts import with_groups
 from jobs.render import run
 from tests.helpers import (
+    EVERY_FORMAT,
     GOOD,
     LINES,
     OK_COUNT,
@@ -26,18 +27,9 @@ from tests.helpers import (
 from workers.errors import ChangedManifestError
 
 
-@pytest.fixture(scope="module")
-def local_run(ray_local, prompts, tmp_path_factory, tiny_manifest):
-    """The full cascade to a local directory, batch sizes of local-tiny."""
-    out = tmp_path_factory.mktemp("local") / "out"
-    manifest = tiny_manifest(f"input.path={prompts}", "input.shard_size=3", output=str(out))
-    summary = run(manifest, progress=False)
-    return out, summary
-
-
 @pytest.mark.slow
 def test_local_run_renders_every_good_row_and_reports_bad_ones(local_run):
-    out, summary = local_run
+    out, summary = local_run.out, local_run.summary
     rows, images = read_output(str(out))
     check_complete(rows, images, 256)
     by_prompt = {r["prompt"]: r for r in rows}
@@ -58,13 +50,13 @@ def test_local_run_renders_every_good_row_and_reports_bad_ones(local_run):
     assert summary.committed_shards == 3 and summary.uncommitted_shards == 0
     job = json.loads((out / "job.json").read_text())
     assert job["manifest"]["stage1"]["num_inference_steps"] == 2
-    assert json.loads((out / "summary.json").read_text())["ok"] == OK_COUNT
+    assert json.loads(local_run.summary_json)["ok"] == OK_COUNT
 
 
 @pytest.mark.slow
 def test_a_row_renders_the_same_whatever_batch_pool_and_block_layout(local_run, prompts, tmp_path, tiny_manifest):
     """Other batch sizes, pool sizes, shards and blocks: the upscaled images stay within 1/255."""
-    out, _ = local_run
+    out = local_run.out
     manifest = tiny_manifest(
         f"input.path={prompts}",
         "input.shard_size=5",
@@ -102,7 +94,7 @@ def test_replicas_and_fused_stages_render_the_pipelines_images_bit_for_bit(
     local_run, prompts, tmp_path, tiny_manifest, groups
 ):
     """Same micro_batch per stage, other layout: every row's image bytes are the pipeline's."""
-    out, _ = local_run
+    out = local_run.out
     base = tiny_manifest(f"input.path={prompts}", "input.shard_size=3", output=str(tmp_path / "out"))
     manifest = with_groups(base, groups)
     assert manifest.layout == ("replicas" if len(groups) == 1 else "fused")
@@ -117,7 +109,11 @@ def test_replicas_and_fused_stages_render_the_pipelines_images_bit_for_bit(
 
 
 @pytest.mark.slow
-def test_stage2_output_is_bit_identical_across_layouts(ray_local, prompts, tmp_path, tiny_manifest):
+def test_stage2_output_is_bit_identical_across_layouts_and_s3_holds_the_output(
+    ray_local, prompts, tmp_path, tiny_manifest
+):
+    """Two layouts render the same bytes; the second writes to a real S3 server (moto on 127.0.0.1)."""
+    boto3.client("s3").create_bucket(Bucket="renders")
     layouts = {
         "small": [
             "input.shard_size=1",
@@ -135,34 +131,26 @@ def test_stage2_output_is_bit_identical_across_layouts(ray_local, prompts, tmp_p
             "stage2.batch_size=3",
         ],
     }
+    outputs = {"small": str(tmp_path / "small"), "large": "s3://renders/nightly/run-1"}
     digests = {}
     for name, overrides in layouts.items():
-        manifest = tiny_manifest(f"input.path={prompts}", "last_stage=stage2", *overrides, output=str(tmp_path / name))
-        run(manifest, progress=False)
-        rows, images = read_output(str(tmp_path / name))
+        manifest = tiny_manifest(f"input.path={prompts}", "last_stage=stage2", *overrides, output=outputs[name])
+        summary = run(manifest, progress=False)
+        assert summary.ok == OK_COUNT
+        rows, images = read_output(outputs[name])
         check_complete(rows, images, 64)
         digests[name] = {r["id"]: r["sha256"] for r in rows}
     assert digests["small"] == digests["large"]
-
-
-@pytest.mark.slow
-def test_s3_output_on_a_real_s3_server(ray_local, prompts, tiny_manifest):
-    boto3.client("s3").create_bucket(Bucket="renders")
-    manifest = tiny_manifest(f"input.path={prompts}", "last_stage=stage2", output="s3://renders/nightly/run-1")
-    summary = run(manifest, progress=False)
-    assert summary.ok == OK_COUNT
-    rows, images = read_output("s3://renders/nightly/run-1")
-    check_complete(rows, images, 64)
     keys = {o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket="renders")["Contents"]}
     assert {f"nightly/run-1/{k}" for k in images} <= keys and "nightly/run-1/commits/000000-000.json" in keys
 
 
 @pytest.mark.slow
 def test_rerun_renders_nothing_and_changes_nothing(local_run, prompts, tiny_manifest):
-    out, _ = local_run
+    out = local_run.out
     before = read_output(str(out))
     # pools and batch sizes may differ on a resume: they change no pixel
-    manifest = tiny_manifest(f"input.path={prompts}", "input.shard_size=3", "stage1.batch_size=1", output=str(out))
+    manifest = tiny_manifest(f"input.path={prompts}", *EVERY_FORMAT, "stage1.batch_size=1", output=str(out))
     summary = run(manifest, progress=False)
     assert (summary.rows, summary.skipped_shards, summary.output_rows) == (0, 3, len(LINES))
     assert read_output(str(out)) == before
@@ -170,10 +158,8 @@ def test_rerun_renders_nothing_and_changes_nothing(local_run, prompts, tiny_mani
 
 @pytest.mark.slow
 def test_changed_manifest_is_refused_naming_the_change(local_run, prompts, tiny_manifest):
-    out, _ = local_run
-    manifest = tiny_manifest(
-        f"input.path={prompts}", "input.shard_size=3", "stage1.num_inference_steps=3", output=str(out)
-    )
+    out = local_run.out
+    manifest = tiny_manifest(f"input.path={prompts}", *EVERY_FORMAT, "stage1.num_inference_steps=3", output=str(out))
     with pytest.raises(ChangedManifestError, match="stage1.num_inference_steps: 2 -> 3.*--allow-changed"):
         run(manifest, progress=False)
 
@@ -208,15 +194,13 @@ def readme_recipes() -> dict[str, str]:
 
 
 @pytest.mark.slow
-def test_every_reader_of_the_readme_sees_each_row_once_and_the_tars_match(ray_local, prompts, tmp_path, tiny_manifest):
+def test_every_reader_of_the_readme_sees_each_row_once_and_the_tars_match(local_run, tmp_path):
     import webdataset as wds
 
-    out = tmp_path / "formats"
-    args = (f"input.path={prompts}", "input.shard_size=3", "last_stage=stage1")
-    manifest = tiny_manifest(*args, "output.embed_images=true", "output.webdataset=true", output=str(out))
-    run(manifest, progress=False)
+    out, manifest = local_run.out, local_run.manifest
+    size = 256
     rows, images = read_output(str(out))
-    check_complete(rows, images, 16)
+    check_complete(rows, images, size)
     ok = sorted(r["id"] for r in rows if r["status"] == "ok")
 
     recipes = readme_recipes()
@@ -227,7 +211,7 @@ def test_every_reader_of_the_readme_sees_each_row_once_and_the_tars_match(ray_lo
         assert sorted(scope["ids"]) == ok, name
     # the datasets recipe decodes the embedded images, equal to the stored files
     for sample in scope["ds"]:
-        assert sample["image"].size == (16, 16) and sample["image"].mode == "RGB"
+        assert sample["image"].size == (size, size) and sample["image"].mode == "RGB"
         np.testing.assert_array_equal(
             np.asarray(sample["image"]), np.asarray(Image.open(io.BytesIO(images[sample["image_key"]])))
         )
@@ -239,7 +223,7 @@ def test_every_reader_of_the_readme_sees_each_row_once_and_the_tars_match(ray_lo
     by_id = {r["id"]: r for r in rows}
     for sample in samples:
         meta = sample["json"]
-        assert sample["txt"] == by_id[meta["id"]]["prompt"] and sample["png"].size == (16, 16)
+        assert sample["txt"] == by_id[meta["id"]]["prompt"] and sample["png"].size == (size, size)
         assert sample["__key__"] == f"{meta['row']:09d}"
         assert np.array_equal(
             np.asarray(sample["png"]), np.asarray(Image.open(io.BytesIO(images[by_id[meta["id"]]["image_key"]])))
@@ -252,6 +236,7 @@ def test_every_reader_of_the_readme_sees_each_row_once_and_the_tars_match(ray_lo
     assert summary.rows == 0 and (out / "webdataset" / "000001.tar").is_file()
     assert len(list(wds.WebDataset(str(out / "webdataset" / "000001.tar"), shardshuffle=False))) == 1
     assert len(list(wds.WebDataset(str(out / "webdataset" / "000002.tar"), shardshuffle=False))) >= 1
+    assert read_output(str(out))[0] == rows
 
 
 HOSTILE = [
@@ -346,10 +331,12 @@ def test_a_mixed_file_renders_every_good_row_at_its_own_size(ray_local, tmp_path
 
     from tests.workers.test_sizes import png_of
 
-    (tmp_path / "wide.png").write_bytes(png_of(768, 512))  # the guides' init image
-    (tmp_path / "tall.png").write_bytes(png_of(512, 768))
-    (tmp_path / "tall-mask.png").write_bytes(png_of(512, 768, mask=True))
-    (tmp_path / "corrupt.png").write_bytes(png_of(32, 32)[:30])
+    files = tmp_path / "files"  # the data files and their images: a folder reads only its data files
+    files.mkdir()
+    (files / "wide.png").write_bytes(png_of(768, 512))  # the guides' init image
+    (files / "tall.png").write_bytes(png_of(512, 768))
+    (files / "tall-mask.png").write_bytes(png_of(512, 768, mask=True))
+    (files / "corrupt.png").write_bytes(png_of(32, 32)[:30])
     records = [
         {"id": "square", "prompt": "a fox"},
         {"id": "wide", "prompt": 'a 12" pizza on a table', "width": 24, "height": 16},
@@ -361,20 +348,22 @@ def test_a_mixed_file_renders_every_good_row_at_its_own_size(ray_local, tmp_path
     ]
     # Sizes at last_stage=stage1 (the tiny stage I renders 16 px): each row its own.
     expected = {"square": (16, 16), "wide": (24, 16), "tall916": (72, 128), "img2img": (24, 16), "inpaint": (16, 24)}
-    jsonl = tmp_path / "mixed.jsonl"
-    jsonl.write_text("".join(json.dumps(r) + "\n" for r in records))
+    # Both files in one folder, one render: each file's shards are its own, so each is checked alone.
+    (files / "mixed.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     columns = ["id", "prompt", "width", "height", "image", "mask_image"]
-    with open(tmp_path / "mixed.csv", "w", newline="", encoding="utf-8-sig") as f:  # with a BOM
+    with open(files / "mixed.csv", "w", newline="", encoding="utf-8-sig") as f:  # with a BOM
         writer = csv.writer(f, quoting=csv.QUOTE_NONE, escapechar=None, quotechar="\x07")
         writer.writerow(columns)
         writer.writerows([[r.get(c, "") for c in columns] for r in records])  # the inch mark unquoted
-    assert b'a 12" pizza' in (tmp_path / "mixed.csv").read_bytes()
+    assert b'a 12" pizza' in (files / "mixed.csv").read_bytes()
+    out = tmp_path / "out"
+    m = tiny_manifest(f"input.path={files}", "input.shard_size=3", "last_stage=stage1", output=str(out))
+    summary = run(m, progress=False)
+    assert (summary.ok, summary.error) == (2 * 5, 2 * 2), summary.errors
+    rendered = pq.read_table(out / "data").to_pylist()
     for name in ("mixed.jsonl", "mixed.csv"):
-        out = tmp_path / f"out-{name}"
-        m = tiny_manifest(f"input.path={tmp_path / name}", "input.shard_size=3", "last_stage=stage1", output=str(out))
-        summary = run(m, progress=False)
-        by_id = {r["id"]: r for r in pq.read_table(out / "data").to_pylist()}
-        assert (summary.ok, summary.error) == (5, 2), (name, summary.errors)
+        by_id = {r["id"]: r for r in rendered if r["source_file"].endswith(name)}
+        assert len(by_id) == len(records), name
         for row_id, (width, height) in expected.items():
             assert (by_id[row_id]["width"], by_id[row_id]["height"]) == (width, height), (name, row_id)
             assert Image.open(out / by_id[row_id]["image_key"]).size == (width, height)

@@ -1,5 +1,5 @@
-"""OUTPUT/report.html in a real headless Chromium (Debian's `chromium`; .ci/run installs it): a
-tiny run with an error row and contact sheets writes the report, the page loads with every
+"""OUTPUT/report.html in a real headless Chromium (Debian's `chromium`; .ci/run installs it): the
+shared tiny run with error rows and contact sheets writes the report, the page loads with every
 picture decoded, and its screenshot shows the plots and the sheets where the page put them."""
 
 from __future__ import annotations
@@ -14,9 +14,10 @@ import subprocess
 import pytest
 from PIL import Image
 
-from jobs.render import run
+from tests.helpers import LINES, OK_COUNT
 
 pytestmark = pytest.mark.slow
+WIDTH = 1280  # the browser window the page is laid out in
 
 
 def chromium() -> str:
@@ -33,33 +34,34 @@ def browse(page: str, *flags: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
 
 
-def test_the_run_report_opens_in_a_browser_with_its_plots_and_sheets(tiny_manifest, ray_local, tmp_path):
-    prompts = tmp_path / "prompts.jsonl"
-    rows = [{"id": f"p{i}", "prompt": f"a red kite over a field, take {i}"} for i in range(5)]
-    rows.insert(2, {"id": "bad", "prompt": "a kite", "seed": "not a number"})
-    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    out = tmp_path / "out"
-    m = tiny_manifest(f"input.path={prompts}", "input.shard_size=3", "contact_sheets=true", output=str(out))
-    summary = run(m, progress=False)
-    assert summary.error == 1 and summary.ok == 5
+def test_the_run_report_opens_in_a_browser_with_its_plots_and_sheets(local_run, tmp_path):
+    """The shared render's report (three shards, three error rows, contact sheets on) as its run
+    wrote it at the end."""
+    summary = local_run.summary
+    assert summary.error == len(LINES) - OK_COUNT and summary.ok == OK_COUNT and local_run.manifest.contact_sheets
 
-    page = out / "report.html"
+    page = tmp_path / "report.html"  # self-contained: it opens from anywhere
+    page.write_text(local_run.report)
     text = page.read_text()
     assert "http://" not in text.replace("http-equiv", "") and "https://" not in text  # nothing fetched
-    assert "not a number" in text  # the error table names the bad row's error
+    assert "not-a-seed" in text  # the error table names the bad row's error
     assert "refresh" not in text  # the final report stops reloading
 
-    dom = browse(str(page), "--virtual-time-budget=5000", "--dump-dom")
+    # The DOM dump and the screenshot lay the page out at one width: the boxes measured are where the pixels are.
+    dom = browse(str(page), "--virtual-time-budget=5000", f"--window-size={WIDTH},1000", "--dump-dom")
     assert dom.returncode == 0, dom.stderr
     body = re.search(r"<body([^>]*)>", dom.stdout).group(1)
     attrs = dict(re.findall(r'data-(\w+)="([^"]*)"', body))
-    assert int(attrs["images"]) == 2 + 2, attrs  # throughput, busy timeline, one sheet per shard
+    assert int(attrs["images"]) == 2 + summary.committed_shards, attrs  # throughput, busy timeline, a sheet per shard
     assert attrs["broken"] == "", f"pictures that did not decode: {attrs['broken']}"
     boxes = json.loads(attrs["boxes"].replace("&quot;", '"'))
 
     shot_path = tmp_path / "report.png"
-    width, height = 1280, int(max(b["y"] + b["h"] for b in boxes)) + 40
-    shot = browse(str(page), f"--window-size={width},{height}", f"--screenshot={shot_path}")
+    width, height = WIDTH, int(max(b["y"] + b["h"] for b in boxes)) + 40
+    # The same virtual time as the DOM dump: every picture decoded and painted before the shot.
+    shot = browse(
+        str(page), "--virtual-time-budget=5000", f"--window-size={width},{height}", f"--screenshot={shot_path}"
+    )
     assert shot.returncode == 0 and shot_path.exists(), shot.stderr
     screen = Image.open(io.BytesIO(shot_path.read_bytes())).convert("RGB")
     for box in boxes:
