@@ -66,7 +66,7 @@ def main() -> None:
     from jobs.run.assemble import assemble
     from jobs.run.chain import read_dataset
     from jobs.run.events import Clock
-    from jobs.run.preflight import prepare_output
+    from jobs.run.preflight import check_output
     from jobs.run.state import Run
     from jobs.run.summary import Summary
     from workers.stages import STAGES
@@ -92,7 +92,7 @@ def main() -> None:
     out = manifest.output.path
     shards = plan_shards(manifest.input)
     planned = time.perf_counter() - started
-    prepare_output(manifest, overwrite=False)
+    check_output(manifest, overwrite=False)
     check_job(out, manifest, allow_changed=False)
     write_card(out, manifest.name, Derived.of(manifest))
     commits = list_commits(out)

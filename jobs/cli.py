@@ -9,7 +9,7 @@ import logging
 import sys
 
 from jobs.manifest import DEFAULT_MANIFEST, load_manifest
-from workers.errors import IfrenderError, ManifestError
+from workers.errors import IfrenderError, ManifestError, StorageFailure
 
 # Exit codes: 0 done (error rows are reported, not fatal), 1 stopped before rendering,
 # 3 every row failed, 4 some shards were left incomplete (run the same command again).
@@ -286,6 +286,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     try:
         return args.func(args)
+    except StorageFailure as err:  # the output refused writes mid-run: what committed stays
+        print(f"ifrender: stopped: {err}", file=sys.stderr)
+        return EXIT_INCOMPLETE
     except (IfrenderError, ValueError, RuntimeError, OSError) as err:
         # Anticipated failures print one clear message; anything else keeps its traceback.
         print(f"ifrender: error: {err}", file=sys.stderr)

@@ -6,13 +6,13 @@ their workers (workers/config.py)."""
 from __future__ import annotations
 
 import os
-import re
-from pathlib import Path
-from typing import Any, Literal
+from pathlib import Path, PurePosixPath
+from typing import Literal
 
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
+from jobs.manifest_yaml import apply_override, cut, fill_paths, quote, safe_load, template_values
 from workers.config import (
     POOL_FIELDS,
     EncodeConfig,
@@ -125,6 +125,14 @@ class RayConfig(Strict):
         description="End the run when no stage has started, finished or loaded anything for this long "
         "while rows are waiting: the message names the stalled stage, its queued rows and its actors' "
         "state; committed shards stay committed and the same command resumes (exit code 4).",
+    )
+    stop_grace_s: float = Field(
+        20,
+        ge=0,
+        description="On the first SIGTERM or SIGINT (a pod or spot node going, Ctrl-C) the run starts no "
+        "new chunk and goes on committing the shards whose rows come in for this long, then publishes what "
+        "committed and exits 4 (run again); a second signal stops at once. Keep it under the pod's "
+        "terminationGracePeriodSeconds.",
     )
     gpu_hour_usd: float = Field(
         2.0, ge=0, description="Price of one GPU-hour in USD, for the GPU-hours and cost in the run report."
@@ -271,19 +279,26 @@ class Manifest(Strict):
                     )
         return self
 
+    @model_validator(mode="after")
+    def _input_and_output_apart(self):
+        """An output inside the input would be read back as prompts by the next run (its Parquet
+        files are data files), and an input inside the output is deleted by --overwrite."""
+        source, out = _location(self.input.path), _location(self.output.path)
+        if source == out or source in out.parents or out in source.parents:
+            raise ValueError(
+                f"input.path {self.input.path} and output.path {self.output.path}: expected two places apart, "
+                f"found one inside the other (a run would read its own output as prompts, or --overwrite "
+                f"delete its input). Fix: point output.path outside the input's folder"
+            )
+        return self
 
-def _apply_override(data: dict[str, Any], assignment: str) -> None:
-    key, sep, raw = assignment.partition("=")
-    if not sep or not key:
-        raise ManifestError(f"--set {assignment!r}: expected KEY=VALUE, e.g. --set stage1.batch_size=8")
-    node = data
-    parts = key.split(".")
-    for part in parts[:-1]:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ManifestError(f"--set {assignment!r}: '{part}' is a value, not a section")
-        node = child
-    node[parts[-1]] = yaml.safe_load(raw) if raw else ""
+
+def _location(path: str) -> PurePosixPath:
+    """A path or s3:// URI as a comparable path: s3://bucket/key becomes /s3:/bucket/key."""
+    if "://" in path:
+        scheme, _, rest = path.partition("://")
+        return PurePosixPath(f"/{scheme}:", *[p for p in rest.split("/") if p])
+    return PurePosixPath(os.path.normpath(os.path.abspath(os.path.expanduser(path))))
 
 
 def _format_errors(source: str, err: ValidationError) -> str:
@@ -293,48 +308,10 @@ def _format_errors(source: str, err: ValidationError) -> str:
         if e["type"] == "extra_forbidden":
             lines.append(f"  {where}: unknown field (check its spelling; `ifrender validate` lists every field)")
         elif not e["loc"]:  # a check of the whole manifest: its message names the fields
-            lines.append(f"  {e['msg'].removeprefix('Value error, ')}")
+            lines.append(f"  {cut(e['msg'].removeprefix('Value error, '))}")
         else:
-            lines.append(f"  {where}: {e['msg']} (found {e.get('input')!r})")
+            lines.append(f"  {where}: {cut(e['msg'])} (found {quote(e.get('input'))})")
     return "\n".join(lines)
-
-
-# Placeholders that input.path and output.path may hold, so that a scheduled job writes each
-# night to its own output and a re-run of the same night resumes it.
-PATH_FIELDS = ("input", "output")
-
-
-def template_values(run_date: str | None = None, run_id: str | None = None) -> dict[str, str]:
-    """{run_date} (YYYY-MM-DD, default today in UTC) and {run_id} (only when given)."""
-    import datetime as dt
-
-    run_date = run_date or os.environ.get("IFRENDER_RUN_DATE") or dt.datetime.now(dt.UTC).date().isoformat()
-    try:
-        dt.date.fromisoformat(run_date)
-    except ValueError:
-        raise ManifestError(f"--run-date {run_date!r}: expected a date as YYYY-MM-DD, e.g. 2026-11-22") from None
-    values = {"run_date": run_date}
-    run_id = run_id or os.environ.get("IFRENDER_RUN_ID")
-    if run_id:
-        if not re.fullmatch(r"[A-Za-z0-9._-]+", run_id):
-            raise ManifestError(f"--run-id {run_id!r}: expected letters, digits, '.', '_' or '-' only")
-        values["run_id"] = run_id
-    return values
-
-
-def _fill_paths(source: str, data: dict[str, Any], values: dict[str, str]) -> None:
-    for section in PATH_FIELDS:
-        node = data.get(section)
-        if not isinstance(node, dict) or not isinstance(node.get("path"), str):
-            continue
-        for name in re.findall(r"\{([^{}]*)\}", node["path"]):
-            if name not in values:
-                hint = "pass --run-id ID (or set IFRENDER_RUN_ID)" if name == "run_id" else "use {run_date} or {run_id}"
-                raise ManifestError(
-                    f"{source}: {section}.path {node['path']!r} holds the placeholder {{{name}}} but no value "
-                    f"for it; expected one of {sorted(values)}. Fix: {hint}."
-                )
-        node["path"] = re.sub(r"\{([^{}]*)\}", lambda m: values[m.group(1)], node["path"])
 
 
 def load_manifest(
@@ -349,14 +326,14 @@ def load_manifest(
     if not path.is_file():
         raise ManifestError(f"{path}: manifest not found. Fix: pass an existing YAML file, e.g. {DEFAULT_MANIFEST}")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = safe_load(path.read_text())
     except yaml.YAMLError as err:
-        raise ManifestError(f"{path}: not valid YAML: {err}") from err
+        raise ManifestError(f"{path}: not valid YAML: {cut(str(err))}") from None
     if not isinstance(data, dict):
         raise ManifestError(f"{path}: expected a mapping of fields at the top level, found {type(data).__name__}")
     for assignment in overrides:
-        _apply_override(data, assignment)
-    _fill_paths(str(path), data, template_values(run_date, run_id))
+        apply_override(data, assignment)
+    fill_paths(str(path), data, template_values(run_date, run_id))
     # A relative local output is relative to the working directory: fix it now, so every later
     # comparison of object paths (cleanup of stale files) sees one absolute form.
     out = data.get("output")

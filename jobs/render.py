@@ -24,10 +24,13 @@ from jobs.output.publish import finish_output, write_card
 from jobs.run.chunks import render_chunks
 from jobs.run.cluster import Cluster
 from jobs.run.events import Clock
-from jobs.run.preflight import prepare_output, resolve_models
+from jobs.run.preflight import check_output, ready_to_render
 from jobs.run.report import RunReport
 from jobs.run.state import Run
+from jobs.run.stop import Stop
 from jobs.run.summary import Summary
+from workers.errors import StorageFailure, storage_failure
+from workers.storage import delete
 
 log = logging.getLogger(__name__)
 
@@ -43,15 +46,20 @@ def run(
     clock = Clock()
     out, derived = manifest.output.path, Derived.of(manifest)
 
-    # 1. Plan the input: shard boundaries from one streaming pass, before --overwrite deletes anything.
+    # 1. Plan the input: shard boundaries from one streaming pass, before anything is written.
     shards = plan_shards(manifest.input)
 
-    # 2. Claim the output: writable (emptied with --overwrite), holding this job or none, with its card.
-    prepare_output(manifest, overwrite)
+    # 2. Preflight: the output can be claimed (writable, new or ifrender's, no link among its
+    # folders); with --overwrite the models and resources too, so nothing is deleted before all is checked.
+    doomed = check_output(manifest, overwrite)
+    ready = ready_to_render(manifest) if overwrite else None  # models resolved; the record keeps their names
+
+    # 3. Claim the output: --overwrite empties it; it holds this job (job.json) and its card.
+    delete(out, doomed)
     check_job(out, manifest, allow_changed)
     write_card(out, manifest.name, derived)
 
-    # 3. Resume: shards without a commit, and with --retry-errors the failed rows of the rest.
+    # 4. Resume: shards without a commit, and with --retry-errors the failed rows of the rest.
     commits = list_commits(out)
     changed = check_input(out, shards, commits, allow_changed)
     work = work_left(out, shards, commits, retry_errors, changed)
@@ -69,20 +77,28 @@ def run(
 
     cluster = None
     if work:
-        # 4. Start the cluster: the weights checked, Ray started or joined, the progress tracker.
-        manifest = state.manifest = resolve_models(manifest)
+        # 5. Start the cluster: models and resources checked, Ray started or joined, the progress tracker.
+        manifest = state.manifest = ready or ready_to_render(manifest)
         cluster = Cluster.start(manifest, progress)
         state.observe(*cluster.observers(state))
+        state.stop = Stop(manifest.ray.stop_grace_s)
+        state.stop.install()  # after Ray's start: its own handler aborts the driver
 
-        # 5. Chunk by chunk: pools sized to the cluster, the chain built, shards assembled and committed.
+        # 6. Chunk by chunk: pools sized to the cluster, the chain built, shards assembled and committed.
         try:
             render_chunks(state, cluster, stop_after_s)
         finally:
+            state.stop.uninstall()
             cluster.close(state)
 
-    # 6. Finish: publish what a kill or a slow writer left unpublished, the job's sheet, index.json,
+    # 7. Finish: publish what a kill or a slow writer left unpublished, the job's sheet, index.json,
     # the card with the counts; the observers write the summary and the report.
-    index = finish_output(out, derived, submit=cluster.publish_all if cluster else None)
-    write_card(out, manifest.name, derived, index)
-    state.end(index)
+    try:
+        index = finish_output(out, derived, submit=cluster.publish_all if cluster else None)
+        write_card(out, manifest.name, derived, index)
+        state.end(index)
+    except Exception as err:
+        if cause := storage_failure(err):  # the run ends as a stop: the same command finishes it
+            raise StorageFailure(f"finishing {out}: {err} ({cause}); {summary.stopped or 'run again'}") from err
+        raise
     return summary

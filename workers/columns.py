@@ -7,6 +7,11 @@ import pyarrow as pa
 
 from workers.stages import MODEL_STAGES
 
+# A row's status: "ok" or "error" in every committed file. UNWRITTEN lives only between the writer
+# and the driver: the row's image could not be stored for a reason of the storage's (a full disk,
+# a permission), so its shard is not committed and the run stops (jobs/run/assemble.py).
+UNWRITTEN = "unwritten"
+
 # Columns every row carries from the reader to the writer.
 ROW_COLUMNS = ("id", "prompt", "negative_prompt", "seed", "status", "error")
 

@@ -6,6 +6,8 @@ from the builtin error it stands for, so callers that catch ValueError or Runtim
 
 from __future__ import annotations
 
+import errno
+
 
 class IfrenderError(Exception):
     """Base of every error ifrender raises on purpose."""
@@ -21,6 +23,11 @@ class InputError(IfrenderError, ValueError):
 
 class StorageError(IfrenderError, RuntimeError):
     """An input or output location that cannot be used; the message says which and why."""
+
+
+class StorageFailure(StorageError):
+    """The output refused a write for a reason of its own (disk full, permission denied, read-only,
+    access denied): no row is failed for it, its shard stays open, and the run stops (exit 4)."""
 
 
 class ModelLoadError(IfrenderError, RuntimeError):
@@ -48,3 +55,37 @@ class MissingColumnsError(IfrenderError, KeyError):
 
     def __str__(self) -> str:
         return str(self.args[0])
+
+
+# Failures of the place written to, not of one row: what a retry of the row cannot mend.
+_FAILING_ERRNOS = {
+    errno.ENOSPC: "no space left on the device. Fix: free space there (or point output.path elsewhere)",
+    errno.EDQUOT: "the disk quota is used up. Fix: free space or raise the quota",
+    errno.EACCES: "permission denied. Fix: give this user write permission on the output folder",
+    errno.EPERM: "operation not permitted. Fix: give this user write permission on the output folder",
+    errno.EROFS: "the file system is read-only. Fix: mount it read-write, or point output.path elsewhere",
+}
+_FAILING_S3_CODES = {
+    "AccessDenied": "access denied. Fix: give the role s3:PutObject (and s3:DeleteObject) on the output prefix",
+    "AllAccessDisabled": "access to the bucket is disabled. Fix: check the bucket's owner and policy",
+    "InvalidAccessKeyId": "the access key is not known. Fix: check the credentials",
+    "SignatureDoesNotMatch": "the credentials do not match. Fix: check the secret key",
+    "ExpiredToken": "the credentials expired. Fix: renew them",
+    "NoSuchBucket": "the bucket is gone. Fix: create it again or point output.path elsewhere",
+}
+
+
+def storage_failure(err: BaseException) -> str | None:
+    """The cause and its fix when `err` (or an error that caused it) is the storage refusing
+    writes, not something about one row; None otherwise."""
+    seen = 0
+    while err is not None and seen < 10:
+        if isinstance(err, OSError) and err.errno in _FAILING_ERRNOS:
+            return _FAILING_ERRNOS[err.errno]
+        response = getattr(err, "response", None)
+        if isinstance(response, dict):
+            code = response.get("Error", {}).get("Code")
+            if code in _FAILING_S3_CODES:
+                return _FAILING_S3_CODES[code]
+        err, seen = err.__cause__ or err.__context__, seen + 1
+    return None

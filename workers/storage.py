@@ -271,9 +271,27 @@ def object_size(uri: str) -> int | None:
     return info.st_size
 
 
+def inside(top: Path, key: str) -> Path:
+    """top/key, refusing a key whose folders below `top` include a link: ifrender never lists,
+    writes or deletes through a link inside an output (the output itself may be one)."""
+    path = top
+    for part in key.split("/")[:-1]:
+        path = path / part
+        if path.is_symlink():
+            raise StorageError(
+                f"{path}: a link inside the output (to {os.readlink(path)}); expected a folder. ifrender never "
+                f"lists, writes or deletes through a link in its output, so that no file it did not write is "
+                f"touched. Fix: remove the link (or replace it with a folder of its own), or point output.path "
+                f"at a folder that holds no link."
+            )
+    return path / key.split("/")[-1]
+
+
 def list_prefix(root: str, prefix: str = "") -> list[str]:
     """Keys relative to `root` (a directory or s3:// prefix) of every object under it whose key
-    starts with `prefix` (a folder like "commits/" or a name start like "images/000001-"), sorted."""
+    starts with `prefix` (a folder like "commits/" or a name start like "images/000001-"), sorted.
+    Locally a link is listed as a key of its own and never followed; a link among the prefix's
+    folders is refused (`inside`)."""
     if is_s3(root):
         bucket, base = bucket_key(root.rstrip("/") + "/")
         found = []
@@ -282,7 +300,7 @@ def list_prefix(root: str, prefix: str = "") -> list[str]:
         return sorted(found)
     top = Path(resolve(root)[1])
     folder, _, start = prefix.rpartition("/")
-    parent = top / folder if folder else top
+    parent = inside(top, f"{folder}/-").parent if folder else top
     # Another writer may delete files and folders while this lists them (a loser cleaning up):
     # what vanishes is simply not listed. os.walk skips folders that vanish under it.
     try:
@@ -293,22 +311,26 @@ def list_prefix(root: str, prefix: str = "") -> list[str]:
     for entry in entries:
         if not entry.name.startswith(start) or ".tmp-" in entry.name:
             continue
-        if entry.is_dir():
-            for folder_path, _, names in os.walk(entry.path):
-                found += [os.path.join(folder_path, n) for n in names if ".tmp-" not in n]
-        elif entry.is_file():
+        if entry.is_dir(follow_symlinks=False):
+            # os.walk follows no link below its top; a link to a folder comes back among the folders.
+            for folder_path, folders, names in os.walk(entry.path):
+                links = [d for d in folders if os.path.islink(os.path.join(folder_path, d))]
+                found += [os.path.join(folder_path, n) for n in names + links if ".tmp-" not in n]
+        else:  # a file, or a link (to anything): listed as itself
             found.append(entry.path)
     return sorted(Path(f).relative_to(top).as_posix() for f in found)
 
 
-def delete(uris: list[str]) -> None:
-    if not uris:
+def delete(root: str, keys: list[str]) -> None:
+    """Delete objects of `root` by their keys. Locally a link is removed as a link, a key whose
+    folders include a link is refused (`inside`), and a folder emptied is removed, never `root`."""
+    if not keys:
         return
-    if is_s3(uris[0]):
+    if is_s3(root):
         client = s3_client()
-        for i in range(0, len(uris), 1000):
-            bucket = bucket_key(uris[i])[0]
-            objects = [{"Key": bucket_key(u)[1]} for u in uris[i : i + 1000]]
+        bucket, base = bucket_key(root.rstrip("/") + "/")
+        for i in range(0, len(keys), 1000):
+            objects = [{"Key": base + k} for k in keys[i : i + 1000]]
             answer = client.delete_objects(Bucket=bucket, Delete={"Objects": objects, "Quiet": True})
             failed = answer.get("Errors", [])  # one call, but each key succeeds or fails alone
             if failed:
@@ -318,10 +340,13 @@ def delete(uris: list[str]) -> None:
                     f"role's s3:DeleteObject permission on the prefix, then run again."
                 )
         return
-    for uri in uris:
-        Path(uri).unlink(missing_ok=True)
-        with contextlib.suppress(OSError):  # remove the directory once it is empty
-            Path(uri).parent.rmdir()
+    top = Path(resolve(root)[1])
+    for key in keys:
+        path = inside(top, key)
+        path.unlink(missing_ok=True)  # a link goes as a link: its target is never touched
+        if path.parent != top:
+            with contextlib.suppress(OSError):  # remove the folder once it is empty
+                path.parent.rmdir()
 
 
 def create_exclusive(uri: str, data: bytes) -> bool:

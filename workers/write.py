@@ -16,7 +16,8 @@ import numpy as np
 from PIL import Image
 
 from workers.base import Batch, require_columns, to_uint8_hwc
-from workers.columns import ROW_COLUMNS
+from workers.columns import ROW_COLUMNS, UNWRITTEN
+from workers.errors import storage_failure
 from workers.keys import image_dir
 from workers.progress import Reporter
 from workers.stages import WRITE
@@ -28,9 +29,11 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9._-]|\.{2,}")  # anything outside a plain name
 
 def image_name(row_id: str) -> str:
     """A file name derived from a row id: the id itself when it is safe, else a cleaned id plus a
-    short hash of the original, so two different ids never share a name."""
+    short hash of the original, so two different ids never share a name. An id with a capital is
+    not safe: on a case-insensitive disk (macOS, Windows, some mounts) `Fox` and `fox` would be one
+    file, so it gets the hash and the names stay distinct when case-folded."""
     safe = _UNSAFE.sub("_", row_id)[:120]
-    if safe == row_id and not row_id.startswith("."):
+    if safe == row_id and not row_id.startswith(".") and row_id == row_id.lower():
         return row_id
     return f"{safe.lstrip('.') or 'row'}-{hashlib.sha256(row_id.encode()).hexdigest()[:10]}"
 
@@ -91,7 +94,11 @@ class WriteWorker:
                 data = encode_image(images[i], self.image_format, self.quality)
                 write_bytes(join(self.output, key), data)
             except Exception as err:  # noqa: BLE001 - one unwritable image fails its row only
-                status[i], error[i] = "error", f"write: {type(err).__name__}: {err}"
+                cause = storage_failure(err)
+                if cause:  # the storage's failure, not the row's: the driver stops the run
+                    status[i], error[i] = UNWRITTEN, f"{join(self.output, key)}: {cause} ({type(err).__name__}: {err})"
+                else:
+                    status[i], error[i] = "error", f"write: {type(err).__name__}: {err}"
                 continue
             keys[i], digests[i] = key, hashlib.sha256(data).hexdigest()
             seconds[i] = time.perf_counter() - start

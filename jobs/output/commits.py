@@ -133,7 +133,17 @@ def changed_shards(shards: list[Shard], commits: dict[int, Commit]) -> tuple[lis
     """(committed shards whose input is not what they were rendered from, committed shards the
     input no longer has). Markers written before fingerprints existed are taken as current."""
     plan = {s.index: s for s in shards}
-    changed = [i for i, c in sorted(commits.items()) if i in plan and c.input and c.input != plan[i].fingerprint()]
+
+    def differs(recorded: dict, now: dict) -> bool:
+        if now.get("hashed") and not recorded.get("hashed"):  # a Parquet hash of metadata, from before
+            return {k: v for k, v in recorded.items() if k != "sha256"} != {
+                k: v for k, v in now.items() if k not in ("sha256", "hashed")
+            }
+        return recorded != now
+
+    changed = [
+        i for i, c in sorted(commits.items()) if i in plan and c.input and differs(c.input, plan[i].fingerprint())
+    ]
     gone = [i for i in sorted(commits) if i not in plan]
     return changed, gone
 
@@ -158,10 +168,10 @@ def check_input(out: str, shards: list[Shard], commits: dict[int, Commit], allow
         )
     stamp_keys = list_prefix(out, STAMPS) if gone else []
     for i in gone:  # markers first: a retired shard is never half there
-        delete([join(out, marker_key(i, a)) for a in range(commits[i].attempt + 1)])
+        delete(out, [marker_key(i, a) for a in range(commits[i].attempt + 1)])
         stamps = [k for k in stamp_keys if f"/{i:06d}-" in k]
         files = [k for prefix in attempt_files_of(i) for k in list_prefix(out, prefix)]
-        delete([join(out, k) for k in published_keys(i) + stamps + files])
+        delete(out, published_keys(i) + stamps + files)
         commits.pop(i)
     return changed
 
@@ -234,7 +244,7 @@ def commit_shard(out: str, work: Work, run_id: str) -> Commit | None:
         return commit
     log.warning("shard %d attempt %d was committed by another writer; dropping this run's copy", shard, attempt)
     own = list_prefix(out, image_dir(shard, attempt, run_id) + "/")
-    delete([join(out, metadata)] + [join(out, k) for k in own])
+    delete(out, [metadata, *own])
     return None
 
 
@@ -268,7 +278,7 @@ def clean(out: str, commit: Commit, keys: list[str] | None = None) -> int:
         except FileNotFoundError:
             return 0  # a newer attempt superseded this one and cleans up itself
         older = [k for k in older if k not in kept]
-    delete([join(out, k) for k in same + older])
+    delete(out, same + older)
     return len(same) + len(older)
 
 

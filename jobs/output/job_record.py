@@ -72,13 +72,30 @@ def _diff(old: Any, new: Any, path: str = "") -> list[str]:
     return [] if old == new else [f"{path}: {None if old is _MISSING else old!r} -> {new!r}"]
 
 
+FORMAT = "ifrender-job"  # job.json's `format`, with its `version`: what marks the record as ifrender's
+VERSION = 1
+
+
 def is_job_record(data: bytes | None) -> bool:
-    """Whether bytes are a job.json that ifrender wrote."""
+    """Whether bytes are a job.json that ifrender wrote: its format and version, and the fields a
+    record holds (a fingerprint and a manifest, each with the sections ifrender writes). A record
+    from before `format` existed is recognised by those fields alone."""
     try:
         record = json.loads(data) if data is not None else None
     except ValueError:
         return False
-    return isinstance(record, dict) and {"fingerprint", "manifest"} <= set(record)
+    if not isinstance(record, dict):
+        return False
+    if "format" in record and (record.get("format") != FORMAT or not isinstance(record.get("version"), int)):
+        return False
+    fingerprint, manifest = record.get("fingerprint"), record.get("manifest")
+    sections = ("input", "output", *MODEL_STAGES)
+    return (
+        isinstance(fingerprint, dict)
+        and isinstance(manifest, dict)
+        and all(isinstance(manifest.get(s), dict) for s in sections)
+        and all(isinstance(fingerprint.get(s), dict) for s in ("input", "output", "encode", "stage1"))
+    )
 
 
 def check_job(out: str, manifest: Manifest, allow_changed: bool) -> None:
@@ -87,7 +104,8 @@ def check_job(out: str, manifest: Manifest, allow_changed: bool) -> None:
     output at once, the second compares itself with the first's record like any resume."""
     uri = join(out, JOB)
     new = fingerprint(manifest)
-    record = json.dumps({"fingerprint": new, "manifest": manifest.model_dump(mode="json")}, indent=1).encode()
+    record = {"format": FORMAT, "version": VERSION, "fingerprint": new, "manifest": manifest.model_dump(mode="json")}
+    record = json.dumps(record, indent=1).encode()
     existing = read_bytes(uri)
     if existing is None:
         if create_exclusive(uri, record):

@@ -34,7 +34,7 @@ from jobs.output.layout import (
     stamp_key,
     stamps_of,
 )
-from workers.storage import copy_object, delete, join, list_prefix, version, versions, write_bytes
+from workers.storage import copy_object, delete, join, list_prefix, read_bytes, version, versions, write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ def _build(out: str, kind: str, commit: Commit, rows: list[dict] | None) -> None
     # Older stamps go once the new one is in; of the two data kinds only the one built now stays.
     family = ("data", "data-images") if kind.startswith("data") else (kind,)
     older = [k for f in family for k in list_prefix(out, stamps_of(f, shard))]
-    delete([join(out, k) for k in older if k != stamp_key(kind, shard, commit.attempt, tag)])
+    delete(out, [k for k in older if k != stamp_key(kind, shard, commit.attempt, tag)])
 
 
 def publish(out: str, shard: int, derived: Derived, rounds: int = 5) -> int | None:
@@ -175,7 +175,13 @@ Each row's `image_key` is its image file, relative to this folder{embedded}.
 from datasets import load_dataset
 ds = load_dataset("{path}", split="train")
 ```
+
+{mark}
 """
+# Ends every card: what tells ifrender a README.md is its own to rewrite. Older cards open with
+# OLD_CARD; a README.md with neither is someone else's, and is never replaced.
+CARD_MARK = "<!-- written by ifrender: this card is rewritten by every run of the job -->"
+OLD_CARD = "Images rendered by ifrender."
 
 
 def write_card(out: str, name: str, derived: Derived, index: dict[str, Any] | None = None) -> None:
@@ -183,5 +189,10 @@ def write_card(out: str, name: str, derived: Derived, index: dict[str, Any] | No
     only, so image folders and ifrender's own files are never read as data."""
     status = f"{index['rows']} rows in {len(index['shards'])} shards, {index['ok']} ok" if index else "rendering"
     embedded = "; the `image` column holds its bytes" if derived.embed_images else ""
-    text = CARD_TEXT.format(name=name, status=status, embedded=embedded, path=out, data=DATA_GLOB)
-    write_bytes(join(out, CARD), text.encode())
+    uri = join(out, CARD)
+    existing = read_bytes(uri)
+    if existing is not None and CARD_MARK.encode() not in existing and OLD_CARD.encode() not in existing:
+        log.warning("%s was not written by ifrender: left as it is, and the dataset card not written", uri)
+        return
+    text = CARD_TEXT.format(name=name, status=status, embedded=embedded, path=out, data=DATA_GLOB, mark=CARD_MARK)
+    write_bytes(uri, text.encode())

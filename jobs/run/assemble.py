@@ -12,6 +12,8 @@ from jobs.output.publish import write_index
 from jobs.run.cluster import publisher
 from jobs.run.state import Run
 from jobs.run.watch import Watch, stream
+from workers.columns import UNWRITTEN
+from workers.errors import StorageFailure
 from workers.keys import item_key
 
 log = logging.getLogger(__name__)
@@ -29,6 +31,8 @@ def assemble(run: Run, ds, pending: dict[int, Work], run_id: str, watch: Watch |
     task = publisher()
     publishing: dict = {}  # task ref -> shard
     open_rows = 0  # rendered rows whose shard is not committed yet
+    blocked: set[int] = set()  # shards with a row the storage refused: never committed by this run
+    unwritten = ""  # the first such refusal: why the run stops
     last_index = time.perf_counter()
 
     def published(wait: bool) -> None:
@@ -48,14 +52,17 @@ def assemble(run: Run, ds, pending: dict[int, Work], run_id: str, watch: Watch |
             write_index(out, run.commits, derived)  # never names a file that is not there
 
     try:
-        for block in stream(ds, watch):
+        for block in stream(ds, watch, run.stop):
             table = to_metadata(block, run.manifest.last_stage)
             run.block(block, table)
             expected = block.column("shard_items").to_pylist()
             for i, row in enumerate(table.to_pylist()):
+                if row["status"] == UNWRITTEN:  # the storage refused it: its shard stays open
+                    unwritten = unwritten or row["error"]
+                    blocked.add(row["shard"])
                 w = pending.get(row["shard"])
-                if w is None:
-                    continue  # a retried task's repeat of a shard already committed
+                if w is None or row["shard"] in blocked:
+                    continue  # a retried task's repeat of a shard already committed, or a shard that cannot commit
                 item = item_key(row["row"], row["image_index"])
                 open_rows += item not in w.rows
                 w.rows[item] = row  # keyed by output: a repeated row counts once
@@ -67,6 +74,8 @@ def assemble(run: Run, ds, pending: dict[int, Work], run_id: str, watch: Watch |
                         publishing[task.remote(out, commit.shard, derived)] = commit.shard
                 summary.max_uncommitted_rows = max(summary.max_uncommitted_rows, open_rows)
             published(wait=False)
+            if unwritten:
+                raise StorageFailure(f"the output refused a write: {unwritten}")
     finally:
         published(wait=True)  # what was committed is published, whatever ended the chunk
     return pending

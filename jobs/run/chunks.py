@@ -17,7 +17,9 @@ from jobs.run.cluster import Cluster
 from jobs.run.events import Chunk
 from jobs.run.pools import job_pools, release, reserve
 from jobs.run.state import Run
+from jobs.run.stop import Stopped
 from jobs.run.watch import Stalled
+from workers.errors import StorageFailure, storage_failure
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +37,9 @@ def _render_chunks(run: Run, cluster: Cluster, stop_after_s: float | None) -> li
     again: set[int] = set()  # shards already run a second time in this run
     nodes: set[str] = set()  # the alive nodes the last chunk saw
     while remaining:
+        if run.stop and run.stop.asked:  # a signal: no new chunk
+            summary.stopped = f"{run.stop.reason()}; {len(remaining)} shards left for the same command"
+            return left + remaining
         elapsed = run.clock.elapsed()
         # The first chunk always runs: a night never does nothing.
         if run.chunks and stop_after_s is not None and elapsed > stop_after_s:
@@ -55,11 +60,21 @@ def _render_chunks(run: Run, cluster: Cluster, stop_after_s: float | None) -> li
         try:
             ds = build_dataset(sized, work, run_id, placed)
             assemble(run, ds, pending, run_id, cluster.watch)
+        except Stopped:
+            summary.stopped = f"{run.stop.reason()}; {len(pending) + len(remaining)} shards left for the same command"
+            log.warning("%s", summary.stopped)
+            return left + list(pending.values()) + remaining
         except Stalled as err:
             log.error("%s", err)
             summary.stalled = str(err)
             return left + list(pending.values()) + remaining
         except Exception as err:
+            cause = storage_failure(err)
+            if isinstance(err, StorageFailure) or cause:  # a full disk, a permission: nothing more can commit
+                why = str(err) if isinstance(err, StorageFailure) else f"the output refused a write: {err} ({cause})"
+                log.error("%s", why)
+                summary.stopped = f"{why}. Committed shards stay committed; run the same command again once fixed"
+                return left + list(pending.values()) + remaining
             if not lost_blocks(err):
                 raise
             retry = [Work(w.shard, w.attempt, w.carried) for w in pending.values() if w.shard.index not in again]

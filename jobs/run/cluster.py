@@ -5,14 +5,12 @@ publish task. `Cluster.start` before the first chunk, `close` when the chunks ar
 from __future__ import annotations
 
 import logging
-import math
 import os
 
 from jobs.manifest import Manifest
 from jobs.output.layout import Derived
 from jobs.output.publish import publish
-from jobs.run.pools import bundle, cluster_address, job_pools
-from jobs.run.preflight import check_resources
+from jobs.run.pools import bundle, cluster_address, job_pools, local_size
 from jobs.run.watch import Metrics, Watch
 from workers.progress import TRACKER, Progress
 from workers.stages import chain_stages
@@ -27,12 +25,11 @@ class Cluster:
 
     @classmethod
     def start(cls, manifest: Manifest, progress_bars: bool) -> Cluster:
-        """Ray up (local or joined), the pools checked against what it has, the tracker started."""
-        import ray
+        """Ray up (local or joined), its Data context set, the tracker started (the pools were checked
+        against what it has before: jobs.run.preflight)."""
         from ray.data import DataContext
 
         init_ray(manifest)
-        check_resources(manifest, ray.cluster_resources())
         context = DataContext.get_current()
         context.enable_progress_bars = progress_bars
         # Ray's own no-progress limit stays behind ifrender's, which says which stage stalled.
@@ -85,14 +82,18 @@ def init_ray(manifest: Manifest) -> None:
     if address:
         ray.init(address=address, runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}}, log_to_driver=True)
         return
-    import torch
-
-    # Logical CPUs: enough for every pool plus read tasks, else the read task can starve behind
-    # the actors and Ray waits 30 minutes before failing.
-    needed = sum(c.pool_size * c.num_cpus for c in job_pools(manifest).values()) + 1
-    num_cpus = manifest.ray.num_cpus or max(os.cpu_count() or 1, math.ceil(needed))
-    num_gpus = torch.cuda.device_count() if manifest.ray.num_gpus is None else manifest.ray.num_gpus
-    ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, log_to_driver=True)
+    num_cpus, num_gpus = local_size(manifest)
+    # A local run answers no one else: its node address is loopback, no dashboard, and no metrics
+    # export (an HTTP endpoint on all interfaces that answers without a token). Ray's gRPC servers
+    # still bind every interface in 2.60; its token auth (on by default for a local Ray) guards them.
+    ray.init(
+        num_cpus=num_cpus,
+        num_gpus=num_gpus,
+        include_dashboard=False,
+        log_to_driver=True,
+        _node_ip_address="127.0.0.1",
+        _system_config={"enable_metrics_collection": False},
+    )
 
 
 def start_tracker(manifest: Manifest):

@@ -37,6 +37,18 @@ def job_pools(manifest: Manifest) -> dict:
     return {name: pool for name, (_, pool) in manifest.model_pools().items()} | {WRITE: manifest.write}
 
 
+def local_size(manifest: Manifest) -> tuple[int, int]:
+    """(logical CPUs, GPUs) of the local Ray a job starts when it joins no cluster. CPUs: enough
+    for every pool plus read tasks, else the read task can starve behind the actors and Ray waits
+    30 minutes before failing. GPUs: the machine's, unless ray.num_gpus says."""
+    import torch
+
+    needed = sum(c.pool_size * c.num_cpus for c in job_pools(manifest).values()) + 1
+    num_cpus = manifest.ray.num_cpus or max(os.cpu_count() or 1, math.ceil(needed))
+    num_gpus = torch.cuda.device_count() if manifest.ray.num_gpus is None else manifest.ray.num_gpus
+    return num_cpus, num_gpus
+
+
 def bundle(pool) -> dict[str, float]:
     """What one actor of `pool` (a PoolConfig) reserves; Ray refuses zero amounts in a bundle."""
     wanted = {"GPU": pool.num_gpus, "CPU": pool.num_cpus} | dict(pool.resources)

@@ -7,7 +7,6 @@ location have been checked.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from jobs.manifest import Manifest
@@ -16,14 +15,14 @@ from jobs.output.formats import check_packages
 from jobs.output.job_record import is_job_record
 from jobs.output.probe import check_output_writable
 from jobs.plan.packing import packs
-from jobs.run.pools import cluster_address, job_pools
+from jobs.run.pools import cluster_address, job_pools, local_size
 from workers.errors import ModelLoadError, StorageError
-from workers.models import check_model_available
-from workers.storage import delete, join, list_prefix, read_bytes
+from workers.models import cache_root, check_model_available
+from workers.storage import join, list_prefix, read_bytes
 
 
 def tiny_models_dir() -> Path:
-    return Path(os.environ.get("IFRENDER_CACHE", Path.home() / ".cache" / "ifrender")) / "tiny-models"
+    return cache_root() / "tiny-models"
 
 
 def resolve_tiny(manifest: Manifest) -> Manifest:
@@ -77,33 +76,62 @@ def resolve_models(manifest: Manifest) -> Manifest:
     return manifest
 
 
-def prepare_output(manifest: Manifest, overwrite: bool) -> None:
-    """The output can be written (and, with --overwrite, loses what an earlier job wrote
-    there); the formats it asks for have their packages. Call it after the input is planned:
-    nothing is deleted before the manifest and the input have been checked."""
+def ready_to_render(manifest: Manifest) -> Manifest:
+    """What rendering needs beyond the output: every model on disk or at its mirror (tiny ones
+    built), and the pools within what the local Ray has. Returns the manifest with its models resolved."""
+    manifest = resolve_models(manifest)
+    check_resources(manifest, local_resources(manifest))
+    return manifest
+
+
+def check_output(manifest: Manifest, overwrite: bool) -> list[str]:
+    """The output can be claimed, checked before anything is written or deleted there: the
+    formats it asks for have their packages, it can be written, none of ifrender's folders in it
+    is a link, and it is new, empty or an ifrender output (its job.json says so). Returns the keys
+    --overwrite deletes (none without it): an ifrender output's own files, never anything else
+    there. Deletes nothing."""
     check_packages(manifest.output)
     out = manifest.output.path
     check_output_writable(out)
-    if overwrite:
-        delete([join(out, key) for key in overwritable(out)])
-
-
-def overwritable(out: str) -> list[str]:
-    """The keys --overwrite deletes: an ifrender output's own files, only where an ifrender
-    job.json says the output is one; anything else there is left alone. Refuses any other path."""
-    found = list_prefix(out)
+    found = list_prefix(out)  # a link is listed as itself, never followed
+    linked = [k for k in found if k + "/" in layout.FOLDERS]
+    if linked:
+        raise StorageError(
+            f"output.path {out}: {', '.join(k + '/' for k in linked)} is a link, not a folder; expected "
+            f"ifrender's folders in its output to be its own, since it writes and deletes there. Nothing was "
+            f"written or deleted. Fix: replace the link with a folder, or point output.path at a folder that "
+            f"holds no link."
+        )
     if not found:
         return []
     if not is_job_record(read_bytes(join(out, layout.JOB))):
         shown = ", ".join(found[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else "")
-        raise StorageError(
-            f"output.path {out}: --overwrite deletes an ifrender output only, and this holds no job.json "
-            f"written by ifrender (found {shown}). Nothing was deleted. Fix: point output.path at a new or "
-            f"empty location, or at an ifrender output."
+        what = (
+            "--overwrite deletes an ifrender output only"
+            if overwrite
+            else "a run writes only into a new or empty folder or an ifrender output"
         )
+        raise StorageError(
+            f"output.path {out}: {what}, and this holds no job.json written by ifrender (found {shown}). "
+            f"Nothing was written or deleted. Fix: point output.path at a new or empty location, or at an "
+            f"ifrender output."
+        )
+    if not overwrite:
+        return []
     ours = [k for k in found if k in layout.FILES or k.startswith(layout.FOLDERS)]
     # job.json goes last: an overwrite cut short still finds the output is ifrender's.
     return sorted(ours, key=lambda k: k == layout.JOB)
+
+
+def local_resources(manifest: Manifest) -> dict[str, float]:
+    """What the local Ray has, or will have once jobs.run.cluster.init_ray starts it: checked
+    before anything is deleted, and before Ray starts."""
+    import ray
+
+    if ray.is_initialized():
+        return ray.cluster_resources()
+    num_cpus, num_gpus = local_size(manifest)
+    return {"CPU": num_cpus, "GPU": num_gpus}
 
 
 def check_resources(manifest: Manifest, have: dict[str, float]) -> None:

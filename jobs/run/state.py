@@ -17,6 +17,7 @@ from jobs.manifest import Manifest
 from jobs.output.commits import Commit, Work
 from jobs.output.layout import Derived
 from jobs.run.events import Chunk, Clock, Observer
+from jobs.run.stop import Stop
 from jobs.run.summary import Summary
 
 
@@ -31,6 +32,7 @@ class Run:
     chunks: list[Chunk] = field(default_factory=list)
     left: list[Work] = field(default_factory=list)  # shards left incomplete
     index: dict = field(default_factory=dict)  # index.json as the run's end wrote it
+    stop: Stop | None = None  # asked by a signal (jobs/run/stop.py)
 
     @property
     def out(self) -> str:

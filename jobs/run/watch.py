@@ -11,6 +11,7 @@ import threading
 import time
 
 from jobs.run.events import Observer
+from jobs.run.stop import Stop
 from jobs.run.summary import Summary
 from workers.stages import WRITE
 
@@ -163,12 +164,15 @@ def _duration(seconds: float) -> str:
     return f"{h}h{rest // 60:02d}m" if h else f"{rest // 60}m{rest % 60:02d}s"
 
 
-def stream(ds, watch: Watch | None):
+def stream(ds, watch: Watch | None, stop: Stop | None = None):
     """The chain's result blocks. With a watch, they are iterated in a thread of their own so that
     the driver checks progress while Ray Data waits: a stalled stage raises Stalled instead of
-    hanging."""
+    hanging, and a stop signal's grace running out raises Stopped."""
     if watch is None:
-        yield from ds.iter_batches(batch_size=None, batch_format="pyarrow")
+        for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            if stop:
+                stop.check()
+            yield block
         return
     blocks: queue.Queue = queue.Queue(maxsize=4)  # bounded: the chain feels the driver's pace
     end = object()
@@ -187,6 +191,8 @@ def stream(ds, watch: Watch | None):
             item = blocks.get(timeout=POLL_S)
         except queue.Empty:
             watch.check()
+            if stop:
+                stop.check()
             continue
         if item is end:
             return
@@ -194,4 +200,6 @@ def stream(ds, watch: Watch | None):
             raise item
         watch.moved()
         watch.check()
+        if stop:
+            stop.check()
         yield item

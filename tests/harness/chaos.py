@@ -287,10 +287,12 @@ class Faults:
                 if not faults._tick():
                     return fn(*args, **kwargs)
                 if faults.mid_write and name == "delete":
-                    fn(args[0][: len(args[0]) // 2])  # some keys gone, the rest not
+                    fn(args[0], args[1][: len(args[1]) // 2])  # some keys gone, the rest not
                 elif faults.mid_write and name in ("write_bytes", "create_exclusive"):
                     leave_partial(args[0], args[1])
-                raise Killed(f"{'mid-' if faults.mid_write else 'before '}{name}({str(args[0])[:80]})")
+                raise Killed(
+                    f"{'mid-' if faults.mid_write else 'before '}{name}({str(args[1] if name == 'delete' else args[0])[:80]})"
+                )
 
             return call
 

@@ -326,3 +326,17 @@ def test_ray_job_submit_runs_local_tiny_on_a_local_head(tmp_path):
     assert index["rows"] == index["ok"] == len(prompts)
     images = sorted((out / "images").rglob("*.png"))
     assert len(images) == len(prompts)
+
+
+def test_pods_give_a_stop_signal_the_time_the_drain_and_the_driver_need():
+    """SIGTERM, then terminationGracePeriodSeconds before SIGKILL: Ray's node drain
+    (RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S) and the driver's grace (ray.stop_grace_s) fit inside it."""
+    (job,) = docs(INFRA / "kuberay" / "rayjob.yaml")
+    manifest = load_manifest(MANIFESTS_DIR / "cluster.yaml")
+    cluster = job["spec"]["rayClusterSpec"]
+    for template in [cluster["headGroupSpec"]["template"], *(g["template"] for g in cluster["workerGroupSpecs"])]:
+        grace = template["spec"]["terminationGracePeriodSeconds"]
+        (container,) = template["spec"]["containers"]
+        env = {e["name"]: e["value"] for e in container.get("env", [])}
+        drain = float(env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"])
+        assert manifest.ray.stop_grace_s < drain < grace, (container["name"], grace, drain)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 
 import pyarrow.parquet as pq
 import pytest
@@ -40,9 +41,69 @@ def test_tiny_models_command_writes_hub_layout(tmp_path):
 
 
 @pytest.mark.slow
+def _answer(address: str, port: int) -> list[str]:
+    """What an HTTP GET of / and /metrics on the endpoint answers without a token (a wildcard
+    address is asked on loopback): status codes, or the error that took the place of an answer."""
+    import http.client
+
+    host = "127.0.0.1" if address in ("0.0.0.0", "::", "") else address
+    found = []
+    for path in ("/", "/metrics"):
+        conn = http.client.HTTPConnection(host, port, timeout=3)
+        try:
+            conn.request("GET", path)
+            found.append(str(conn.getresponse().status))
+        except Exception as err:  # noqa: BLE001 - a refusal of any kind is the answer wanted
+            found.append(type(err).__name__)
+        finally:
+            conn.close()
+    return found
+
+
+def run_probing_endpoints(args: list[str]) -> tuple[subprocess.CompletedProcess, dict[int, tuple[str, list[str]]]]:
+    """`ifrender ARGS` with the environment a user has (no RAY_AUTH_MODE set), and while it runs
+    every TCP endpoint its processes listen on ({port: (address, answers)}), each probed when first
+    seen and again 5 s later."""
+    import os
+    import sys
+    import time
+
+    import psutil
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_MODE", "RAY_ADDRESS")} | {"PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jobs.cli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
+    endpoints: dict[int, tuple[str, list[str]]] = {}
+    first_seen: dict[int, float] = {}
+    reprobed: set[int] = set()
+    deadline = time.monotonic() + 600
+    while proc.poll() is None and time.monotonic() < deadline:
+        try:
+            tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+        except psutil.NoSuchProcess:
+            break
+        for p in tree:
+            try:
+                listening = [c for c in p.net_connections(kind="tcp") if c.status == psutil.CONN_LISTEN]
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+            for c in listening:
+                port = c.laddr.port
+                if port not in endpoints:
+                    endpoints[port], first_seen[port] = (c.laddr.ip, _answer(c.laddr.ip, port)), time.monotonic()
+                elif port not in reprobed and time.monotonic() - first_seen[port] > 5:
+                    reprobed.add(port)
+                    endpoints[port] = (c.laddr.ip, endpoints[port][1] + _answer(c.laddr.ip, port))
+        time.sleep(0.5)
+    stdout, stderr = proc.communicate(timeout=max(1, deadline - time.monotonic()))
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr), endpoints
+
+
 def test_run_schedules_each_pool_on_its_gpu_share(tiny_root, tmp_path):
     """A fresh local Ray with 2 logical GPUs: every stage pool asks for a GPU fraction, runs on
-    the CPU (device=cpu), and records the GPU Ray gave it. The shares fit only largest first
+    the CPU (device=cpu), and records the GPU Ray gave it; no endpoint of the local run answers a
+    request without Ray's token. The shares fit only largest first
     (0.7 + 0.3 on each GPU): in stage order, encode and stage I would share GPU 0 and leave no
     room there for stage II's second actor."""
     prompts = tmp_path / "p.txt"
@@ -62,8 +123,16 @@ def test_run_schedules_each_pool_on_its_gpu_share(tiny_root, tmp_path):
     ]
     for stage, share in (("encode", 0.3), ("stage1", 0.3), ("stage2", 0.7)):
         sets += [f"{stage}.num_gpus={share}", f"{stage}.device=cpu"]
-    result = ifrender("run", *[a for s in sets for a in ("--set", s)], "--quiet")
+    # Run as a user does (Ray's token auth at its default), every listening endpoint probed while it runs.
+    result, endpoints = run_probing_endpoints(["run", *[a for s in sets for a in ("--set", s)], "--quiet"])
     assert result.returncode == 0, result.stderr[-3000:]
+    print(
+        f"{len(endpoints)} endpoints listened: "
+        + ", ".join(f"{a}:{p} {ans}" for p, (a, ans) in sorted(endpoints.items()))
+    )
+    assert endpoints, "no listening endpoint was seen: the probe did not run"
+    answered = {p: v for p, v in endpoints.items() if any(code.startswith(("2", "3")) for code in v[1])}
+    assert not answered, f"endpoints that answered a request without a token: {answered}"
     assert "this run: rows 3: ok 3, error 0" in result.stdout
     assert "busy seconds per image by stage: encode" in result.stdout
     assert "progress: 3/3 rows (ok 3, error 0), 1/1 shards committed" in result.stderr

@@ -184,3 +184,77 @@ def test_a_bad_group_is_refused_naming_it(tmp_path, groups, expected):
 def test_a_grouped_stages_own_pool_settings_are_refused_not_ignored():
     with pytest.raises(ManifestError, match=r"encode.batch_size: encode runs in groups\[0\] \(encode\+stage1\)"):
         load_manifest(None, ["groups=[{stages: [encode, stage1]}]"])
+
+
+def _laughs(levels: int = 9, width: int = 9) -> str:
+    """A "billion laughs": each level an anchor holding `width` aliases of the one before."""
+    lines = [f"l0: &l0 [{', '.join(['lol'] * width)}]"]
+    lines += [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * width)}]" for i in range(1, levels)]
+    return "\n".join(lines) + f"\nname: *l{levels - 1}\n"
+
+
+def test_a_manifest_of_aliases_cannot_exhaust_memory_or_the_terminal(tmp_path):
+    """9^9 (387 million) values in under 500 bytes: refused at load, in a bounded message, in seconds."""
+    import resource
+    import subprocess
+    import sys
+    import time
+
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text(_laughs())
+    assert len(bomb.read_bytes()) < 500
+    started = time.perf_counter()
+    child = subprocess.run(
+        [sys.executable, "-m", "jobs.cli", "validate", str(bomb)], capture_output=True, text=True, timeout=120
+    )
+    seconds = time.perf_counter() - started
+    peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    printed = len(child.stdout) + len(child.stderr)
+    print(f"alias bomb: exit {child.returncode}, {seconds:.1f} s, {printed} bytes printed, child peak {peak_mb:.0f} MB")
+    assert child.returncode == 1
+    assert "bomb.yaml: not valid YAML" in child.stderr and "aliases" in child.stderr
+    assert printed < 4000 and seconds < 60 and peak_mb < 1500
+    # The same through --set.
+    with pytest.raises(ManifestError, match=r"--set .*not valid YAML.*aliases") as err:
+        load_manifest(None, ["name={" + _laughs().replace("\n", ", ").rstrip(", ") + "}"])
+    assert len(str(err.value)) < 2000
+
+
+def test_an_error_quotes_a_bounded_prefix_of_a_big_value(tmp_path):
+    """Below the alias bound a value can still be big: the message quotes a prefix of it."""
+    big = tmp_path / "big.yaml"
+    big.write_text(_laughs(levels=4, width=20))  # 160,000 strings: over the bound
+    with pytest.raises(ManifestError, match="aliases"):
+        load_manifest(big)
+    wide = tmp_path / "wide.yaml"
+    wide.write_text("name: [" + ", ".join(f"word{i}" for i in range(50_000)) + "]\n")
+    with pytest.raises(ManifestError, match=r"name: .*found \['word0'") as err:
+        load_manifest(wide)
+    assert len(str(err.value)) < 2000
+
+
+@pytest.mark.parametrize(
+    ("source", "output"),
+    [
+        ("{tmp}/prompts", "{tmp}/prompts/out"),  # the output inside the input's folder
+        ("{tmp}/out/prompts.jsonl", "{tmp}/out"),  # the input inside the output
+        ("{tmp}/same", "{tmp}/same"),
+        ("s3://bucket/in", "s3://bucket/in/out"),
+        ("s3://bucket/out/p.jsonl", "s3://bucket/out/"),
+    ],
+)
+def test_an_output_inside_the_input_or_the_reverse_is_refused_at_load_naming_both(tmp_path, source, output):
+    source, output = source.format(tmp=tmp_path), output.format(tmp=tmp_path)
+    with pytest.raises(ManifestError, match=r"input.path .* and output.path .*one inside the other") as err:
+        load_manifest(None, [f"input.path={source}", f"output.path={output}"])
+    assert source in str(err.value) and output.rstrip("/") in str(err.value)
+
+
+def test_inputs_and_outputs_side_by_side_are_fine(tmp_path):
+    for source, output in [
+        (f"{tmp_path}/prompts.jsonl", f"{tmp_path}/out"),
+        (f"{tmp_path}/in", f"{tmp_path}/input-rendered"),  # a shared name prefix is not a folder
+        ("s3://bucket/in", "s3://bucket/in-out"),
+        ("s3://a/x", "s3://b/x"),
+    ]:
+        load_manifest(None, [f"input.path={source}", f"output.path={output}"])

@@ -13,6 +13,7 @@ import threading
 import time
 
 import boto3
+import pyarrow.parquet as pq
 import pytest
 
 from jobs.output.commits import list_commits
@@ -189,3 +190,87 @@ def test_a_run_stopped_between_chunks_is_finished_by_the_next_one(tiny_manifest,
     second = run(m, progress=False)
     assert second.skipped_shards == first.committed_shards and second.uncommitted_shards == 0
     check_exactly_once(str(out), 6)
+
+
+@pytest.mark.slow
+def test_a_full_disk_stops_the_run_with_code_4_and_the_plain_resume_renders_every_row(tiny_root, tmp_path):
+    """The output on a small tmpfs that fills mid-run: no row is failed for it (no `No space left`
+    error row is committed), what committed stays, exit 4 names the cause; with space freed the
+    same command renders the rest, every row once."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=160k", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.decode().strip()}): run as root")
+    try:
+        prompts = tmp_path / "p.txt"
+        prompts.write_text("\n".join(PROMPTS) + "\n")
+        out = disk / "out"
+        first = ifrender(*_args(tiny_root, prompts, out))
+        print(first.stdout[-1500:], first.stderr[-1500:])
+        assert first.returncode == 4, first.stderr[-3000:]
+        assert "No space left on device" in first.stderr and "no space left on the device" in first.stderr
+        committed = list_commits(str(out))
+        assert len(committed) < len(PROMPTS) // 2  # the disk filled before the end
+        for commit in committed.values():  # what committed holds no row failed for the disk
+            rows = pq.read_table(out / commit.metadata).to_pylist()
+            assert not [r for r in rows if "space" in (r["error"] or "")]
+        subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)
+        second = ifrender(*_args(tiny_root, prompts, out))
+        assert second.returncode == 0, second.stderr[-3000:]
+        check_exactly_once(str(out), len(PROMPTS))
+        print(f"full disk: {len(committed)} of {len(PROMPTS) // 2} shards committed before the disk filled; "
+              f"exit {first.returncode}, then the plain resume exit {second.returncode} with every row once")  # fmt: skip
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "sigint"])
+def test_a_stop_signal_after_the_first_publish_drains_exits_4_and_the_same_command_finishes(
+    tiny_root, tmp_path, signum
+):
+    """Kubernetes' SIGTERM (or Ctrl-C's SIGINT) to the driver once a shard is published: the run
+    commits what comes in within ray.stop_grace_s, publishes it, leaves no Ray process behind and
+    exits 4 with one line of account and no traceback; the same command then renders the rest, every
+    row once."""
+    import psutil
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    out = str(tmp_path / "out")
+    grace = 10
+    env = os.environ | {"RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+    env.pop("RAY_ADDRESS", None)
+    args = _args(tiny_root, prompts, out, f"ray.stop_grace_s={grace}")
+    job = subprocess.Popen(
+        [sys.executable, "-m", "jobs.cli", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 300
+    while not list_prefix(out, "data/") and time.monotonic() < deadline and job.poll() is None:
+        time.sleep(0.2)
+    assert job.poll() is None, "the run ended before its first publish"
+    ray_processes = psutil.Process(job.pid).children(recursive=True)
+    sent = time.monotonic()
+    job.send_signal(signum)
+    stdout, stderr = job.communicate(timeout=grace + 120)
+    took = time.monotonic() - sent
+    time.sleep(5)
+    left = [p for p in ray_processes if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    committed = list_commits(out)
+    published = list_prefix(out, "data/")
+    print(
+        f"{signal.Signals(signum).name}: exit {job.returncode} after {took:.1f} s (grace {grace} s); "
+        f"{len(committed)} of {len(PROMPTS) // 2} shards committed, {len(published)} published; "
+        f"{len(left)} of {len(ray_processes)} Ray processes left"
+    )
+    assert job.returncode == 4, stderr[-3000:]
+    assert took < grace + 60 and "Traceback" not in stderr
+    assert f"{signal.Signals(signum).name} received: stopped" in stdout + stderr
+    assert 1 <= len(committed) < len(PROMPTS) // 2 and len(published) == len(committed)
+    assert not left, [p.cmdline()[:2] for p in left]
+
+    result = ifrender(*args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"skipped (done before) {len(committed)}" in result.stdout
+    check_exactly_once(out, len(PROMPTS))

@@ -63,3 +63,11 @@ def test_image_names_are_distinct_for_distinct_ids():
     assert len(set(names)) == len(ids)
     assert names[-1] == "ok-id_1.2"
     assert all("/" not in n and not n.startswith(".") and len(n) < 140 and n.isprintable() for n in names)
+
+
+def test_ids_that_differ_only_in_case_get_names_distinct_when_case_folded():
+    """A case-insensitive disk (macOS, Windows, some mounts) folds case: `Fox` and `fox` must not be one file."""
+    ids = ["Fox", "fox", "FOX", "fOx", "Ok-Id", "ok-id", "a_B", "a_b"]
+    names = [image_name(i) for i in ids]
+    assert len({n.casefold() for n in names}) == len(ids), names
+    assert image_name("fox") == "fox"  # a plain lower-case id stays its own name

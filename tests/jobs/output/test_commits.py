@@ -258,6 +258,7 @@ def test_a_write_survives_another_writer_removing_its_emptied_folder(tmp_path):
     import threading
 
     folder, crashes, done = tmp_path / "images" / "000001-000-b", [], threading.Event()
+    key = folder.relative_to(tmp_path).as_posix()
 
     def writer():
         try:
@@ -266,7 +267,7 @@ def test_a_write_survives_another_writer_removing_its_emptied_folder(tmp_path):
                 write_bytes(str(folder / f"r{i}.png"), data)
                 assert create_exclusive(str(folder / f"m{i}"), data)
                 assert read_bytes(str(folder / f"r{i}.png")) == data == read_bytes(str(folder / f"m{i}"))
-                delete([str(folder / f"r{i}.png"), str(folder / f"m{i}")])  # empty again: the worst case
+                delete(str(tmp_path), [f"{key}/r{i}.png", f"{key}/m{i}"])  # empty again: the worst case
         except Exception as err:  # noqa: BLE001 - each is counted
             crashes.append(repr(err))
         finally:
@@ -274,7 +275,7 @@ def test_a_write_survives_another_writer_removing_its_emptied_folder(tmp_path):
 
     def cleaner():
         while not done.is_set():
-            delete([str(folder / "gone.png")])  # removes the folder whenever it is empty
+            delete(str(tmp_path), [f"{key}/gone.png"])  # removes the folder whenever it is empty
             time.sleep(0.0001)
 
     threads = [threading.Thread(target=writer), threading.Thread(target=cleaner)]
