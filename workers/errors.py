@@ -87,5 +87,6 @@ def storage_failure(err: BaseException) -> str | None:
             code = response.get("Error", {}).get("Code")
             if code in _FAILING_S3_CODES:
                 return _FAILING_S3_CODES[code]
-        err, seen = err.__cause__ or err.__context__, seen + 1
+        # A Ray task's error carries the task's own exception as `cause`.
+        err, seen = getattr(err, "cause", None) or err.__cause__ or err.__context__, seen + 1
     return None

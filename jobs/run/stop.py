@@ -54,7 +54,7 @@ class Stop:
         self.asked_at, self.signal = time.monotonic(), name
         log.warning(
             "%s: stopping: no new chunk; committing the shards whose rows come in for up to %g s "
-            "(ray.stop_grace_s), then exit 4. A second signal stops at once.",
+            "(ray.stop_grace_s), then exit 4 if any shard is left. A second signal stops at once.",
             name,
             self.grace_s,
         )
