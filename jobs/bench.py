@@ -59,18 +59,20 @@ def prompts(n: int) -> list[str]:
     return [f"{SUBJECTS[i % 8]} {PLACES[(i // 8) % 8]}, picture {i}" for i in range(n)]
 
 
-def steady_rate(finished: list[float], first_batch: int) -> tuple[float, float]:
-    """(images/s after the first output batch, that window's length in seconds)."""
+def steady_rate(finished: list[float]) -> tuple[float, float]:
+    """(images/s after the first output call, that window's length in seconds). The first call is
+    the rows that finished first, whatever its size: batches of a pool need not come out in order,
+    and a smaller last batch may come out first."""
     finished = sorted(finished)
-    start = finished[first_batch - 1]
-    window = finished[-1] - start
-    return (len(finished) - first_batch) / window if window > 0 else 0.0, window
+    later = [t for t in finished if t > finished[0]]
+    window = finished[-1] - finished[0]
+    return len(later) / window if window > 0 else 0.0, window
 
 
 def pipeline_stats(rows: list[dict], manifest: Manifest) -> dict:
     stages = manifest.stages()
     last = stages[-1]
-    rate, window = steady_rate([r[f"{last}_finished"] for r in rows], getattr(manifest, last).batch_size)
+    rate, window = steady_rate([r[f"{last}_finished"] for r in rows])
     begin = min(r[f"{stages[0]}_started"] for r in rows)
     end = max(r[f"{last}_finished"] for r in rows)
     busy, gaps, per_batch = {}, {}, {}
@@ -109,8 +111,7 @@ def replica_stats(rows: list[dict], manifest: Manifest) -> dict:
     """A run whose pools hold several stages: the rate, and each stage's share of its actors' time."""
     stages = manifest.stages()
     pools = manifest.model_pools()
-    last_pool = next(pool for members, pool in pools.values() if stages[-1] in members)
-    rate, window = steady_rate([r[f"{stages[-1]}_finished"] for r in rows], last_pool.batch_size)
+    rate, window = steady_rate([r[f"{stages[-1]}_finished"] for r in rows])
     per_batch = {}
     spent = {}
     for stage in stages:
@@ -222,7 +223,7 @@ def run_sequential(manifest: Manifest, rows: dict[str, np.ndarray], out: str) ->
         digests.update(zip(written["id"], written["image_key"]))
         finished += [time.perf_counter()] * len(batch["id"])
     total = time.perf_counter() - start
-    rate, window = steady_rate(finished, chunk)
+    rate, window = steady_rate(finished)
     return (
         {
             "images": n,

@@ -152,3 +152,12 @@ def test_the_gpu_probe_runs_every_section_without_ray_and_writes_a_profile_the_p
     assert set(profile.stages) == {"encode", "stage1", "stage2", "upscale"}
     assert 0 < profile.timeslice_efficiency <= 1
     assert plan(profile, 8, 80).images_per_second > 0
+
+
+def test_the_steady_rate_starts_after_the_first_output_call_whatever_its_size():
+    """A pool's smaller last batch may come out first: the rate is still measured, never 0."""
+    from jobs.bench import steady_rate
+
+    assert steady_rate([10.0, 10.0, 12.0, 12.0, 12.0, 12.0]) == (4 / 2.0, 2.0)  # 2 rows first, then 4
+    assert steady_rate([12.0] * 4 + [10.0] * 2) == (4 / 2.0, 2.0)  # in any order
+    assert steady_rate([5.0, 5.0]) == (0.0, 0.0)  # one call: nothing to measure after it
