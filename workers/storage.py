@@ -300,7 +300,7 @@ def list_prefix(root: str, prefix: str = "") -> list[str]:
         return sorted(found)
     top = Path(resolve(root)[1])
     folder, _, start = prefix.rpartition("/")
-    parent = inside(top, f"{folder}/-").parent if folder else top
+    parent = inside(top, folder + "/") if folder else top  # refuses a link among the folders
     # Another writer may delete files and folders while this lists them (a loser cleaning up):
     # what vanishes is simply not listed. os.walk skips folders that vanish under it.
     try:
