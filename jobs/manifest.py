@@ -12,6 +12,7 @@ from typing import Literal
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
+from jobs.manifest_io import InputConfig, OutputConfig, template_fields  # noqa: F401 - the sections' home
 from jobs.manifest_yaml import apply_override, cut, fill_paths, quote, safe_load, template_values
 from workers.config import (
     POOL_FIELDS,
@@ -33,61 +34,6 @@ ModelStage = Literal[MODEL_STAGES]  # type: ignore[valid-type]
 
 MANIFESTS_DIR = Path(__file__).resolve().parent.parent / "manifests"
 DEFAULT_MANIFEST = MANIFESTS_DIR / "local-tiny.yaml"
-
-
-class InputConfig(Strict):
-    path: str = Field(
-        description="Prompt dataset: a file, a directory of files, or an s3:// URI. "
-        "A relative local path is relative to the manifest's directory."
-    )
-    format: Literal["auto", "parquet", "jsonl", "csv", "text"] = Field(
-        "auto", description="File format; auto picks it from the file extension."
-    )
-    shard_size: int = Field(
-        256, ge=1, description="Rows per read shard: the unit in which the input is read and streamed."
-    )
-    pattern: str | None = Field(
-        None,
-        description="For a directory input: which files hold prompts, as a glob on their path inside "
-        "it (e.g. '*.json', 'part-*.parquet'). Default: the format's extensions (.json left out), "
-        "README/LICENSE files never.",
-    )
-    max_record_bytes: int = Field(
-        1 << 20,
-        ge=1,
-        description="Longest text line, JSONL line or CSV record (and CSV field) read; a longer one is an error row.",
-    )
-    image_roots: list[str] | None = Field(
-        None,
-        description="Where init images and masks may be read from: local directories or s3:// "
-        "prefixes. Relative paths resolve against the input file's directory; a path outside "
-        "every root is refused. Default: the input's own directory (or its S3 bucket).",
-    )
-    max_image_bytes: int = Field(
-        64 << 20, ge=1, description="Largest init image or mask file, checked before it is read."
-    )
-    max_image_pixels: int = Field(
-        64_000_000, ge=1, description="Most pixels of an init image or mask, checked before it is decoded."
-    )
-
-
-class OutputConfig(Strict):
-    path: str = Field(
-        description="Output directory or s3://bucket/prefix. A relative local path is relative "
-        "to the working directory."
-    )
-    image_format: Literal["png", "jpeg", "webp"] = Field("png", description="Image file format.")
-    quality: int = Field(95, ge=1, le=100, description="JPEG/WebP quality (ignored for PNG).")
-    embed_images: bool = Field(
-        False,
-        description="Also store each image's bytes in the shard's Parquet as a Hugging Face "
-        "datasets Image column, so datasets.load_dataset('parquet', ...) yields PIL images.",
-    )
-    webdataset: bool = Field(
-        False,
-        description="Also write each committed shard as a WebDataset tar (webdataset/NNNNNN.tar: "
-        "KEY.png, KEY.txt, KEY.json for its successful rows).",
-    )
 
 
 class RayConfig(Strict):

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 
-from jobs.input.shards import plan_shards
+from jobs.input.shards import plan_input
 from jobs.manifest import Manifest
 from jobs.output.commits import check_input, list_commits, work_left
 from jobs.output.job_record import check_job
@@ -46,8 +46,9 @@ def run(
     clock = Clock()
     out, derived = manifest.output.path, Derived.of(manifest)
 
-    # 1. Plan the input: shard boundaries from one streaming pass, before anything is written.
-    shards = plan_shards(manifest.input)
+    # 1. Plan the input: shard boundaries and its columns from one streaming pass, before anything is written.
+    plan = plan_input(manifest.input)
+    shards = plan.shards
 
     # 2. Preflight: the output can be claimed (writable, new or ifrender's, no link among its
     # folders); with --overwrite the models and resources too, so nothing is deleted before all is checked.
@@ -56,7 +57,7 @@ def run(
 
     # 3. Claim the output: --overwrite empties it; it holds this job (job.json) and its card.
     delete(out, doomed)
-    check_job(out, manifest, allow_changed)
+    check_job(out, manifest, allow_changed, plan.columns.kept)
     write_card(out, manifest.name, derived)
 
     # 4. Resume: shards without a commit, and with --retry-errors the failed rows of the rest.
@@ -64,7 +65,7 @@ def run(
     changed = check_input(out, shards, commits, allow_changed)
     work = work_left(out, shards, commits, retry_errors, changed)
     summary = Summary(manifest.name, out, skipped_shards=len(shards) - len(work))
-    state = Run(manifest, clock, commits, work, summary)
+    state = Run(manifest, clock, commits, work, summary, columns=plan.columns)
     state.observe(RunReport(manifest, clock))
     log.info(
         "%s: %d rows in %d shards; %d shards committed before, %d rows to render",

@@ -5,7 +5,13 @@ from __future__ import annotations
 
 import pyarrow as pa
 
+from workers.overrides import OVERRIDE_COLUMNS, STAGE_PREFIXES
 from workers.stages import MODEL_STAGES
+
+# The input columns ifrender reads (under these names, or those input.columns maps them to);
+# any column named with a stage's prefix is a per-row setting too. Every other input column is
+# kept beside its image (input.keep_columns).
+INPUT_COLUMNS = ("prompt", "negative_prompt", "seed", "id", "image", "mask_image") + OVERRIDE_COLUMNS
 
 # A row's status: "ok" or "error" in every committed file. UNWRITTEN lives only between the writer
 # and the driver: the row's image could not be stored for a reason of the storage's (a full disk,
@@ -51,5 +57,40 @@ METADATA_SCHEMA = pa.schema(
     + [(f"{s}_{k}", t) for s in MODEL_STAGES for k, t in STAGE_RECORD]
     + [("write_seconds", pa.float64())]
 )
+# The row's kept input columns between the reader and the commit: one Arrow IPC stream per row,
+# so every Arrow type (float16, timestamps, structs) arrives as it was read.
+KEPT = "kept"
+NO_COLUMNS = pa.schema([])  # an input with nothing kept
+
+
+def is_setting(name: str) -> bool:
+    """Whether an input column is one ifrender reads as a per-row setting."""
+    return name in OVERRIDE_COLUMNS or name.startswith(STAGE_PREFIXES)
+
+
+def output_schema(kept: pa.Schema) -> pa.Schema:
+    """The output's metadata schema: ifrender's columns, then the input's kept columns."""
+    return pa.schema(list(METADATA_SCHEMA) + list(kept))
+
+
+def encode_kept(row: pa.Table) -> bytes:
+    """One row of kept columns as bytes; b"" for no columns."""
+    if not row.num_columns:
+        return b""
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, row.schema) as writer:
+        writer.write_table(row.combine_chunks())
+    return sink.getvalue().to_pybytes()
+
+
+def decode_kept(values: list[bytes | None], kept: pa.Schema) -> pa.Table:
+    """Rows of kept columns from their bytes; a row without any (an unreadable record) is nulls."""
+    nulls = pa.table({f.name: pa.nulls(1, f.type) for f in kept}, schema=kept)
+    tables = [pa.ipc.open_stream(v).read_all() if v else nulls for v in values]
+    if not tables:
+        return kept.empty_table()
+    return pa.concat_tables([t.cast(kept) for t in tables]).combine_chunks()
+
+
 # Fields of a failed row that describe an image it does not have: left null.
 IMAGE_FIELDS = ("image_key", "sha256", "width", "height")

@@ -9,56 +9,120 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
-import posixpath
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
-from jobs.input.shards import Record, Shard, records
-from jobs.manifest import InputConfig
+from jobs.input.columns import Columns, fill, renamed, sources
+from jobs.input.images import load_image
+from jobs.input.records import Record, records, tsv_fields
+from jobs.input.shards import HEADED, TABLES, Shard
+from jobs.input.tables import arrow_batches, arrow_schema
+from jobs.manifest import InputConfig, template_fields
+from workers.columns import KEPT, encode_kept, is_setting
 from workers.keys import derive_seed, item_key
-from workers.overrides import OVERRIDE_COLUMNS, STAGE_PREFIXES, parse_overrides, row_mode
+from workers.overrides import parse_overrides, row_mode
 from workers.sizes import NATIVE, JobSize, stage1_size
-from workers.storage import bucket_key, is_s3, object_size, read_bytes, resolve
+from workers.storage import resolve
 
-COLUMNS = ("prompt", "negative_prompt", "seed", "id", "image", "mask_image") + OVERRIDE_COLUMNS
 MAX_SEED = 2**63
 MAX_EXACT_FLOAT = 2**53  # floats above it skip integers: a seed there was rounded before it came
 
 
-def _raw_records(shard: Shard, cfg: InputConfig) -> Iterator[tuple[int, dict[str, Any] | str]]:
-    """(source row, record dict or an error message) for each row of a shard."""
+def _raw_records(shard: Shard, cfg: InputConfig, columns: Columns) -> Iterator[tuple[int, dict[str, Any] | str, bytes]]:
+    """(source row, record dict or an error message, the row's kept columns as bytes) for each
+    row of a shard. Records carry the dataset's column names."""
     fs, path = resolve(shard.uri)
+    if shard.format in TABLES:
+        yield from _table_records(shard, cfg, columns, fs.open_input_file(path))
+        return
+    with fs.open_input_file(path) as f:
+        f.seek(shard.start)
+        data = f.read(shard.end - shard.start)
+    header = json.loads(shard.header) if shard.format in HEADED else []
+    for record in records(io.BytesIO(data), shard.format, shard.start, shard.first_line, cfg.max_record_bytes):
+        parsed = _parse_record(shard, header, record)
+        kept = b""
+        if isinstance(parsed, dict) and columns.kept:
+            try:
+                kept = encode_kept(pa.Table.from_pylist([columns.kept_values(parsed)], schema=columns.kept))
+            except (pa.ArrowException, ValueError, TypeError, OverflowError) as err:
+                parsed = f"line {record.line} of {shard.uri}: its kept columns do not fit {columns.kept} ({err})"
+        yield record.line, parsed, kept
+
+
+def _table_slices(shard: Shard, f: Any, names: list[str]) -> Iterator[tuple[int, pa.Table | str, int]]:
+    """(file row, the shard's rows there as a table or why they cannot be read, how many) over
+    the shard's rows of a Parquet or Arrow file, one row group or record batch at a time."""
+    stop = shard.start + shard.num_rows
     if shard.format == "parquet":
-        pf = pq.ParquetFile(fs.open_input_file(path))
-        columns = [c for c in pf.schema_arrow.names if c in COLUMNS or c.startswith(STAGE_PREFIXES)]
-        stop, offset = shard.start + shard.num_rows, 0
+        pf = pq.ParquetFile(f)
+        columns = [c for c in pf.schema_arrow.names if c in names]
+        offset = 0
         for rg in range(pf.num_row_groups):
             n = pf.metadata.row_group(rg).num_rows
             if offset + n > shard.start and offset < stop:
                 lo, hi = max(shard.start - offset, 0), min(stop - offset, n)
                 try:
-                    found = pf.read_row_group(rg, columns=columns).slice(lo, hi - lo).to_pylist()
+                    yield offset + lo, pf.read_row_group(rg, columns=columns).slice(lo, hi - lo), hi - lo
                 except Exception as err:  # noqa: BLE001 - a corrupt row group fails its rows, not the job
-                    found = [f"row group {rg} of {shard.uri} cannot be read ({type(err).__name__}: {err})"] * (hi - lo)
-                for i, rec in enumerate(found):
-                    yield offset + lo + i, rec
+                    yield (
+                        offset + lo,
+                        f"row group {rg} of {shard.uri} cannot be read ({type(err).__name__}: {err})",
+                        hi - lo,
+                    )
             offset += n
         return
-    with fs.open_input_file(path) as f:
-        f.seek(shard.start)
-        data = f.read(shard.end - shard.start)
-    header = json.loads(shard.header) if shard.format == "csv" else []
-    for record in records(io.BytesIO(data), shard.format, shard.start, shard.first_line, cfg.max_record_bytes):
-        yield record.line, _parse_record(shard, header, record)
+    left = shard.start  # the first of the shard's rows not yet yielded
+    try:
+        for _, offset, batch in arrow_batches(f, shard.batch, shard.batch_row):
+            n = batch.num_rows
+            if offset + n > shard.start and offset < stop:
+                lo, hi = max(shard.start - offset, 0), min(stop - offset, n)
+                table = pa.Table.from_batches([batch]).select([c for c in batch.schema.names if c in names])
+                yield offset + lo, table.slice(lo, hi - lo), hi - lo
+                left = offset + hi
+            if offset + n >= stop:
+                return
+    except Exception as err:  # noqa: BLE001 - a corrupt batch fails the shard's rows left, not the job
+        yield left, f"{shard.uri} cannot be read from row {left} ({type(err).__name__}: {err})", stop - left
+        return
+    if left < stop:  # the file ended early: it changed since the plan
+        yield left, f"{shard.uri} ended at row {left}; expected {stop} rows (did it change since the job started?)", stop - left
+
+
+def _table_records(
+    shard: Shard, cfg: InputConfig, columns: Columns, f: Any
+) -> Iterator[tuple[int, dict[str, Any] | str, bytes]]:
+    read = set(sources(cfg).values()) | {n for t in templates(cfg) for n in template_fields(t)}
+    kept = set(columns.kept.names)
+    for row, found, n in _table_slices(shard, f, names=[*read, *kept, *_settings(f, shard)]):
+        if isinstance(found, str):
+            for i in range(n):
+                yield row + i, found, b""
+            continue
+        values = found.select([c for c in found.column_names if c not in kept or c in read]).to_pylist()
+        kept_rows = columns.conform(found) if kept else None
+        for i, record in enumerate(values):
+            yield row + i, record, encode_kept(kept_rows.slice(i, 1)) if kept_rows is not None else b""
+
+
+def _settings(f: Any, shard: Shard) -> list[str]:
+    """The file's columns that name per-row settings (unknown ones fail their rows)."""
+    schema = pq.ParquetFile(f).schema_arrow if shard.format == "parquet" else arrow_schema(f)
+    return [c for c in schema.names if is_setting(c)]
+
+
+def templates(cfg: InputConfig) -> list[str]:
+    return [t for t in (cfg.prompt_template, cfg.negative_prompt_template) if t]
 
 
 def _parse_record(shard: Shard, header: list[str], record: Record) -> dict[str, Any] | str:
-    """A record's columns, or what is wrong with it (naming the line and the file)."""
+    """A record's columns, or what is wrong with it (naming the line and the file). CSV and TSV
+    fields stay text as they are, empty ones included."""
     where = f"line {record.line} of {shard.uri}"
     if record.problem:
         return f"{where}: {record.problem}"
@@ -82,12 +146,18 @@ def _parse_record(shard: Shard, header: list[str], record: Record) -> dict[str, 
         if not isinstance(value, dict):
             return f"{where}: expected a JSON object, found {type(value).__name__}"
         return value
-    if len(record.value) > len(header):
-        return (
-            f"{where}: {len(record.value)} fields, but the header names {len(header)}; expected one value per "
-            f"column. Fix: quote fields that hold commas"
+    fields = record.value if shard.format == "csv" else tsv_fields(record.value)
+    if len(fields) > len(header):
+        fix = (
+            "quote fields that hold commas"
+            if shard.format == "csv"
+            else ("TSV has no quoting, so a field cannot hold a tab: replace tabs inside fields (e.g. by spaces)")
         )
-    return {k: (v if v != "" else None) for k, v in zip(header, record.value)}
+        return (
+            f"{where}: {len(fields)} fields, but the header names {len(header)}; expected one value per "
+            f"column. Fix: {fix}"
+        )
+    return dict(zip(header, fields))
 
 
 def _short(value: Any) -> str:
@@ -114,88 +184,6 @@ def parse_seed(value: Any) -> int:
     return value
 
 
-def image_roots(cfg: InputConfig) -> list[str]:
-    """Where a job's init images may come from: input.image_roots, else the input's directory
-    (or its S3 bucket)."""
-    if cfg.image_roots is not None:
-        return [r.rstrip("/") for r in cfg.image_roots]
-    if is_s3(cfg.path):
-        return ["s3://" + bucket_key(cfg.path)[0]]
-    path = Path(cfg.path)
-    return [str(path if path.is_dir() else path.parent)]
-
-
-def image_location(field: str, value: str, source: str, roots: list[str]) -> tuple[str, str]:
-    """(uri, problem) of an image path: relative paths resolve against the input file's
-    directory; the result must lie under one of `roots`. Decided on the path's text alone (and
-    the links on its way), so a refused path gets the same answer whether or not it exists."""
-    if "://" in value and not is_s3(value):
-        return "", f"{field}: {_short(value)} has an unsupported scheme; expected a path or an s3:// URI"
-    if is_s3(value):
-        uri = value
-    elif value.startswith("/"):
-        uri = os.path.realpath(value)
-    elif is_s3(source):
-        uri = posixpath.normpath(posixpath.join(source.rsplit("/", 1)[0][len("s3://") :], value))
-        uri = "s3://" + uri
-    else:
-        uri = os.path.realpath(os.path.join(os.path.dirname(source), value))
-    for root in roots:
-        if is_s3(root) == is_s3(uri) and (uri == root or uri.startswith(root + "/")) and "/../" not in uri + "/":
-            return uri, ""
-    return "", (
-        f"{field}: {_short(value)} lies outside the image roots {roots}; expected a path inside them. "
-        f"Fix: move the image there, or list its directory or s3:// prefix in input.image_roots"
-    )
-
-
-def load_image(field: str, value: Any, source: str, cfg: InputConfig) -> tuple[bytes | None, str]:
-    """An init image or mask as encoded bytes, from bytes, a datasets Image struct, a path or an
-    s3:// URI under the image roots; (None, problem) when unusable. Sizes are checked before
-    anything is read, and pixels before anything is decoded."""
-    from PIL import Image
-
-    where = "the row's bytes"
-    if isinstance(value, dict):  # a datasets Image column: {"bytes": ..., "path": ...}
-        value = value.get("bytes") or value.get("path")
-    if isinstance(value, (bytes, bytearray)):
-        data = bytes(value)
-    elif isinstance(value, str):
-        where, problem = image_location(field, value.strip(), source, image_roots(cfg))
-        if problem:
-            return None, problem
-        try:
-            size = object_size(where)
-            if size is None:
-                return None, f"{field}: {where} not found; expected an image file (local path, s3:// URI) or bytes"
-            if size > cfg.max_image_bytes:
-                return None, f"{field}: {where} is {size} bytes, over input.max_image_bytes={cfg.max_image_bytes}"
-            data = read_bytes(where)
-        except Exception as err:  # noqa: BLE001 - any unreadable location fails the row only
-            return None, f"{field}: cannot read {where} ({type(err).__name__}: {err})"
-        if data is None:
-            return None, f"{field}: {where} not found; expected an image file (local path, s3:// URI) or bytes"
-    else:
-        return None, f"{field}: expected an image path, s3:// URI or bytes, found {_short(value)}"
-    if len(data) > cfg.max_image_bytes:
-        return None, f"{field}: {where} is {len(data)} bytes, over input.max_image_bytes={cfg.max_image_bytes}"
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            width, height = img.size  # from the header: nothing decoded yet
-            if width * height > cfg.max_image_pixels:
-                return None, (
-                    f"{field}: {where} is {width}x{height} pixels, over input.max_image_pixels="
-                    f"{cfg.max_image_pixels}; expected a smaller image (it is resized to the stage's size anyway)"
-                )
-            img.load()
-    except Exception as err:  # noqa: BLE001 - bombs, truncation, garbage: the row fails, not the job
-        return (
-            None,
-            f"{field}: {where} is not a readable image ({type(err).__name__}: {err}); expected PNG, JPEG or WebP",
-        )
-    return data, ""
-
-
 def validate_row(
     record: dict[str, Any] | str,
     global_row: int,
@@ -203,9 +191,11 @@ def validate_row(
     source: str,
     cfg: InputConfig,
     size: JobSize = NATIVE,
+    problem: str = "",
 ) -> dict[str, Any]:
-    """One output row from one input record; problems go into `error`, never raised."""
-    errors: list[str] = []
+    """One output row from one input record (under ifrender's names); problems go into `error`,
+    never raised. `problem`: one found before (a template's field missing)."""
+    errors: list[str] = [problem] if problem else []
     if isinstance(record, str):
         errors.append(record)
         record = {}
@@ -310,7 +300,12 @@ def expand(row: dict[str, Any], num_images: int) -> list[dict[str, Any]]:
 
 
 def read_shards(
-    batch: dict[str, np.ndarray], job_seed: int, cfg: InputConfig, num_images: int = 1, size: JobSize = NATIVE
+    batch: dict[str, np.ndarray],
+    job_seed: int,
+    cfg: InputConfig,
+    num_images: int = 1,
+    size: JobSize = NATIVE,
+    columns: Columns | None = None,
 ) -> dict[str, np.ndarray]:
     """Ray map_batches UDF: a batch of shard descriptions in, their validated rows out (a row
     with num_images > 1 becomes that many output rows). Nothing in one record raises: whatever
@@ -320,25 +315,43 @@ def read_shards(
         fields = {k: _plain(batch[k][i]) for k in Shard.__dataclass_fields__}
         for name in ("only_rows", "whole_rows"):
             fields[name] = tuple(int(r) for r in fields[name])
-        rows += _shard_rows(Shard(**fields), job_seed, cfg, num_images, size)
+        rows += _shard_rows(Shard(**fields), job_seed, cfg, num_images, size, columns or Columns())
     columns = list(rows[0]) if rows else []
     ints = ("seed", "row", "item", "shard", "source_row", "image_index", "shard_items", "stage1_width", "stage1_height")
     return {c: np.array([r[c] for r in rows], dtype=np.int64 if c in ints else object) for c in columns}
 
 
-def _shard_rows(shard: Shard, job_seed: int, cfg: InputConfig, num_images: int, size: JobSize) -> list[dict[str, Any]]:
+def read_fields(record: dict[str, Any], fmt: str, cfg: InputConfig) -> tuple[dict[str, Any], str]:
+    """(a record under ifrender's names with its templates filled, problem). An empty CSV or TSV
+    field is an absent value there."""
+    fields = renamed(record, cfg)
+    if fmt in HEADED:
+        fields = {k: (None if v == "" else v) for k, v in fields.items()}
+    problem = ""
+    for name, template in (("prompt", cfg.prompt_template), ("negative_prompt", cfg.negative_prompt_template)):
+        if template:
+            fields[name], found = fill(template, record)
+            problem = problem or found
+    return fields, problem
+
+
+def _shard_rows(
+    shard: Shard, job_seed: int, cfg: InputConfig, num_images: int, size: JobSize, columns: Columns
+) -> list[dict[str, Any]]:
     wanted, whole = set(shard.only_rows), set(shard.whole_rows)
     first_seen: dict[str, int] = {}
     shard_rows = []
-    for n, (source_row, record) in enumerate(_raw_records(shard, cfg)):
+    for n, (source_row, record, kept) in enumerate(_raw_records(shard, cfg, columns)):
         global_row = shard.first_row + n
         try:
-            outputs = expand(validate_row(record, global_row, job_seed, shard.uri, cfg, size), num_images)
+            fields, problem = read_fields(record, shard.format, cfg) if isinstance(record, dict) else (record, "")
+            outputs = expand(validate_row(fields, global_row, job_seed, shard.uri, cfg, size, problem), num_images)
         except Exception as err:  # noqa: BLE001 - a bug or an input nobody foresaw fails its row only
             where = f"row {source_row} of {shard.uri}"
             outputs = [validate_row(f"{where}: {type(err).__name__}: {err}", global_row, job_seed, shard.uri, cfg)]
             outputs[0]["image_index"] = 0
         for row in outputs:
+            row[KEPT] = kept
             # Two rows with one id would share an image: the later one fails, the earlier renders.
             earlier = first_seen.setdefault(row["id"], global_row)
             if earlier != global_row and row["status"] == "ok":

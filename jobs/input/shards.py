@@ -7,11 +7,9 @@ stable global index however Ray later splits the work. jobs/input/rows.py reads 
 
 from __future__ import annotations
 
-import csv
 import fnmatch
 import hashlib
 import json
-import re
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -20,25 +18,39 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from jobs.input.columns import Columns, FileColumns, JsonTypes, check_file, plan_columns
+from jobs.input.records import Record, records, tsv_fields
+from jobs.input.tables import HASH_ROWS, arrow_batches, arrow_schema, row_digests
 from jobs.manifest import InputConfig
 from workers.errors import InputError, StorageError
 from workers.storage import is_s3, resolve
 
 EXTENSIONS = {
     ".parquet": "parquet",
+    ".arrow": "arrow",
+    ".feather": "arrow",
     ".jsonl": "jsonl",
     ".json": "jsonl",
     ".ndjson": "jsonl",
     ".csv": "csv",
+    ".tsv": "tsv",
     ".txt": "text",
     ".text": "text",
 }
 # What a directory input reads by default, per format: data files only. `.json` is left out, as a
 # directory's .json files are usually metadata (dataset_info.json); name them with input.pattern.
-PATTERNS = {"parquet": ("*.parquet",), "jsonl": ("*.jsonl", "*.ndjson"), "csv": ("*.csv",), "text": ("*.txt", "*.text")}
+PATTERNS = {
+    "parquet": ("*.parquet",),
+    "arrow": ("*.arrow", "*.feather"),
+    "jsonl": ("*.jsonl", "*.ndjson"),
+    "csv": ("*.csv",),
+    "tsv": ("*.tsv",),
+    "text": ("*.txt", "*.text"),
+}
+TABLES = ("parquet", "arrow")  # formats read as Arrow tables, by row offsets; the others by byte ranges
+HEADED = ("csv", "tsv")  # formats whose first record names the columns
 # Documentation beside the data, never read as prompts unless input.pattern names it.
 NOT_DATA = ("readme*", "license*", "changelog*", "notice*")
-BOM = b"\xef\xbb\xbf"
 
 
 @dataclass(frozen=True)
@@ -48,19 +60,23 @@ class Shard:
     format: str
     first_row: int  # global index of the shard's first row
     num_rows: int
-    start: int  # byte offset (text, jsonl, csv) or row offset in the file (parquet)
-    end: int  # byte offset one past the shard (text, jsonl, csv); unused for parquet
+    start: int  # byte offset (line formats) or row offset in the file (parquet, arrow)
+    end: int  # byte offset one past the shard (line formats); unused for parquet and arrow
     first_line: int  # 1-based line number of the first row (line formats), else row offset
-    header: str = ""  # the CSV header's fields, as JSON
-    sha256: str = ""  # of the shard's records (and CSV header), or of its Parquet rows' values (row_digests)
+    header: str = ""  # the CSV or TSV header's fields, as JSON
+    sha256: str = ""  # of the shard's records (and header), or of its table rows' values (row_digests)
     only_rows: tuple[int, ...] = ()  # item keys to read (a retry of failed outputs); () = all
     whole_rows: tuple[int, ...] = ()  # global rows to read with all their images (a retry of read failures)
+    # Arrow: where the record batch holding the shard's first row starts (its index in an IPC
+    # file, its byte offset in an IPC stream), and the file row it starts with.
+    batch: int = 0
+    batch_row: int = 0
 
     def fingerprint(self) -> dict[str, Any]:
         """What a commit records of the input it covered: file, rows and a hash of them."""
         found = {"file": self.uri, "first_row": self.first_row, "rows": self.num_rows, "sha256": self.sha256}
         # A Parquet shard's sha256 was once of its row groups' metadata: `hashed` tells the two apart.
-        return found | ({"hashed": "rows"} if self.format == "parquet" else {})
+        return found | ({"hashed": "rows"} if self.format in TABLES else {})
 
     @property
     def todo(self) -> int:
@@ -123,230 +139,148 @@ def list_files(cfg: InputConfig) -> list[tuple[str, str]]:
     if not files:
         raise InputError(
             f"input.path {cfg.path}: no such file, or a directory with no files. "
-            f"Expected a prompt file (.parquet, .jsonl, .csv, .txt) or a directory of them."
+            f"Expected a prompt file ({', '.join(sorted(EXTENSIONS))}) or a directory of them."
         )
     prefix = "s3://" if is_s3(cfg.path) else ""
     return [(prefix + f, _format_of(prefix + f, cfg.format)) for f in files]
 
 
-_LINE = re.compile(rb"[^\r\n]*(?:\r\n|\r|\n)")
+@dataclass
+class InputPlan:
+    """The input planned: its shards, and its columns (what is read, kept, and how)."""
+
+    shards: list[Shard]
+    columns: Columns
 
 
-def lines(stream: Any, chunk: int = 1 << 20) -> Iterator[bytes]:
-    """Lines of a binary stream, each with its ending (LF, CRLF or a lone CR), read in chunks."""
-    rest = b""
-    while True:
-        data = stream.read(chunk)
-        if not data:
-            break
-        rest += data
-        # A CR at the end of the buffer may be the first half of a CRLF: keep it for the next chunk.
-        end, pos = len(rest) - rest.endswith(b"\r"), 0
-        for match in _LINE.finditer(rest, 0, end):
-            yield match.group()
-            pos = match.end()
-        rest = rest[pos:]
-    if rest:
-        yield rest
-
-
-@dataclass(frozen=True)
-class Record:
-    start: int  # byte offset of the record in its file
-    end: int  # byte offset one past it
-    line: int  # 1-based line number where it starts
-    value: bytes | list[str]  # a text or JSONL line; a CSV record's fields
-    problem: str = ""  # a CSV record the csv module could not parse
-    raw: bytes = b""  # the record's bytes, for the shard's fingerprint
-
-
-def records(stream: Any, fmt: str, offset: int = 0, first_line: int = 1, max_bytes: int = 1 << 20) -> Iterator[Record]:
-    """Each non-blank record of a line format, with where it lies. CSV goes through the csv
-    module (quotes inside unquoted fields, quoted newlines, any line ending); a UTF-8 BOM at the
-    start of the file is skipped; a record over `max_bytes` is a problem, not a value."""
-    state = {"offset": offset, "line": first_line - 1}
-    consumed: list[bytes] = []  # the lines read since the last record
-    too_big = f"longer than input.max_record_bytes={max_bytes}; expected shorter records, or raise the cap"
-
-    def counted() -> Iterator[bytes]:
-        for line in lines(stream):
-            if state["offset"] == 0 and line.startswith(BOM):
-                state["offset"] += len(BOM)
-                line = line[len(BOM) :]
-            state["offset"] += len(line)
-            state["line"] += 1
-            consumed.append(line)
-            yield line
-
-    if fmt != "csv":
-        for line in counted():
-            consumed.clear()
-            if len(line) > max_bytes:
-                yield Record(
-                    state["offset"] - len(line), state["offset"], state["line"], b"", f"a line {too_big}", line
-                )
-            elif line.strip():
-                yield Record(state["offset"] - len(line), state["offset"], state["line"], line, raw=line)
-        return
-    csv.field_size_limit(max_bytes)  # one field may hold the whole record
-    # The csv module reads text: bytes that are not UTF-8 pass through as surrogates, so byte
-    # offsets stay exact and the read task can name the row.
-    reader = csv.reader(line.decode("utf-8", "surrogateescape") for line in counted())
-    while True:
-        start, line = state["offset"], state["line"] + 1
-        try:
-            fields = next(reader)
-        except StopIteration:
-            return
-        except csv.Error as err:
-            yield Record(start, state["offset"], line, [], f"line {line}: not a CSV record ({err})", b"".join(consumed))
-            continue
-        finally:
-            raw = b"".join(consumed)
-            consumed.clear()
-        if state["offset"] - start > max_bytes:
-            yield Record(start, state["offset"], line, [], f"a CSV record {too_big}", raw)
-        elif any(f.strip() for f in fields):
-            yield Record(start, state["offset"], line, fields, raw=raw)
-
-
-def _check_columns(uri: str, found: list[str]) -> None:
-    if "prompt" not in found:
-        raise InputError(
-            f"{uri}: no 'prompt' column. Expected a column named prompt "
-            f"(optional: id, negative_prompt, seed, image, mask_image, num_images and per-row settings "
-            f"such as stage1_guidance_scale); found {found[:20]}."
-        )
-
-
-HASH_ROWS = 256  # rows hashed at a time: the memory a Parquet fingerprint takes, whatever the row groups
-
-
-def row_digests(parquet: pq.ParquetFile, shard_size: int) -> list[str]:
-    """A SHA-256 per shard of a Parquet file: of its rows' decoded values, every column, in
-    pieces of HASH_ROWS rows counted from the shard's start. The same rows give the same digest
-    however the file's row groups, pages and compression fall; an edit of one value anywhere, or
-    rows in another order, change it. One streaming pass over the file."""
-    digests, digest = [], hashlib.sha256()
-    piece: list[pa.RecordBatch] = []
-    in_piece = in_shard = 0
-
-    def hash_piece() -> None:
-        nonlocal piece, in_piece
-        if in_piece:
-            table = pa.Table.from_batches(piece)
-            # Copied into fresh buffers (take): a slice's serialised padding can hold its neighbours' bytes.
-            table = table.take(pa.array(range(in_piece))).combine_chunks()
-            sink = pa.BufferOutputStream()
-            with pa.ipc.new_stream(sink, table.schema) as writer:
-                writer.write_table(table)
-            digest.update(sink.getvalue())
-        piece, in_piece = [], 0
-
-    for batch in parquet.iter_batches(batch_size=HASH_ROWS):
-        start = 0
-        while start < batch.num_rows:
-            part = batch.slice(start, min(HASH_ROWS - in_piece, shard_size - in_shard))
-            piece.append(part)
-            start, in_piece, in_shard = start + part.num_rows, in_piece + part.num_rows, in_shard + part.num_rows
-            if in_piece == HASH_ROWS or in_shard == shard_size:
-                hash_piece()
-            if in_shard == shard_size:
-                digests.append(digest.hexdigest())
-                digest, in_shard = hashlib.sha256(), 0
-    hash_piece()
-    if in_shard:
-        digests.append(digest.hexdigest())
-    return digests
-
-
-def plan_shards(cfg: InputConfig) -> list[Shard]:
+def plan_input(cfg: InputConfig) -> InputPlan:
+    """Every file streamed once: shard boundaries and fingerprints, and each file's columns."""
     shards: list[Shard] = []
+    files: list[FileColumns] = []
+    json_types, json_files = JsonTypes(), []
     total = 0
     for uri, fmt in list_files(cfg):
         fs, path = resolve(uri)
-        if fmt == "parquet":
-            parquet = pq.ParquetFile(fs.open_input_file(path))
-            meta = parquet.metadata
-            _check_columns(uri, meta.schema.to_arrow_schema().names)
-            digests = row_digests(parquet, cfg.shard_size)
-            for start, digest in zip(range(0, meta.num_rows, cfg.shard_size), digests):
-                n = min(cfg.shard_size, meta.num_rows - start)
-                shards.append(Shard(len(shards), uri, fmt, total + start, n, start, 0, start, sha256=digest))
-            total += meta.num_rows
+        if fmt in TABLES:
+            total += _plan_table(cfg, uri, fmt, fs.open_input_file(path), total, shards, files)
             continue
-        header, seen_prompt, sample = "", False, []
-        boundary: tuple[int, int] | None = None  # (byte, line) where the open shard starts
-        count, end = 0, 0
-        digest = hashlib.sha256()
         with fs.open_input_stream(path) as stream:
-            for record in records(stream, fmt, max_bytes=cfg.max_record_bytes):
-                end = record.end
-                if fmt == "csv" and not header:
-                    if record.problem:
-                        raise InputError(f"{uri}: the CSV header cannot be read ({record.problem})")
-                    header = json.dumps(record.value)
-                    _check_columns(uri, record.value)
-                    continue
-                if fmt == "jsonl" and not seen_prompt and len(sample) < 100:
-                    sample.append(record.value)
-                    seen_prompt = _has_prompt_key(record.value)
-                if boundary is None:
-                    boundary = (record.start, record.line)
-                    digest = hashlib.sha256(header.encode())
-                digest.update(record.raw)
-                count += 1
-                if count % cfg.shard_size == 0:
-                    shards.append(
-                        Shard(
-                            len(shards),
-                            uri,
-                            fmt,
-                            total + count - cfg.shard_size,
-                            cfg.shard_size,
-                            boundary[0],
-                            end,
-                            boundary[1],
-                            header,
-                            digest.hexdigest(),
-                        )
-                    )
-                    boundary = None
-            if boundary is not None:
-                n = count % cfg.shard_size
-                shards.append(
-                    Shard(
-                        len(shards),
-                        uri,
-                        fmt,
-                        total + count - n,
-                        n,
-                        boundary[0],
-                        end,
-                        boundary[1],
-                        header,
-                        digest.hexdigest(),
-                    )
-                )
-        if fmt == "jsonl" and sample and not seen_prompt:
-            keys = sorted({k for raw in sample for k in _json_keys(raw)})
-            _check_columns(uri, keys)
+            count, header, keys = _plan_lines(cfg, uri, fmt, stream, total, shards, json_types)
+        if fmt in HEADED:
+            files.append(FileColumns(uri, fmt, dict.fromkeys(header or [], pa.string())))
+        elif fmt == "text":
+            files.append(FileColumns(uri, fmt, {"prompt": pa.string()}))
+        else:
+            json_files.append((uri, list(keys)))
+            if count:  # a file of only bad lines is its rows' errors, not the job's
+                check_file(cfg, FileColumns(uri, fmt, dict.fromkeys(keys, pa.string())))
         total += count
     if total == 0:
         raise InputError(f"input.path {cfg.path}: the dataset has no rows. Expected at least one prompt.")
-    return shards
+    types, text = json_types.types()
+    files += [FileColumns(uri, "jsonl", {k: types[k] for k in names}, text & set(names)) for uri, names in json_files]
+    return InputPlan(shards, plan_columns(cfg, files))
 
 
-def _json_keys(raw: bytes) -> list[str]:
+def plan_shards(cfg: InputConfig) -> list[Shard]:
+    return plan_input(cfg).shards
+
+
+def _plan_lines(
+    cfg: InputConfig, uri: str, fmt: str, stream: Any, total: int, shards: list[Shard], json_types: JsonTypes
+) -> tuple[int, list[str] | None, list[str]]:
+    """Plan one line-format file: its shards (by byte ranges), read once. Returns its rows, its
+    header (CSV, TSV) and its JSON keys (JSONL); JSONL records feed `json_types`."""
+    header: list[str] | None = None
+    keys: dict[str, None] = {}
+    boundary: tuple[int, int] | None = None  # (byte, line) where the open shard starts
+    count, end = 0, 0
+    digest = hashlib.sha256()
+
+    def close(n: int) -> None:
+        shards.append(
+            Shard(len(shards), uri, fmt, total + count - n, n, boundary[0], end, boundary[1],
+                  json.dumps(header) if header is not None else "", digest.hexdigest())
+        )  # fmt: skip
+
+    for record in records(stream, fmt, max_bytes=cfg.max_record_bytes):
+        end = record.end
+        if fmt in HEADED and header is None:
+            header = _header(uri, fmt, record)
+            check_file(cfg, FileColumns(uri, fmt, dict.fromkeys(header, pa.string())))
+            continue
+        if fmt == "jsonl" and (value := _json_object(record.value)) is not None:
+            keys.update(dict.fromkeys(value))
+            json_types.add(value)
+        if boundary is None:
+            boundary = (record.start, record.line)
+            # The header is part of every shard's fingerprint: a renamed column changes them all.
+            digest = hashlib.sha256(json.dumps(header).encode() if header is not None else b"")
+        digest.update(record.raw)
+        count += 1
+        if count % cfg.shard_size == 0:
+            close(cfg.shard_size)
+            boundary = None
+    if boundary is not None:
+        close(count % cfg.shard_size)
+    return count, header, list(keys)
+
+
+def _plan_table(
+    cfg: InputConfig, uri: str, fmt: str, f: Any, total: int, shards: list[Shard], files: list[FileColumns]
+) -> int:
+    """Plan one Parquet or Arrow file: its shards (by row offsets) and its columns. Returns its rows."""
+    where: list[tuple[int, int]] = []  # (Shard.batch, first row) of each record batch
+    if fmt == "parquet":
+        parquet = pq.ParquetFile(f)
+        schema = parquet.schema_arrow
+        check_file(cfg, FileColumns(uri, fmt, dict(zip(schema.names, schema.types))))
+        digests = row_digests(parquet.iter_batches(batch_size=HASH_ROWS), cfg.shard_size)
+        rows = parquet.metadata.num_rows
+    else:
+        try:
+            schema = arrow_schema(f)
+        except (pa.ArrowInvalid, OSError) as err:
+            raise InputError(
+                f"{uri}: not an Arrow IPC file or stream ({err}); expected .arrow/.feather written by Arrow"
+            ) from err
+        check_file(cfg, FileColumns(uri, fmt, dict(zip(schema.names, schema.types))))
+        counted = [0]
+
+        def batches() -> Iterator[pa.RecordBatch]:
+            for at, first, batch in arrow_batches(f):
+                where.append((at, first))
+                counted[0] = first + batch.num_rows
+                yield batch
+
+        digests = row_digests(batches(), cfg.shard_size)
+        rows = counted[0]
+    files.append(FileColumns(uri, fmt, dict(zip(schema.names, schema.types))))
+    for start, digest in zip(range(0, rows, cfg.shard_size), digests):
+        n = min(cfg.shard_size, rows - start)
+        batch, batch_row = max(((b, r) for b, r in where if r <= start), key=lambda w: w[1], default=(0, 0))
+        shards.append(Shard(len(shards), uri, fmt, total + start, n, start, 0, start, sha256=digest,
+                            batch=batch, batch_row=batch_row))  # fmt: skip
+    return rows
+
+
+def _header(uri: str, fmt: str, record: Record) -> list[str]:
+    if record.problem:
+        raise InputError(f"{uri}: the {fmt.upper()} header cannot be read ({record.problem})")
+    if fmt == "csv":
+        return list(record.value)
+    try:
+        return tsv_fields(record.value)
+    except UnicodeError as err:
+        raise InputError(f"{uri}: the TSV header is not UTF-8 ({err}); expected UTF-8 text") from err
+
+
+def _json_object(raw: bytes) -> dict | None:
     try:
         value = json.loads(raw)
     except ValueError:
-        return []
-    return list(value) if isinstance(value, dict) else []
-
-
-def _has_prompt_key(raw: bytes) -> bool:
-    return "prompt" in _json_keys(raw)
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def shard_items(shards: list[Shard]) -> list[dict[str, Any]]:

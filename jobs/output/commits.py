@@ -38,7 +38,7 @@ from jobs.output.layout import (
     markers_of,
     published_keys,
 )
-from workers.columns import IMAGE_FIELDS, METADATA_SCHEMA
+from workers.columns import IMAGE_FIELDS, KEPT, METADATA_SCHEMA, NO_COLUMNS, decode_kept
 from workers.errors import ChangedInputError
 from workers.keys import IMAGES, item_key
 from workers.stages import chain_stages
@@ -64,15 +64,20 @@ class Commit:
         return marker_key(self.shard, self.attempt)
 
 
-def read_metadata(out: str, commit: Commit, columns: list[str] | None = None) -> list[dict]:
-    """A committed attempt's metadata rows (only `columns`, when given). Raises FileNotFoundError
+def read_table(out: str, commit: Commit, columns: list[str] | None = None) -> pa.Table:
+    """A committed attempt's metadata (only `columns`, when given). Raises FileNotFoundError
     when a newer attempt's cleanup removed it."""
     data = read_bytes(join(out, commit.metadata))
     if data is None:
         raise FileNotFoundError(
             f"{join(out, commit.metadata)}: shard {commit.shard} attempt {commit.attempt}'s metadata"
         )
-    return pq.read_table(pa.BufferReader(data), columns=columns).to_pylist()
+    return pq.read_table(pa.BufferReader(data), columns=columns)
+
+
+def read_metadata(out: str, commit: Commit, columns: list[str] | None = None) -> list[dict]:
+    """A committed attempt's metadata rows, as dicts."""
+    return read_table(out, commit, columns).to_pylist()
 
 
 def read_marker(uri: str) -> Commit:
@@ -122,11 +127,23 @@ class Work:
 
     shard: Shard
     attempt: int
-    carried: list[dict] = field(default_factory=list)  # committed ok rows kept by a retry
+    carried: pa.Table | None = None  # committed ok rows kept by a retry, in the output's schema
     rows: dict[int, dict] = field(default_factory=dict)  # metadata rows so far, by item key; never images
 
-    def all_rows(self) -> list[dict]:
-        return sorted(self.carried + list(self.rows.values()), key=lambda r: (r["row"], r["image_index"] or 0))
+    def table(self, kept: pa.Schema) -> pa.Table:
+        """The shard's rows in the output's schema (kept: the input columns kept beside each
+        image), carried and new, in row order. Arrow throughout: kept values keep their types."""
+        rows = list(self.rows.values())
+        table = pa.Table.from_pylist(rows, schema=METADATA_SCHEMA)
+        for name, column in zip(kept.names, decode_kept([r.get(KEPT) for r in rows], kept).columns):
+            table = table.append_column(kept.field(name), column)
+        if self.carried is not None:
+            table = pa.concat_tables([self.carried.select(table.schema.names).cast(table.schema), table])
+        index = pc.fill_null(table.column("image_index"), 0)
+        order = pc.sort_indices(
+            pa.table({"row": table.column("row"), "index": index}), [("row", "ascending"), ("index", "ascending")]
+        )
+        return table.take(order)
 
 
 def changed_shards(shards: list[Shard], commits: dict[int, Commit]) -> tuple[list[int], list[int]]:
@@ -187,8 +204,9 @@ def work_left(
         elif shard.index in changed:  # its input changed: all of it again, as its next attempt
             work.append(Work(shard, commit.attempt + 1))
         elif retry_errors and commit.error:
-            rows = read_metadata(out, commit)
-            done = [r for r in rows if r["status"] == "ok"]
+            table = read_table(out, commit)
+            rows = table.select(["row", "image_index", "status"]).to_pylist()
+            done = table.filter(pc.equal(table.column("status"), "ok"))
             outputs = Counter(r["row"] for r in rows)
             failed = [r for r in rows if r["status"] != "ok"]
             # A row that failed before it was expanded into its images (at read time) has one
@@ -200,7 +218,8 @@ def work_left(
 
 
 def to_metadata(table: pa.Table, last_stage: str) -> pa.Table:
-    """A result block as the metadata schema: missing columns null, failed rows without image fields."""
+    """A result block as the metadata schema: missing columns null, failed rows without image
+    fields; the rows' kept input columns stay as they came (bytes, decoded at the commit)."""
     n = table.num_rows
     ok = pa.array([s == "ok" for s in table.column("status").to_pylist()])
     columns = []
@@ -217,29 +236,33 @@ def to_metadata(table: pa.Table, last_stage: str) -> pa.Table:
         else:
             col = pa.nulls(n, f.type)
         columns.append(col)
-    return pa.Table.from_arrays(columns, schema=METADATA_SCHEMA)
+    found = pa.Table.from_arrays(columns, schema=METADATA_SCHEMA)
+    if KEPT in table.column_names:
+        found = found.append_column(KEPT, table.column(KEPT).combine_chunks().cast(pa.binary()))
+    return found
 
 
 # ---- the commit ----------------------------------------------------------------------------
 
 
-def commit_shard(out: str, work: Work, run_id: str) -> Commit | None:
-    """Write the attempt's metadata, then its marker. Returns the commit when this run made it,
-    None when another writer committed this attempt first (this run's copy is then removed)."""
-    rows = work.all_rows()
+def commit_shard(out: str, work: Work, run_id: str, kept: pa.Schema = NO_COLUMNS) -> Commit | None:
+    """Write the attempt's metadata (in the output's schema: ifrender's columns, then the input's
+    `kept` ones), then its marker. Returns the commit when this run made it, None when another
+    writer committed this attempt first (this run's copy is then removed)."""
+    table = work.table(kept)
     shard, attempt = work.shard.index, work.attempt
     # 1. The metadata file, under a name no other run or attempt uses. Small: no image bytes.
     metadata = attempt_key(shard, attempt, run_id)
     buf = pa.BufferOutputStream()
-    pq.write_table(pa.Table.from_pylist(rows, schema=METADATA_SCHEMA), buf)
+    pq.write_table(table, buf)
     write_bytes(join(out, metadata), buf.getvalue().to_pybytes())
     # 2. The marker, created once: the commit itself.
     seconds: dict[str, float] = {}
     for r in work.rows.values():
         for stage in chain_stages():
             seconds[stage] = seconds.get(stage, 0.0) + (r.get(f"{stage}_seconds") or 0.0)
-    ok = sum(r["status"] == "ok" for r in rows)
-    commit = Commit(shard, attempt, metadata, len(rows), ok, len(rows) - ok, run_id, seconds, work.shard.fingerprint())
+    n, ok = table.num_rows, pc.sum(pc.equal(table.column("status"), "ok")).as_py() or 0
+    commit = Commit(shard, attempt, metadata, n, ok, n - ok, run_id, seconds, work.shard.fingerprint())
     if try_commit(out, commit):
         return commit
     log.warning("shard %d attempt %d was committed by another writer; dropping this run's copy", shard, attempt)

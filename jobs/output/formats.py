@@ -7,8 +7,12 @@ shard's size nor its images' size decides the memory it takes. Both use their ow
 
 from __future__ import annotations
 
+import base64
+import datetime
+import decimal
 import json
 from collections.abc import Iterator
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -39,12 +43,12 @@ def check_packages(output) -> None:
             )
 
 
-def image_schema() -> pa.Schema:
-    """The metadata schema plus `image` as a Hugging Face datasets Image feature (struct {bytes,
+def image_schema(schema: pa.Schema) -> pa.Schema:
+    """The output's schema plus `image` as a Hugging Face datasets Image feature (struct {bytes,
     path}), declared in the schema's `huggingface` metadata so load_dataset decodes PIL images."""
     import datasets
 
-    features = datasets.Features.from_arrow_schema(METADATA_SCHEMA)
+    features = datasets.Features.from_arrow_schema(schema)
     features["image"] = datasets.Image()
     return features.arrow_schema
 
@@ -56,17 +60,39 @@ def _with_images(out: str, rows: list[dict]) -> Iterator[tuple[list[dict], list[
         yield chunk, [read_bytes(join(out, r["image_key"])) if r["image_key"] else None for r in chunk]
 
 
-def write_embedded(out: str, rows: list[dict], uri: str) -> None:
-    """The rows as Parquet with their image bytes in an `image` column, one row group per chunk."""
-    schema = image_schema()
+def write_embedded(out: str, table: pa.Table, uri: str) -> None:
+    """The shard's metadata as Parquet with its image bytes in an `image` column, one row group per chunk."""
+    schema = image_schema(table.schema.remove_metadata())
     with local_output(uri) as path, pq.ParquetWriter(path, schema) as writer:
-        if not rows:
+        if not table.num_rows:
             writer.write_table(schema.empty_table())
-        for chunk, images in _with_images(out, rows):
-            column = [{"bytes": b, "path": r["image_key"]} if b is not None else None for r, b in zip(chunk, images)]
-            table = pa.Table.from_pylist(chunk, schema=METADATA_SCHEMA)
-            table = table.append_column(schema.field("image"), pa.array(column, type=schema.field("image").type))
-            writer.write_table(table.replace_schema_metadata(schema.metadata))
+        for start in range(0, table.num_rows, CHUNK):
+            chunk = table.slice(start, CHUNK)
+            keys = chunk.column("image_key").to_pylist()
+            images = [read_bytes(join(out, k)) if k else None for k in keys]
+            column = [{"bytes": b, "path": k} if b is not None else None for k, b in zip(keys, images)]
+            chunk = chunk.append_column(schema.field("image"), pa.array(column, type=schema.field("image").type))
+            writer.write_table(chunk.cast(schema))
+
+
+def sample(row: dict) -> dict:
+    """A WebDataset sample's JSON: SAMPLE_FIELDS, then the row's kept input columns."""
+    return {f: row.get(f) for f in SAMPLE_FIELDS} | {k: v for k, v in row.items() if k not in METADATA_SCHEMA.names}
+
+
+def _json_value(value: Any) -> Any:
+    """Kept values JSON has no type for: times as ISO 8601, decimals as text, bytes as base64."""
+    if isinstance(value, (datetime.date, datetime.time)):
+        return value.isoformat()
+    if isinstance(value, datetime.timedelta):
+        return value.total_seconds()
+    if isinstance(value, decimal.Decimal):
+        return str(value)
+    if isinstance(value, (bytes, bytearray)):
+        return base64.b64encode(value).decode()
+    if hasattr(value, "item"):  # numpy scalars (float16)
+        return value.item()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
 def write_tar(out: str, rows: list[dict], uri: str) -> None:
@@ -86,6 +112,6 @@ def write_tar(out: str, rows: list[dict], uri: str) -> None:
                         "__key__": f"{r['row']:09d}" + (f"_{index:02d}" if index else ""),
                         r["image_key"].rsplit(".", 1)[-1]: data,
                         "txt": r["prompt"],
-                        "json": json.dumps({f: r.get(f) for f in SAMPLE_FIELDS}).encode(),
+                        "json": json.dumps(sample(r), default=_json_value).encode(),
                     }
                 )

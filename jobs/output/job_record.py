@@ -7,12 +7,16 @@ the changed fields named, unless the user allows it.
 
 from __future__ import annotations
 
+import base64
 import json
 from typing import Any
 
+import pyarrow as pa
+
 from jobs.manifest import Manifest
 from jobs.output.layout import JOB
-from workers.errors import ChangedManifestError
+from workers.columns import NO_COLUMNS
+from workers.errors import ChangedInputError, ChangedManifestError
 from workers.stages import MODEL_STAGES
 from workers.storage import create_exclusive, join, read_bytes, write_bytes
 
@@ -98,13 +102,34 @@ def is_job_record(data: bytes | None) -> bool:
     )
 
 
-def check_job(out: str, manifest: Manifest, allow_changed: bool) -> None:
-    """Record the job in a new output; refuse a resume whose manifest would render differently.
-    A new output's record is created once (create-exclusive): of two jobs starting on one
-    output at once, the second compares itself with the first's record like any resume."""
+def kept_record(kept: pa.Schema) -> dict[str, Any]:
+    """The kept input columns as job.json records them: readable, and the exact Arrow schema."""
+    return {"fields": [[f.name, str(f.type)] for f in kept], "arrow": base64.b64encode(kept.serialize()).decode()}
+
+
+def recorded_kept(record: dict[str, Any]) -> pa.Schema:
+    """The kept columns a job.json records; none for a record from before they were kept."""
+    found = record.get("kept_columns")
+    if not found:
+        return pa.schema([])
+    return pa.ipc.read_schema(pa.py_buffer(base64.b64decode(found["arrow"])))
+
+
+def check_job(out: str, manifest: Manifest, allow_changed: bool, kept: pa.Schema = NO_COLUMNS) -> None:
+    """Record the job in a new output; refuse a resume whose manifest would render differently,
+    or whose kept input columns differ from the output's (every shard has one schema, so a
+    glob over data/ reads them all). A new output's record is created once (create-exclusive):
+    of two jobs starting on one output at once, the second compares itself with the first's
+    record like any resume."""
     uri = join(out, JOB)
     new = fingerprint(manifest)
-    record = {"format": FORMAT, "version": VERSION, "fingerprint": new, "manifest": manifest.model_dump(mode="json")}
+    record = {
+        "format": FORMAT,
+        "version": VERSION,
+        "fingerprint": new,
+        "manifest": manifest.model_dump(mode="json"),
+        "kept_columns": kept_record(kept),
+    }
     record = json.dumps(record, indent=1).encode()
     existing = read_bytes(uri)
     if existing is None:
@@ -112,6 +137,15 @@ def check_job(out: str, manifest: Manifest, allow_changed: bool) -> None:
             return
         existing = read_bytes(uri)  # another job created it first
     if existing is not None:
+        old = recorded_kept(json.loads(existing))
+        if not old.equals(kept):
+            names = [f"{f.name}: {f.type}" for f in old]
+            raise ChangedInputError(
+                f"output.path {out}: its shards keep the input columns {names or 'none'}, and this input "
+                f"and manifest give {[f'{f.name}: {f.type}' for f in kept] or 'none'}; every shard of one "
+                f"output has one schema. Fix: set input.keep_columns: {json.dumps(old.names) if old.names else 'none'} "
+                f"to resume it, restore the input's columns, or write to another output.path (--overwrite starts over)."
+            )
         changes = _diff(json.loads(existing)["fingerprint"], new)
         if not changes:
             return

@@ -18,7 +18,9 @@ import json
 import logging
 from typing import Any
 
-from jobs.output.commits import Commit, clean, clean_all, latest_commit, list_commits, read_marker, read_metadata
+import pyarrow as pa
+
+from jobs.output.commits import Commit, clean, clean_all, latest_commit, list_commits, read_marker, read_table
 from jobs.output.contact import write_job_sheet, write_shard_sheet
 from jobs.output.formats import write_embedded, write_tar
 from jobs.output.layout import (
@@ -62,17 +64,17 @@ def stale(out: str, commits: dict[int, Commit], derived: Derived) -> list[int]:
     return [s for s, c in sorted(commits.items()) if any(have.get((k, s)) != c.attempt for k in derived.kinds())]
 
 
-def _build(out: str, kind: str, commit: Commit, rows: list[dict] | None) -> None:
+def _build(out: str, kind: str, commit: Commit, table: pa.Table | None) -> None:
     shard = commit.shard
     target = join(out, KINDS[kind][0](shard))
     if kind == "data":
         copy_object(join(out, commit.metadata), target)
     elif kind == "data-images":
-        write_embedded(out, rows, target)
+        write_embedded(out, table, target)
     elif kind == "webdataset":
-        write_tar(out, rows, target)
+        write_tar(out, table.to_pylist(), target)
     else:
-        write_shard_sheet(out, rows, target)
+        write_shard_sheet(out, table.to_pylist(), target)
     tag = version(target)
     write_bytes(join(out, stamp_key(kind, shard, commit.attempt, tag)), b"")
     # Older stamps go once the new one is in; of the two data kinds only the one built now stays.
@@ -89,11 +91,11 @@ def publish(out: str, shard: int, derived: Derived, rounds: int = 5) -> int | No
         if commit is None:
             return None
         try:
-            rows = None
+            table = None
             if derived.kinds() != ("data",):
-                rows = read_metadata(out, commit)
+                table = read_table(out, commit)
             for kind in derived.kinds():
-                _build(out, kind, commit, rows)
+                _build(out, kind, commit, table)
         except FileNotFoundError:
             continue  # a newer attempt's cleanup took this one's files: publish that one
         now = latest_commit(out, shard)

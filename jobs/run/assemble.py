@@ -67,7 +67,7 @@ def assemble(run: Run, ds, pending: dict[int, Work], run_id: str, watch: Watch |
                 open_rows += item not in w.rows
                 w.rows[item] = row  # keyed by output: a repeated row counts once
                 if len(w.rows) == expected[i]:
-                    commit = commit_shard(out, pending.pop(row["shard"]), run_id)
+                    commit = commit_shard(out, pending.pop(row["shard"]), run_id, run.columns.kept)
                     open_rows -= len(w.rows)
                     if commit is not None:
                         run.committed(commit)

@@ -9,6 +9,7 @@ through Ray's object store. Only small metadata rows come out at the end (never 
 
 from __future__ import annotations
 
+from jobs.input.columns import Columns
 from jobs.input.rows import read_shards
 from jobs.input.shards import shard_items
 from jobs.manifest import Manifest
@@ -20,7 +21,7 @@ from workers.stages import STAGES, WRITE, drops
 from workers.write import WriteWorker
 
 
-def read_dataset(manifest: Manifest, work: list[Work]):
+def read_dataset(manifest: Manifest, work: list[Work], columns: Columns | None = None):
     """The chain's start: one read task per shard (its rows, validated), re-cut into blocks of
     the first pools' batch. Returns the dataset and its rows per block."""
     import ray
@@ -36,18 +37,26 @@ def read_dataset(manifest: Manifest, work: list[Work]):
             "cfg": manifest.input,
             "num_images": manifest.num_images,
             "size": JobSize(manifest.width, manifest.height, manifest.last_stage),
+            "columns": columns,
         },
     )
     # Small blocks give each stage several tasks, so the stages overlap instead of taking turns.
     return ds.repartition(target_num_rows_per_block=rows), rows
 
 
-def build_dataset(manifest: Manifest, work: list[Work], run_id: str, placed: dict[str, dict] | None = None):
-    """The chain for `work`; `placed` holds the pools' placement group arguments (jobs.run.pools.reserve)."""
+def build_dataset(
+    manifest: Manifest,
+    work: list[Work],
+    run_id: str,
+    placed: dict[str, dict] | None = None,
+    columns: Columns | None = None,
+):
+    """The chain for `work`; `placed` holds the pools' placement group arguments
+    (jobs.run.pools.reserve); `columns` the input's (what the read keeps beside each row)."""
     placed = placed or {}
     dropped = drops(manifest.last_stage)
     # 1-2. The shards' rows, in blocks.
-    ds, rows = read_dataset(manifest, work)
+    ds, rows = read_dataset(manifest, work, columns)
 
     # 3. The model stages in registry order, each in its pool or fused with its neighbours in a
     # group's (the layout); the last one finishes its images with the safety checker.

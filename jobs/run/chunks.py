@@ -58,7 +58,7 @@ def _render_chunks(run: Run, cluster: Cluster, stop_after_s: float | None) -> li
         sized = with_pool_sizes(manifest, chunk.pools)
         placed, reservations = reserve(job_pools(sized), manifest.ray.reserve_timeout_s)
         try:
-            ds = build_dataset(sized, work, run_id, placed)
+            ds = build_dataset(sized, work, run_id, placed, run.columns)
             assemble(run, ds, pending, run_id, cluster.watch)
         except Stopped:
             summary.stopped = f"{run.stop.reason()}; {len(pending) + len(remaining)} shards left for the same command"

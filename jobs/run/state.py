@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 
+from jobs.input.columns import Columns
 from jobs.manifest import Manifest
 from jobs.output.commits import Commit, Work
 from jobs.output.layout import Derived
@@ -33,6 +34,7 @@ class Run:
     left: list[Work] = field(default_factory=list)  # shards left incomplete
     index: dict = field(default_factory=dict)  # index.json as the run's end wrote it
     stop: Stop | None = None  # asked by a signal (jobs/run/stop.py)
+    columns: Columns = field(default_factory=Columns)  # the input's columns: read, kept (jobs/input/columns.py)
 
     @property
     def out(self) -> str:
