@@ -58,8 +58,17 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
+    """The manifest with every default (stdout, JSON), then what its input resolves to (stderr):
+    its rows, the columns read under ifrender's names and those kept beside each image."""
+    from jobs.input.shards import plan_input
+
     manifest = load_manifest(args.manifest, args.set, args.run_date, args.run_id)
     print(json.dumps(json.loads(manifest.model_dump_json()), indent=2))
+    plan = plan_input(manifest.input)
+    files = sorted({s.uri for s in plan.shards})
+    rows = sum(s.num_rows for s in plan.shards)
+    print(f"input: {rows} rows in {len(plan.shards)} shards, from {len(files)} file(s)", file=sys.stderr)
+    print("\n".join(plan.columns.describe()), file=sys.stderr)
     return 0
 
 
@@ -254,7 +263,9 @@ def _output_and_model_commands(sub) -> None:
     p.add_argument("--all", action="store_true", help="list every shard, not only unfinished ones")
     p.set_defaults(func=_status)
 
-    p = sub.add_parser("validate", help="check a manifest and print it with all defaults")
+    p = sub.add_parser(
+        "validate", help="check a manifest, print it with all defaults, and what its input's columns resolve to"
+    )
     manifest_args(p)
     p.set_defaults(func=_validate)
 

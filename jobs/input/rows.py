@@ -91,7 +91,11 @@ def _table_slices(shard: Shard, f: Any, names: list[str]) -> Iterator[tuple[int,
         yield left, f"{shard.uri} cannot be read from row {left} ({type(err).__name__}: {err})", stop - left
         return
     if left < stop:  # the file ended early: it changed since the plan
-        yield left, f"{shard.uri} ended at row {left}; expected {stop} rows (did it change since the job started?)", stop - left
+        yield (
+            left,
+            f"{shard.uri} ended at row {left}; expected {stop} rows (did it change since the job started?)",
+            stop - left,
+        )
 
 
 def _table_records(

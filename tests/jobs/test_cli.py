@@ -31,6 +31,20 @@ def test_validate_prints_every_default():
     assert resolved["write"]["pool_size"] == 1
 
 
+def test_validate_prints_the_column_mapping_and_refuses_an_unmapped_prompt(tmp_path):
+    path = tmp_path / "parti.tsv"
+    path.write_text('Prompt\tCategory\n"a" fox\tAnimals\n')
+    sets = ["--set", f"input.path={path}", "--set", f"output.path={tmp_path / 'out'}"]
+    result = ifrender("validate", *sets, "--set", "input.columns.prompt=Prompt")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["input"]["columns"] == {"prompt": "Prompt"}
+    assert "input: 1 rows in 1 shards" in result.stderr
+    assert "  prompt <- Prompt" in result.stderr and "  Category: string" in result.stderr
+    result = ifrender("validate", *sets)
+    assert result.returncode == 1
+    assert "parti.tsv: no 'prompt' column" in result.stderr and 'input.columns: {prompt: "Prompt"}' in result.stderr
+
+
 def test_tiny_models_command_writes_hub_layout(tmp_path):
     result = ifrender("tiny-models", str(tmp_path))
     assert result.returncode == 0, result.stderr

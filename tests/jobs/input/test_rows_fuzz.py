@@ -95,14 +95,28 @@ def folder(tmp_path_factory):
 def write(folder, fmt: str, records: list[dict], newline: str, bom: bool) -> tuple[str, int]:
     """The records as a file of `fmt`; returns its path and the number of records it holds."""
     path = folder / f"in-{next(counter)}.{ {'text': 'txt'}.get(fmt, fmt) }"
-    if fmt == "parquet":
+    if fmt in ("parquet", "arrow"):
         columns = sorted({k for r in records for k in r})
-        # Parquet has types: each column as text, JSON-encoded where the value is not text.
-        table = {
-            c: [v if isinstance(v := r.get(c), str) or v is None else json.dumps(v) for r in records] for c in columns
-        }
-        pq.write_table(pa.table(table), path, row_group_size=7)
+        # Tables have types: each column as text, JSON-encoded where the value is not text.
+        table = pa.table(
+            {c: [v if isinstance(v := r.get(c), str) or v is None else json.dumps(v) for r in records] for c in columns}
+        )
+        if fmt == "parquet":
+            pq.write_table(table, path, row_group_size=7)
+        else:  # an IPC stream, as datasets saves it, in batches of 7 rows
+            with pa.OSFile(str(path), "wb") as f, pa.ipc.new_stream(f, table.schema) as writer:
+                for batch in table.to_batches(max_chunksize=7):
+                    writer.write_batch(batch)
         return str(path), len(records)
+    if fmt == "tsv":
+        # No quoting: a field cannot hold a line break (made a space); a tab in one makes too many fields.
+        columns = sorted({k for r in records for k in r})
+        cell = lambda v: "" if v is None else str(v).replace("\r", " ").replace("\n", " ")  # noqa: E731
+        lines = ["\t".join(columns)] + ["\t".join(cell(r.get(c)) for c in columns) for r in records]
+        lines.append("\t".join('"quoted" at the start' if c == "prompt" else "" for c in columns))
+        body = newline.join(lines) + newline
+        path.write_bytes((b"\xef\xbb\xbf" if bom else b"") + body.encode("utf-8", "surrogatepass"))
+        return str(path), sum(1 for line in lines[1:] if line.encode("utf-8", "surrogatepass").strip())
     lines = []
     if fmt == "jsonl":
         lines = [json.dumps(r) for r in records]
@@ -152,7 +166,7 @@ def check(out: dict, expected: int) -> None:
     assert ok + (out["status"] == "error").sum() == len(out["status"])
 
 
-@pytest.mark.parametrize("fmt", ["jsonl", "csv", "text", "parquet"])
+@pytest.mark.parametrize("fmt", ["jsonl", "csv", "tsv", "text", "parquet", "arrow"])
 def test_generated_hostile_files_never_fail_the_read(folder, fmt):
     seen = {"rows": 0, "files": 0, "errors": 0}
     started = time.perf_counter()
