@@ -258,3 +258,19 @@ def test_inputs_and_outputs_side_by_side_are_fine(tmp_path):
         ("s3://a/x", "s3://b/x"),
     ]:
         load_manifest(None, [f"input.path={source}", f"output.path={output}"])
+
+
+def test_the_readmes_input_shapes_are_valid_manifest_lines():
+    """The README's three real dataset shapes parse as the manifest's input section."""
+    import yaml
+
+    from jobs.manifest import InputConfig
+
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    section = readme[readme.index("## Input") : readme.index("## Output")]
+    block = re.search(r"```yaml\n(.*?)```", section, re.S)[1]
+    shapes = [yaml.safe_load(line)["input"] for line in block.splitlines() if line.startswith("input:")]
+    assert len(shapes) == 3
+    parsed = [InputConfig(**shape) for shape in shapes]
+    assert parsed[0].columns == {"prompt": "Prompt"} and parsed[1].columns == {"prompt": "TEXT", "id": "key"}
+    assert parsed[2].prompt_template == "a {style} photo of a {label}"
