@@ -281,3 +281,20 @@ def test_generated_datasets_come_back_with_every_value_under_its_name(tmp_path, 
     one()
     print(f"{fmt}: {seen['files']} files, {seen['rows']} rows mapped and kept, 0 lost or changed")
     assert seen["rows"] >= 1000
+
+
+def test_tsv_and_arrow_stream_from_a_real_s3_server_with_their_columns(s3_server, tmp_path):
+    import boto3
+
+    s3 = boto3.client("s3")
+    s3.create_bucket(Bucket="published")
+    s3.put_object(Bucket="published", Key="parti/PartiPrompts.tsv", Body=PARTI.encode())
+    stream = tmp_path / "laion.arrow"
+    write_stream(laion_table(9), stream, 2)
+    s3.put_object(Bucket="published", Key="laion/part-0.arrow", Body=stream.read_bytes())
+    rows, _ = read_all(InputConfig(path="s3://published/parti", columns={"prompt": "Prompt"}, shard_size=2))
+    assert [r["kept"]["Category"] for r in rows] == ["Animals", "Writing", "Places", None, "Animals"]
+    cfg = InputConfig(path="s3://published/laion", columns={"prompt": "TEXT", "id": "key"}, shard_size=4)
+    rows, _ = read_all(cfg)
+    assert [r["id"] for r in rows] == [f"{i:09d}" for i in range(9)]
+    assert [r["kept"] for r in rows] == laion_table(9).drop_columns(["TEXT", "key"]).to_pylist()
