@@ -68,9 +68,10 @@ class RayConfig(Strict):
     no_progress_timeout_s: float = Field(
         600,
         gt=0,
-        description="End the run when no stage has started, finished or loaded anything for this long "
-        "while rows are waiting: the message names the stalled stage, its queued rows and its actors' "
-        "state; committed shards stay committed and the same command resumes (exit code 4).",
+        description="End the run when Ray Data sees no block move through any stage for this long (its "
+        "execution_no_progress_timeout_s): the message names the stalled stage, its queued rows and its "
+        "actors' state; committed shards stay committed and the same command resumes (exit code 4). Keep "
+        "it above the longest model load: a pool loading its weights moves no block.",
     )
     stop_grace_s: float = Field(
         20,

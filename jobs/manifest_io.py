@@ -127,6 +127,14 @@ class OutputConfig(Strict):
         description="Also store each image's bytes in the shard's Parquet as a Hugging Face "
         "datasets Image column, so datasets.load_dataset('parquet', ...) yields PIL images.",
     )
+    lease_s: float = Field(
+        300,
+        gt=0,
+        description="How long a driver's claim on the shards it renders lasts unless renewed (every "
+        "lease_s / 4 while it runs). Another driver of the job on the same output skips claimed shards "
+        "and takes over those whose claim expired (a driver that died). Keep it well above the clock "
+        "skew between the drivers' machines.",
+    )
     webdataset: bool = Field(
         False,
         description="Also write each committed shard as a WebDataset tar (webdataset/NNNNNN.tar: "

@@ -20,8 +20,9 @@ from jobs.manifest import Manifest
 from jobs.output.commits import check_input, list_commits, work_left
 from jobs.output.job_record import check_job
 from jobs.output.layout import Derived
+from jobs.output.leases import Leases
 from jobs.output.publish import finish_output, write_card
-from jobs.run.chunks import render_chunks
+from jobs.run.chunks import anything_free, render_chunks
 from jobs.run.cluster import Cluster
 from jobs.run.events import Clock
 from jobs.run.preflight import check_output, ready_to_render
@@ -77,7 +78,7 @@ def run(
     )
 
     cluster = None
-    if work:
+    if work and anything_free(state):  # shards another driver holds are left to it (jobs/output/leases.py)
         # 5. Start the cluster: models and resources checked, Ray started or joined, the progress tracker.
         manifest = state.manifest = ready or ready_to_render(manifest)
         cluster = Cluster.start(manifest, progress)
@@ -85,10 +86,13 @@ def run(
         state.stop = Stop(manifest.ray.stop_grace_s)
         state.stop.install()  # after Ray's start: its own handler aborts the driver
 
-        # 6. Chunk by chunk: pools sized to the cluster, the chain built, shards assembled and committed.
+        # 6. Chunk by chunk, each chunk's shards leased: pools sized to the cluster, the chain built,
+        # shards assembled and committed.
+        state.leases = Leases(out, manifest.output.lease_s).start()
         try:
             render_chunks(state, cluster, stop_after_s)
         finally:
+            state.leases.stop()
             state.stop.uninstall()
             cluster.close(state)
 

@@ -8,6 +8,7 @@ and the report all ask here.
     images/<shard>-<attempt>-<run>/<name>      one file per ok row (workers.keys.image_dir)
     data/<shard>.parquet  webdataset/<shard>.tar  contact/<shard>.jpg  contact/job.jpg   published
     stamps/<kind>/<shard>-<attempt>-<tag>      which attempt each published file holds
+    leases/<shard>-<generation>.json           which driver renders the shard now (jobs/output/leases.py)
 """
 
 from __future__ import annotations
@@ -31,11 +32,12 @@ DATA = "data/"
 WEBDATASET = "webdataset/"
 CONTACT = "contact/"
 STAMPS = "stamps/"
+LEASES = "leases/"
 LEGACY = ("shards/",)  # metadata of outputs written before data/ and attempts/
 
 # All that --overwrite may delete: an ifrender output's own files.
 FILES = (JOB, INDEX, SUMMARY, CARD, REPORT)
-FOLDERS = (COMMITS, ATTEMPTS, DATA, STAMPS, IMAGES, WEBDATASET, CONTACT, *LEGACY)
+FOLDERS = (COMMITS, ATTEMPTS, DATA, STAMPS, LEASES, IMAGES, WEBDATASET, CONTACT, *LEGACY)
 
 DATA_GLOB = DATA + "*.parquet"  # what readers glob, and the card's data_files
 JOB_SHEET = CONTACT + "job.jpg"
@@ -45,6 +47,7 @@ MARKER = re.compile(r"^commits/(\d+)-(\d+)\.json$")
 # An attempt's own files: its metadata, and its images' folder.
 ATTEMPT_FILE = re.compile(r"^(?:attempts|images)/(\d+)-(\d+)-([^/.]+)(?:/|\.parquet$)")
 STAMP = re.compile(r"^stamps/([a-z-]+)/(\d+)-(\d+)-([^/]+)$")
+LEASE = re.compile(r"^leases/(\d+)-(\d+)\.json$")
 
 
 def marker_key(shard: int, attempt: int) -> str:
@@ -63,6 +66,10 @@ def attempt_key(shard: int, attempt: int, run_id: str) -> str:
 def attempt_files_of(shard: int) -> tuple[str, str]:
     """The prefixes of one shard's attempt metadata and image folders, every attempt and run."""
     return f"{ATTEMPTS}{shard:06d}-", f"{IMAGES}{shard:06d}-"
+
+
+def lease_key(shard: int, generation: int) -> str:
+    return f"{LEASES}{shard:06d}-{generation:06d}.json"
 
 
 def data_key(shard: int) -> str:

@@ -6,9 +6,11 @@ uncommitted shards again once; a stall ends the run; --stop-after starts no furt
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 
-from jobs.output.commits import Work
+from jobs.output.commits import Work, latest_commit
+from jobs.output.leases import current
 from jobs.plan.layouts import with_pool_sizes
 from jobs.plan.packing import size_pools
 from jobs.run.assemble import assemble
@@ -26,7 +28,7 @@ log = logging.getLogger(__name__)
 
 def render_chunks(run: Run, cluster: Cluster, stop_after_s: float | None = None) -> list[Work]:
     """Render run.work; returns the shards left incomplete (also in run.left)."""
-    run.left = _render_chunks(run, cluster, stop_after_s)
+    run.left = _render_chunks(run, cluster, stop_after_s) + run.held
     return run.left
 
 
@@ -52,6 +54,13 @@ def _render_chunks(run: Run, cluster: Cluster, stop_after_s: float | None) -> li
             summary.stopped = f"--stop-after {stop_after_s:g} s reached with {len(remaining)} shards to go"
             return left + remaining
         work, remaining = remaining[:per_chunk], remaining[per_chunk:]
+        work, held = claim(run, work)
+        run.held += held
+        if not remaining and run.held:  # held by another driver: wait until committed or free
+            waiting, run.held = run.held, []
+            remaining = wait_for(run, waiting)
+        if not work:
+            continue
         chunk, nodes = start_chunk(run, work, nodes)
         pending = {w.shard.index: w for w in work}
         run_id = uuid.uuid4().hex[:8]  # per chunk: a chunk run again writes under names of its own
@@ -98,6 +107,74 @@ def _render_chunks(run: Run, cluster: Cluster, stop_after_s: float | None) -> li
             run.chunk_ended()
         left += list(pending.values())
     return left
+
+
+WAIT_S = 5  # how often a driver looks at the shards another driver holds
+
+
+def anything_free(run: Run) -> bool:
+    """Whether any shard of the run's work is free of another live driver's lease, after waiting
+    while none is: until the other drivers commit them (nothing left to render: no cluster is
+    started) or a lease expires (a driver died: its shards are free)."""
+    run.work = wait_for(run, run.work)
+    return bool(run.work)
+
+
+def wait_for(run: Run, work: list[Work]) -> list[Work]:
+    """`work` once some of it is free: shards another driver commits meanwhile are counted as
+    theirs and dropped; returns as soon as any shard has no live lease (or on a stop signal,
+    leaving the held ones in run.held)."""
+    told = False
+    while work:
+        leases, now = current(run.out), time.time()
+        held = [w for w in work if (lease := leases.get(w.shard.index)) and lease.expires > now]
+        if len(held) < len(work):
+            return work
+        committed = {w.shard.index for w in held if _done_by_others(run, w)}
+        work = [w for w in work if w.shard.index not in committed]
+        if run.stop and run.stop.asked:
+            run.held += work
+            return []
+        if work and not told:
+            drivers = sorted({leases[w.shard.index].driver for w in work})
+            log.warning(
+                "%d shard(s) are being rendered by another driver of this job (%s): waiting for them to "
+                "commit, or for a lease to expire",
+                len(work),
+                ", ".join(drivers),
+            )
+            run.summary.held_by = sorted(set(run.summary.held_by) | set(drivers))
+            told = True
+        if work:
+            time.sleep(min(WAIT_S, run.manifest.output.lease_s / 4))
+    return work
+
+
+def _done_by_others(run: Run, w: Work) -> bool:
+    """Whether another driver committed the shard (this attempt or a later one) since this run looked."""
+    commit = latest_commit(run.out, w.shard.index)
+    if commit is None or commit.attempt < w.attempt:
+        return False
+    run.commits[w.shard.index] = commit
+    run.summary.shards_by_others += 1
+    return True
+
+
+def claim(run: Run, work: list[Work]) -> tuple[list[Work], list[Work]]:
+    """(the shards this driver takes a lease on, those another live driver holds). A shard another
+    driver committed since this run looked is done: it is counted, never rendered twice."""
+    if run.leases is None:
+        return work, []
+    taken, _ = run.leases.take([w.shard.index for w in work])
+    mine, held = [], []
+    for w in work:
+        if w.shard.index not in taken:
+            held.append(w)
+        elif _done_by_others(run, w):
+            run.leases.release([w.shard.index])
+        else:
+            mine.append(w)
+    return mine, held
 
 
 def start_chunk(run: Run, work: list[Work], nodes: set[str]) -> tuple[Chunk, set[str]]:

@@ -32,8 +32,8 @@ class Cluster:
         init_ray(manifest)
         context = DataContext.get_current()
         context.enable_progress_bars = progress_bars
-        # Ray's own no-progress limit stays behind ifrender's, which says which stage stalled.
-        context.execution_no_progress_timeout_s = max(1800.0, 2 * manifest.ray.no_progress_timeout_s)
+        # Ray's own guard finds a whole-pipeline stall; jobs/run/watch.stream says which stage it is.
+        context.execution_no_progress_timeout_s = manifest.ray.no_progress_timeout_s
         cluster = cls(manifest, start_tracker(manifest), cluster_address(manifest))
         if cluster.address:
             ask_autoscaler(job_pools(manifest))

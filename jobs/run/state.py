@@ -17,6 +17,7 @@ from jobs.input.columns import Columns
 from jobs.manifest import Manifest
 from jobs.output.commits import Commit, Work
 from jobs.output.layout import Derived
+from jobs.output.leases import Leases
 from jobs.run.events import Chunk, Clock, Observer
 from jobs.run.stop import Stop
 from jobs.run.summary import Summary
@@ -32,9 +33,11 @@ class Run:
     observers: list[Observer] = field(default_factory=list)
     chunks: list[Chunk] = field(default_factory=list)
     left: list[Work] = field(default_factory=list)  # shards left incomplete
+    held: list[Work] = field(default_factory=list)  # shards left to another driver that holds them
     index: dict = field(default_factory=dict)  # index.json as the run's end wrote it
     stop: Stop | None = None  # asked by a signal (jobs/run/stop.py)
     columns: Columns = field(default_factory=Columns)  # the input's columns: read, kept (jobs/input/columns.py)
+    leases: Leases | None = None  # this driver's claims on the shards it renders (jobs/output/leases.py)
 
     @property
     def out(self) -> str:
@@ -68,6 +71,8 @@ class Run:
 
     def committed(self, commit: Commit) -> None:
         self.commits[commit.shard] = commit
+        if self.leases:
+            self.leases.release([commit.shard])
         for o in self.observers:
             o.on_commit(self, commit)
 

@@ -43,6 +43,8 @@ class Summary(Observer):
     rows_by_node: dict[str, dict[str, int]] = field(default_factory=dict)  # node id -> stage -> rows it finished
     actor_starts: list[dict] = field(default_factory=list)  # per stage actor: when it started, on which node
     chunks_lost: int = 0  # chunks whose blocks Ray lost (a node left); their shards ran again
+    shards_by_others: int = 0  # shards another driver of the job on this output committed or held
+    held_by: list[str] = field(default_factory=list)  # the drivers that held shards this run left them
     stalled: str = ""  # why the no-progress check ended the run
     stopped: str = ""  # why the run stopped early with work left (--stop-after)
 
@@ -153,6 +155,9 @@ class Summary(Observer):
             )
         if self.chunks_lost:
             lines.append(f"  chunks lost on the cluster and run again: {self.chunks_lost}")
+        if self.shards_by_others:
+            held = f"; left to {', '.join(self.held_by)}, which held them" if self.held_by else ""
+            lines.append(f"  shards rendered by another driver on this output: {self.shards_by_others}{held}")
         for reason in (self.stalled, self.stopped):
             if reason:
                 lines.append(f"  stopped early: {reason}")

@@ -1,7 +1,12 @@
 """The driver's view of a run's progress, from the tracker actor (workers/progress.py): the live
-progress line with its ETA, the no-progress check that ends a stalled run naming the stage, its
-queue and its actors, and the metrics the driver adds (chunks and commits). `stream` iterates the
-chain's result blocks while the watch keeps checking."""
+progress line with its ETA, the diagnosis of a stalled run (the stage, its queue and its actors),
+and the metrics the driver adds (chunks and commits). `stream` iterates the chain's result blocks
+while the watch keeps the line going.
+
+A whole-pipeline stall is found by Ray Data's own guard (`execution_no_progress_timeout_s`, set
+from ray.no_progress_timeout_s): `stream` turns its ExecutionTimeoutError into `Stalled` with
+ifrender's diagnosis. One timer per fault: a batch that hangs inside a stage is the workers'
+watchdog's (workers/base.py), which Ray does not have."""
 
 from __future__ import annotations
 
@@ -22,7 +27,7 @@ LINE_S = 5  # one progress line per this many seconds
 
 
 class Stalled(RuntimeError):
-    """No stage moved for ray.no_progress_timeout_s while rows were waiting."""
+    """Ray Data saw no block move for ray.no_progress_timeout_s; the message is ifrender's diagnosis."""
 
 
 class Watch(Observer):
@@ -34,16 +39,9 @@ class Watch(Observer):
         self.sizes: dict[str, int] = {}
         self.snap: dict = {}
         self.last_poll = self.last_line = 0.0
-        self.last_move = time.time()
-        self.marks: tuple = ()
 
     def on_chunk(self, run, chunk) -> None:
         self.sizes = chunk.pools
-        self.last_move = time.time()  # a new chunk's actors start loading now
-
-    def moved(self) -> None:
-        """Rows reached the driver."""
-        self.last_move = time.time()
 
     def poll(self) -> dict:
         import ray
@@ -55,24 +53,21 @@ class Watch(Observer):
             self.snap = ray.get(self.tracker.snapshot.remote(), timeout=10)
         except Exception as err:  # noqa: BLE001 - a slow tracker delays the check, never the run
             log.debug("progress snapshot failed: %s", err)
-            return self.snap
-        marks = tuple((s, c["last"]) for s, c in self.snap["rows"].items()) + tuple(
-            (a, v["since"]) for a, v in self.snap["actors"].items()
-        )
-        if marks != self.marks:
-            self.marks, self.last_move = marks, time.time()
         return self.snap
 
     def check(self) -> None:
         """Called at least every POLL_S seconds while a chunk runs."""
-        snap = self.poll()
+        self.poll()
         now = time.perf_counter()
         if now - self.last_line >= LINE_S:
             self.last_line = now
             log.info("progress: %s", self.line(self.run.summary, self.run.clock.elapsed()))
-        idle = time.time() - self.last_move
-        if idle > self.timeout:
-            raise Stalled(self.stalled(snap, idle))
+
+    def diagnose(self, err: Exception) -> Stalled:
+        """Ray's no-progress error as ifrender's: which stage, its queue, its actors."""
+        self.last_poll = 0.0
+        log.debug("Ray Data: %s", err)
+        return Stalled(self.stalled(self.poll(), self.timeout))
 
     def line(self, summary: Summary, elapsed: float) -> str:
         done, todo = summary.rows, self.run.todo
@@ -166,8 +161,19 @@ def _duration(seconds: float) -> str:
 
 def stream(ds, watch: Watch | None, stop: Stop | None = None):
     """The chain's result blocks. With a watch, they are iterated in a thread of their own so that
-    the driver checks progress while Ray Data waits: a stalled stage raises Stalled instead of
-    hanging, and a stop signal's grace running out raises Stopped."""
+    the driver keeps its progress line and its stop signal while Ray Data waits: a stop signal's
+    grace running out raises Stopped, and Ray's no-progress error becomes Stalled."""
+    from ray.data.exceptions import ExecutionTimeoutError
+
+    try:
+        yield from _blocks(ds, watch, stop)
+    except ExecutionTimeoutError as err:
+        if watch is None:
+            raise Stalled(f"no progress for {ds.context.execution_no_progress_timeout_s:g} s: {err}") from err
+        raise watch.diagnose(err) from err
+
+
+def _blocks(ds, watch: Watch | None, stop: Stop | None):
     if watch is None:
         for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             if stop:

@@ -117,14 +117,19 @@ def test_stage_actors_killed_at_ten_random_moments_are_restarted_and_rows_come_o
 
 
 @pytest.mark.slow
-def test_two_jobs_on_one_output_commit_each_shard_once(tiny_root, tmp_path):
-    # On S3 the same race runs in process, many times over (tests/scenarios/test_chaos.py).
+def test_two_jobs_on_one_output_share_the_work_and_commit_each_shard_once(tiny_root, tmp_path):
+    """Two drivers of one job on one output at once (an overlapping nightly run): the shard leases
+    split the work, so the rows are rendered once between them, not once each; both end with
+    exit code 0 and an output holding every row once. On S3 the commit race runs in process, many
+    times over (tests/scenarios/test_chaos.py)."""
     out = str(tmp_path / "out")
     prompts = tmp_path / "p.txt"
     prompts.write_text("\n".join(PROMPTS[:8]) + "\n")
     env = os.environ | {"RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
-    args = _args(tiny_root, prompts, out, "last_stage=stage1", "input.shard_size=1", "stage1.batch_size=1")
+    args = _args(
+        tiny_root, prompts, out, "last_stage=stage1", "input.shard_size=1", "stage1.batch_size=1", "ray.chunk_shards=2"
+    )
     jobs = [
         subprocess.Popen(
             [sys.executable, "-m", "jobs.cli", *args],
@@ -143,8 +148,11 @@ def test_two_jobs_on_one_output_commit_each_shard_once(tiny_root, tmp_path):
     # the jobs' own accounts agree: 8 commits between them, each other shard lost or skipped
     committed = [int(re.search(r"shards committed (\d+)", o)[1]) for o, _ in results]
     assert sum(committed) == 8, committed
+    rendered = [int(re.search(r"this run: rows (\d+)", o)[1]) for o, _ in results]
+    assert sum(rendered) == 8, rendered  # each row rendered once between the two drivers
+    assert list_prefix(out, "leases/") == []  # both released what they held
     runs = {json.loads(read_bytes(m))["run_id"] for m in markers}
-    print(f"shards committed per job: {committed}, by {len(runs)} runs")
+    print(f"shards committed per job: {committed}, rows rendered per job: {rendered}, by {len(runs)} runs")
 
 
 @pytest.mark.slow

@@ -1,0 +1,77 @@
+"""Leases on a local disk and a real S3 server: one driver per shard, however they race; a dead
+driver's shards taken over once its lease expires; renewed leases kept; released ones free."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+
+import boto3
+import pytest
+
+from jobs.output.leases import Leases, current
+
+
+@pytest.fixture(params=["local", "s3"])
+def out(request, tmp_path):
+    if request.param == "local":
+        return str(tmp_path / "out")
+    request.getfixturevalue("s3_server")
+    bucket = f"leases-{time.monotonic_ns()}"
+    boto3.client("s3").create_bucket(Bucket=bucket)
+    return f"s3://{bucket}/job"
+
+
+def test_a_second_driver_skips_what_the_first_holds_and_takes_what_it_releases(out):
+    first, second = Leases(out, 60, "first"), Leases(out, 60, "second")
+    assert first.take([0, 1, 2])[0] == [0, 1, 2]
+    taken, others = second.take([1, 2, 3])
+    assert taken == [3] and {s: lease.driver for s, lease in others.items()} == {1: "first", 2: "first"}
+    first.release([1])
+    assert second.take([1, 2])[0] == [1]
+    assert {s: lease.driver for s, lease in current(out).items()} == {0: "first", 1: "second", 2: "first", 3: "second"}
+    first.stop()
+    second.stop()
+    assert current(out) == {}
+
+
+def test_an_expired_lease_is_taken_over_and_its_late_holder_lets_go(out):
+    dead = Leases(out, 0.3, "dead")
+    assert dead.take([0, 1])[0] == [0, 1]
+    time.sleep(0.5)  # no renewal: the driver is gone
+    heir = Leases(out, 60, "heir")
+    assert heir.take([0, 1])[0] == [0, 1]
+    assert {lease.generation for lease in current(out).values()} == {1}
+    dead.renew()  # a driver that was only slow finds its shards taken and drops them
+    assert dead.held == {} and {lease.driver for lease in current(out).values()} == {"heir"}
+
+
+def test_a_renewed_lease_outlives_its_first_expiry(out):
+    keeper = Leases(out, 0.6, "keeper").start()  # renews every 0.15 s
+    assert keeper.take([5])[0] == [5]
+    time.sleep(1.2)
+    assert Leases(out, 60, "other").take([5])[0] == []
+    keeper.stop()
+    assert Leases(out, 60, "other").take([5])[0] == [5]
+
+
+def test_racing_drivers_take_each_shard_exactly_once(out):
+    shards, drivers = list(range(12)), [Leases(out, 60, f"d{i}") for i in range(6)]
+    taken: dict[str, list[int]] = {}
+    barrier = threading.Barrier(len(drivers))
+
+    def race(leases: Leases) -> None:
+        order = random.Random(leases.driver).sample(shards, len(shards))  # each its own order: real contention
+        barrier.wait()
+        taken[leases.driver] = leases.take(order)[0]
+
+    threads = [threading.Thread(target=race, args=(d,)) for d in drivers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    won = sorted(s for got in taken.values() for s in got)
+    print(f"shards won per driver: {sorted(len(v) for v in taken.values())}")
+    assert won == shards  # every shard once: none twice, none lost
+    assert {s: lease.driver for s, lease in current(out).items()} == {s: d for d, got in taken.items() for s in got}
