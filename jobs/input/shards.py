@@ -162,7 +162,15 @@ def plan_input(cfg: InputConfig) -> InputPlan:
     for uri, fmt in list_files(cfg):
         fs, path = resolve(uri)
         if fmt in TABLES:
-            total += _plan_table(cfg, uri, fmt, fs.open_input_file(path), total, shards, files)
+            try:
+                total += _plan_table(cfg, uri, fmt, fs.open_input_file(path), total, shards, files)
+            except (pa.ArrowException, OSError) as err:
+                size = fs.get_file_info(path).size
+                raise InputError(
+                    f"{uri}: not a readable {'Parquet' if fmt == 'parquet' else 'Arrow IPC'} file ({size} bytes: "
+                    f"{str(err).rstrip('.')}). Expected a whole {fmt} file. Fix: write or upload it again (a 0-byte or cut-off "
+                    f"file is an interrupted upload), or leave it out with input.pattern."
+                ) from err
             continue
         with fs.open_input_stream(path) as stream:
             count, header, keys = _plan_lines(cfg, uri, fmt, stream, total, shards, json_types)
@@ -238,12 +246,7 @@ def _plan_table(
         digests = row_digests(parquet.iter_batches(batch_size=HASH_ROWS), cfg.shard_size)
         rows = parquet.metadata.num_rows
     else:
-        try:
-            schema = arrow_schema(f)
-        except (pa.ArrowInvalid, OSError) as err:
-            raise InputError(
-                f"{uri}: not an Arrow IPC file or stream ({err}); expected .arrow/.feather written by Arrow"
-            ) from err
+        schema = arrow_schema(f)
         check_file(cfg, FileColumns(uri, fmt, dict(zip(schema.names, schema.types))))
         counted = [0]
 

@@ -204,7 +204,6 @@ def _blocks(ds, watch: Watch | None, stop: Stop | None):
             return
         if isinstance(item, BaseException):
             raise item
-        watch.moved()
         watch.check()
         if stop:
             stop.check()

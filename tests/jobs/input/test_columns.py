@@ -298,3 +298,10 @@ def test_tsv_and_arrow_stream_from_a_real_s3_server_with_their_columns(s3_server
     rows, _ = read_all(cfg)
     assert [r["id"] for r in rows] == [f"{i:09d}" for i in range(9)]
     assert [r["kept"] for r in rows] == laion_table(9).drop_columns(["TEXT", "key"]).to_pylist()
+
+
+@pytest.mark.parametrize("name,data", [("empty.parquet", b""), ("cut.parquet", b"PAR1 garbage"), ("empty.arrow", b"")])
+def test_an_unreadable_table_file_is_named_before_any_work(tmp_path, name, data):
+    (tmp_path / name).write_bytes(data)
+    with pytest.raises(InputError, match=rf"{name}: not a readable .* file \({len(data)} bytes: .*upload it again"):
+        plan_input(InputConfig(path=str(tmp_path / name)))
