@@ -21,7 +21,7 @@ from jobs.output.commits import check_input, list_commits, work_left
 from jobs.output.job_record import check_job
 from jobs.output.layout import Derived
 from jobs.output.leases import Leases
-from jobs.output.publish import finish_output, write_card
+from jobs.output.publish import finish_output, write_card, write_schema
 from jobs.run.chunks import anything_free, render_chunks
 from jobs.run.cluster import Cluster
 from jobs.run.events import Clock
@@ -59,6 +59,7 @@ def run(
     # 3. Claim the output: --overwrite empties it; it holds this job (job.json) and its card.
     delete(out, doomed)
     check_job(out, manifest, allow_changed, plan.columns.kept)
+    write_schema(out, plan.columns.kept, derived)
     write_card(out, manifest.name, derived)
 
     # 4. Resume: shards without a commit, and with --retry-errors the failed rows of the rest.

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 from collections import Counter
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -80,7 +81,7 @@ def read_output(uri: str):
     each data file is its shard's committed attempt, and that nothing lies beside the committed
     files (no orphaned image or attempt)."""
     from jobs.output.commits import list_commits, read_metadata
-    from jobs.output.layout import data_key
+    from jobs.output.layout import SCHEMA, data_key
 
     index = json.loads(read_bytes(join(uri, "index.json")))
     commits = list_commits(uri)
@@ -92,7 +93,8 @@ def read_output(uri: str):
     rows.sort(key=lambda r: r["id"])
     images = {r["image_key"]: read_bytes(join(uri, r["image_key"])) for r in rows if r["image_key"]}
     assert set(list_prefix(uri, "images/")) == set(images), "orphaned images"
-    assert set(list_prefix(uri, "data/")) == {data_key(s) for s in commits} == {s["data"] for s in index["shards"]}
+    shard_files = set(list_prefix(uri, "data/")) - {SCHEMA}
+    assert shard_files == {data_key(s) for s in commits} == {s["data"] for s in index["shards"]}
     assert set(list_prefix(uri, "attempts/")) == {c.metadata for c in commits.values()}, "orphaned attempts"
     assert index["rows"] == len(rows) and index["ok"] == len(images)
     return rows, images
@@ -235,3 +237,11 @@ def check_complete(rows, images, size):
         else:
             assert r["image_key"] is None and r["sha256"] is None and r["error"]
     assert len(images) == OK_COUNT
+
+
+def readme_recipes() -> dict[str, str]:
+    """The README's recipes for reading an output: the python blocks after `<!-- recipe: NAME -->`."""
+    import re
+
+    text = (Path(__file__).parents[1] / "README.md").read_text()
+    return dict(re.findall(r"<!-- recipe: (\w+) -->\n```python\n(.*?)```", text, re.S))

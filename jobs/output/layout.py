@@ -7,6 +7,7 @@ and the report all ask here.
     attempts/<shard>-<attempt>-<run>.parquet   the metadata a commit covers
     images/<shard>-<attempt>-<run>/<name>      one file per ok row (workers.keys.image_dir)
     data/<shard>.parquet  webdataset/<shard>.tar  contact/<shard>.jpg  contact/job.jpg   published
+    data/schema.parquet                        no rows: the output's columns, for readers before any shard
     stamps/<kind>/<shard>-<attempt>-<tag>      which attempt each published file holds
     leases/<shard>-<generation>.json           which driver renders the shard now (jobs/output/leases.py)
 """
@@ -40,6 +41,10 @@ FILES = (JOB, INDEX, SUMMARY, CARD, REPORT)
 FOLDERS = (COMMITS, ATTEMPTS, DATA, STAMPS, LEASES, IMAGES, WEBDATASET, CONTACT, *LEGACY)
 
 DATA_GLOB = DATA + "*.parquet"  # what readers glob, and the card's data_files
+# The output's columns and no row, written when a job claims its output: every reader of DATA_GLOB
+# (DuckDB, pyarrow, Ray, datasets) then gets the schema and zero rows before the first shard
+# publishes, where a glob over an empty folder would fail.
+SCHEMA = DATA + "schema.parquet"
 JOB_SHEET = CONTACT + "job.jpg"
 
 # A marker's name is its shard and attempt, zero-padded but never cut: shard 1,000,000 is 1000000-000.

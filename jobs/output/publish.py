@@ -19,15 +19,17 @@ import logging
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from jobs.output.commits import Commit, clean, clean_all, latest_commit, list_commits, read_marker, read_table
 from jobs.output.contact import write_job_sheet, write_shard_sheet
-from jobs.output.formats import write_embedded, write_tar
+from jobs.output.formats import image_schema, write_embedded, write_tar
 from jobs.output.layout import (
     CARD,
     DATA_GLOB,
     INDEX,
     KINDS,
+    SCHEMA,
     STAMP,
     STAMPS,
     Derived,
@@ -36,6 +38,7 @@ from jobs.output.layout import (
     stamp_key,
     stamps_of,
 )
+from workers.columns import output_schema
 from workers.storage import copy_object, delete, join, list_prefix, read_bytes, version, versions, write_bytes
 
 log = logging.getLogger(__name__)
@@ -104,6 +107,17 @@ def publish(out: str, shard: int, derived: Derived, rounds: int = 5) -> int | No
             return commit.attempt
         # superseded while writing: our files may have replaced the newer ones; go again
     raise RuntimeError(f"{out}: shard {shard} kept being superseded while publishing; run again to finish it")
+
+
+def write_schema(out: str, kept: pa.Schema, derived: Derived) -> None:
+    """data/schema.parquet: the output's columns as its shards are published (the kept input
+    columns, and the image column where embedded), with no rows."""
+    schema = output_schema(kept)
+    if derived.embed_images:
+        schema = image_schema(schema)
+    buf = pa.BufferOutputStream()
+    pq.ParquetWriter(buf, schema).close()  # no row group at all: `datasets` refuses one of 0 rows
+    write_bytes(join(out, SCHEMA), buf.getvalue().to_pybytes())
 
 
 def write_index(out: str, commits: dict[int, Commit], derived: Derived) -> dict[str, Any]:

@@ -43,7 +43,7 @@ class Killed(BaseException):
 def read_rows(out: str, reader: str, hf_cache: str | None = None) -> list[tuple[int, int]]:
     """(row, image_index) of every row a reader of OUT/data sees, repeats included."""
     if not list_prefix(out, "data/"):
-        return []  # an output before its first published shard: nothing to read yet
+        return []  # an output before its job claimed it: nothing to read yet
     if reader == "duckdb":
         import duckdb
 

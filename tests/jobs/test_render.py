@@ -23,6 +23,7 @@ from tests.helpers import (
     check_complete,
     png,
     read_output,
+    readme_recipes,
 )
 from workers.errors import ChangedManifestError
 
@@ -183,14 +184,6 @@ def test_retry_errors_reruns_only_failed_rows_as_a_new_attempt(prompts, ray_loca
     check_complete(again, again_images, 16)
     assert again_images == first_images and [r["id"] for r in again] == [r["id"] for r in first]
     assert {s: c.attempt for s, c in list_commits(out).items()} == {0: 1, 1: 1, 2: 0}
-
-
-def readme_recipes() -> dict[str, str]:
-    """The README's recipes for reading an output: the python blocks after `<!-- recipe: NAME -->`."""
-    import re
-
-    text = (Path(__file__).parents[2] / "README.md").read_text()
-    return dict(re.findall(r"<!-- recipe: (\w+) -->\n```python\n(.*?)```", text, re.S))
 
 
 @pytest.mark.slow

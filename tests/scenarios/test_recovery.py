@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs.output.commits import list_commits
+from jobs.output.layout import SCHEMA
 from jobs.render import run
 from tests.helpers import (
     FaultyS3Proxy,
@@ -26,6 +27,11 @@ from tests.helpers import (
 from workers.storage import join, list_prefix, read_bytes
 
 PROMPTS = [f"prompt {i}: a lighthouse in a storm" for i in range(12)]
+
+
+def shard_files(out: str) -> list[str]:
+    """The published shards' data files (data/schema.parquet, written at the start, is none)."""
+    return [k for k in list_prefix(out, "data/") if k != SCHEMA]
 
 
 def _args(tiny_root, prompts, out, *extra):
@@ -256,7 +262,7 @@ def test_a_stop_signal_after_the_first_publish_drains_exits_4_and_the_same_comma
         [sys.executable, "-m", "jobs.cli", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     deadline = time.monotonic() + 300
-    while not list_prefix(out, "data/") and time.monotonic() < deadline and job.poll() is None:
+    while not shard_files(out) and time.monotonic() < deadline and job.poll() is None:
         time.sleep(0.2)
     assert job.poll() is None, "the run ended before its first publish"
     ray_processes = psutil.Process(job.pid).children(recursive=True)
@@ -267,7 +273,7 @@ def test_a_stop_signal_after_the_first_publish_drains_exits_4_and_the_same_comma
     time.sleep(5)
     left = [p for p in ray_processes if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     committed = list_commits(out)
-    published = list_prefix(out, "data/")
+    published = shard_files(out)
     print(
         f"{signal.Signals(signum).name}: exit {job.returncode} after {took:.1f} s (grace {grace} s); "
         f"{len(committed)} of {len(PROMPTS) // 2} shards committed, {len(published)} published; "
