@@ -295,6 +295,18 @@ def main(argv: list[str] | None = None) -> int:
     _output_and_model_commands(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    if args.command == "run":  # rendered in a child process, so that a Ray that dies under it is reported
+        from jobs.run.supervise import supervised
+
+        try:
+            out = load_manifest(args.manifest, args.set, args.run_date, args.run_id).output.path
+        except Exception:  # noqa: BLE001 - the command itself reports a manifest it cannot load
+            return _command(args)
+        return supervised(lambda: _command(args), out)
+    return _command(args)
+
+
+def _command(args: argparse.Namespace) -> int:
     try:
         return args.func(args)
     except StorageFailure as err:  # the output refused writes mid-run: what committed stays

@@ -289,3 +289,48 @@ def test_a_stop_signal_after_the_first_publish_drains_exits_4_and_the_same_comma
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"skipped (done before) {len(committed)}" in result.stdout
     check_exactly_once(out, len(PROMPTS))
+
+
+@pytest.mark.slow
+def test_a_killed_raylet_ends_the_run_with_ifrenders_message_and_code_4_and_the_same_command_finishes(
+    tiny_root, tmp_path
+):
+    """SIGKILL of the local raylet once a shard is committed: Ray ends the driver from its C++ core
+    (no Python handler runs), and the `ifrender run` around it says so in its own words: exit 4,
+    what is committed, the fix; no Ray process of the job is left; the same command renders the
+    rest, every row once."""
+    import psutil
+
+    out = str(tmp_path / "out")
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    env = os.environ | {"RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+    env.pop("RAY_ADDRESS", None)
+    args = _args(tiny_root, prompts, out, "ray.chunk_shards=2")
+    job = subprocess.Popen(
+        [sys.executable, "-m", "jobs.cli", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 300
+    while not list_prefix(out, "commits/") and time.monotonic() < deadline and job.poll() is None:
+        time.sleep(0.2)
+    assert job.poll() is None, "the run ended before its first commit"
+    processes = psutil.Process(job.pid).children(recursive=True)
+    (raylet,) = [p for p in processes if p.name() == "raylet"]
+    raylet.kill()
+    killed = time.monotonic()
+    stdout, stderr = job.communicate(timeout=180)
+    took = time.monotonic() - killed
+    time.sleep(5)
+    left = [p for p in processes if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    committed = list_commits(out)
+    print(f"raylet killed: exit {job.returncode} after {took:.1f} s; {len(committed)} shards committed; "
+          f"{len(left)} of {len(processes)} processes left")  # fmt: skip
+    assert job.returncode == 4, stderr[-3000:]
+    message = next(line for line in stderr.splitlines() if line.startswith("ifrender: stopped:"))
+    assert "its Ray went away" in message and f"{len(committed)} shard(s) of {out} are committed" in message
+    assert "run the same command again" in message
+    assert not left, [p.cmdline()[:2] for p in left]
+
+    result = ifrender(*_args(tiny_root, prompts, out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    check_exactly_once(out, len(PROMPTS))
