@@ -234,7 +234,7 @@ cell = st.text(
     alphabet=st.characters(codec="utf-8", exclude_categories=["Cs"], exclude_characters="\t\n\r"), max_size=30
 )
 caption = cell.filter(lambda t: t.strip() != "")
-dataset = st.lists(st.tuples(caption, cell, cell), min_size=30, max_size=60)
+dataset = st.lists(st.tuples(caption, cell, cell), min_size=40, max_size=60)  # 25 examples: at least 1,000 rows
 
 
 def write_dataset(path, fmt: str, rows: list[tuple[str, str, str]]) -> None:
