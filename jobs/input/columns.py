@@ -99,51 +99,52 @@ class Columns:
 class JsonTypes:
     """Infers each JSONL column's type from every record: one JSON type across the input keeps
     its type (strings, booleans, integers within int64, numbers as float64, lists and objects
-    as Arrow lists and structs); more than one is written as JSON text."""
+    as Arrow lists and structs); more than one is written as JSON text. Values are gathered per
+    column and typed by Arrow CHUNK records at a time (its inference is C++, and refuses a mix
+    of types); the chunks' types are unified at the end. `only`: the columns whose type matters
+    (those kept), None for all; the others are only named."""
 
-    def __init__(self) -> None:
+    CHUNK = 4096
+
+    def __init__(self, only: set[str] | None = None) -> None:
+        self.only = only
         self.names: dict[str, None] = {}  # in order of first appearance
-        self.kinds: dict[str, set[str]] = {}
-        self.nested: dict[str, set[pa.DataType]] = {}
+        self.pending: dict[str, list[Any]] = {}
+        self.seen: dict[str, set[pa.DataType]] = {}
+        self.text: set[str] = set()  # of more than one JSON type: JSON text
+        self.count = 0
 
     def add(self, record: dict[str, Any]) -> None:
+        pending = self.pending
         for name, value in record.items():
-            self.names.setdefault(name)
-            kinds = self.kinds.setdefault(name, set())
-            if value is None:
-                continue
-            if isinstance(value, bool):
-                kinds.add("bool")
-            elif isinstance(value, int):
-                kinds.add("int" if -(2**63) <= value < 2**63 else "big")
-            elif isinstance(value, float):
-                kinds.add("float")
-            elif isinstance(value, str):
-                kinds.add("str")
-            else:
-                kinds.add("nested")
-                types = self.nested.setdefault(name, set())
-                if len(types) <= 16:  # past that, JSON text anyway
-                    try:
-                        types.add(pa.array([value]).type)
-                    except (pa.ArrowException, ValueError, TypeError, OverflowError):
-                        kinds.add("big")
+            values = pending.get(name)
+            if values is None:
+                self.names[name] = None
+                values = pending[name] = []
+                self.seen[name] = set()
+            values.append(value)
+        self.count += 1
+        if self.count % self.CHUNK == 0:
+            self.flush()
+
+    def flush(self) -> None:
+        for name, values in self.pending.items():
+            if values and name not in self.text and (self.only is None or name in self.only):
+                try:
+                    self.seen[name].add(pa.array(values).type)
+                except (pa.ArrowException, TypeError, ValueError, OverflowError):
+                    self.text.add(name)  # a mix of types, or an integer past int64
+            values.clear()
 
     def types(self) -> tuple[dict[str, pa.DataType], frozenset[str]]:
-        types, text = {}, set()
+        self.flush()
+        types, text = {}, set(self.text)
         for name in self.names:
-            kinds = self.kinds[name]
-            scalar = {"bool": pa.bool_(), "int": pa.int64(), "str": pa.string()}
-            if not kinds:
-                types[name] = pa.string()  # only nulls
-            elif len(kinds) == 1 and next(iter(kinds)) in scalar:
-                types[name] = scalar[next(iter(kinds))]
-            elif kinds <= {"int", "float"}:
-                types[name] = pa.float64()  # JSON has one number type
-            elif kinds == {"nested"} and len(self.nested[name]) <= 16 and (unified := _unify(self.nested[name])):
-                types[name] = unified
-            else:
-                types[name], _ = pa.string(), text.add(name)
+            seen = {t for t in self.seen[name] if t != pa.null()}
+            unified = _unify(seen) if seen and name not in text else None
+            if unified is None and seen and name not in text:
+                text.add(name)  # one type per chunk, but not the same one
+            types[name] = pa.string() if name in text or unified is None else unified
         return types, frozenset(text)
 
 

@@ -157,7 +157,8 @@ def plan_input(cfg: InputConfig) -> InputPlan:
     """Every file streamed once: shard boundaries and fingerprints, and each file's columns."""
     shards: list[Shard] = []
     files: list[FileColumns] = []
-    json_types, json_files = JsonTypes(), []
+    keep = cfg.keep_columns
+    json_types, json_files = JsonTypes(None if keep == "all" else set(keep) if keep != "none" else set()), []
     total = 0
     for uri, fmt in list_files(cfg):
         fs, path = resolve(uri)
