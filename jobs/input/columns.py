@@ -256,5 +256,7 @@ def plan_columns(cfg: InputConfig, files: list[FileColumns]) -> Columns:
                 f"expected one type. Fix: convert the files, or leave it out of input.keep_columns"
             )
         fields.append(pa.field(name, unified))
-    mapping = tuple((n, c) for n, c in cfg.columns.items())
+    mapping = tuple((n, c) for n, c in cfg.columns.items()) + tuple(
+        (name, f"the template {getattr(cfg, option)!r}") for name, option in TEMPLATES.items() if getattr(cfg, option)
+    )
     return Columns(pa.schema(fields), tuple(sorted(text)), mapping)

@@ -213,6 +213,7 @@ def test_a_template_builds_prompts_and_a_missing_field_fails_its_row_only(tmp_pa
     assert [r["status"] for r in rows] == ["ok", "error", "ok"]
     assert rows[1]["error"].startswith("style: the template") and "found ''" in rows[1]["error"]
     assert [r["kept"]["label"] for r in rows] == ["tabby cat", "corgi", "fox"]  # the label stays beside its image
+    assert "  prompt <- the template 'a {style} painting of a {label}'" in columns.describe()
     with pytest.raises(InputError, match=r"names \['breed'\].*\['label', 'style'\]"):
         plan_input(InputConfig(path=str(path), prompt_template="a {breed}"))
     with pytest.raises(InputError, match="expected one of the two"):
