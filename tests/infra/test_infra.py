@@ -340,3 +340,60 @@ def test_pods_give_a_stop_signal_the_time_the_drain_and_the_driver_need():
         env = {e["name"]: e["value"] for e in container.get("env", [])}
         drain = float(env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"])
         assert manifest.ray.stop_grace_s < drain < grace, (container["name"], grace, drain)
+
+
+def kuberay_deletion_problems(spec: dict) -> list[str]:
+    """What KubeRay's own RayJob validation (validateDeletionConfiguration, v1.5+) refuses of a
+    deletionStrategy: rules beside shutdownAfterJobFinishes or the legacy fields, a condition
+    without exactly one of jobStatus and jobDeploymentStatus, DeleteWorkers on an autoscaling
+    cluster, a repeated rule, and TTLs out of the order workers <= cluster <= self."""
+    rules = spec.get("deletionStrategy", {}).get("deletionRules", [])
+    problems = []
+    if rules and spec.get("shutdownAfterJobFinishes"):
+        problems.append("shutdownAfterJobFinishes and deletionRules are mutually exclusive")
+    if rules and {"onSuccess", "onFailure"} & set(spec["deletionStrategy"]):
+        problems.append("legacy onSuccess/onFailure beside deletionRules")
+    autoscaling = spec.get("rayClusterSpec", {}).get("enableInTreeAutoscaling")
+    ttls: dict[tuple, dict[str, int]] = {}
+    for i, rule in enumerate(rules):
+        condition = rule["condition"]
+        if ("jobStatus" in condition) == ("jobDeploymentStatus" in condition):
+            problems.append(f"rule {i}: exactly one of jobStatus and jobDeploymentStatus")
+        if autoscaling and rule["policy"] == "DeleteWorkers":
+            problems.append(f"rule {i}: DeleteWorkers on an autoscaling cluster")
+        key = (condition.get("jobStatus"), condition.get("jobDeploymentStatus"))
+        if rule["policy"] in ttls.setdefault(key, {}):
+            problems.append(f"rule {i}: a second {rule['policy']} for {key}")
+        ttls[key][rule["policy"]] = condition.get("ttlSeconds", 0)
+    for key, by_policy in ttls.items():
+        order = [by_policy[p] for p in ("DeleteWorkers", "DeleteCluster", "DeleteSelf") if p in by_policy]
+        if order != sorted(order):
+            problems.append(f"{key}: TTLs must grow from workers to cluster to self, found {by_policy}")
+    return problems
+
+
+def test_the_documented_deletion_rules_fit_the_crd_and_kuberays_validation():
+    """docs/deployment.md's deletionRules, put in place of rayjob.yaml's shutdown fields: valid
+    against the v1.7 CRD and KubeRay's own rules; a failed job keeps its head longer than a
+    successful one. The checker itself refuses what KubeRay refuses."""
+    import re
+
+    text = (INFRA.parent / "docs" / "deployment.md").read_text()
+    block = yaml.safe_load(re.search(r"<!-- deletion-rules -->\n```yaml\n(.*?)```", text, re.S)[1])
+    (job,) = docs(INFRA / "kuberay" / "rayjob.yaml")
+    spec = {k: v for k, v in job["spec"].items() if k not in ("shutdownAfterJobFinishes", "ttlSecondsAfterFinished")}
+    job = job | {"spec": spec | block}
+    validate(job)
+    assert kuberay_deletion_problems(job["spec"]) == []
+    rules = {
+        (r["condition"].get("jobStatus"), r["policy"]): r["condition"]["ttlSeconds"]
+        for r in block["deletionStrategy"]["deletionRules"]
+    }
+    assert rules[("FAILED", "DeleteCluster")] > rules[("SUCCEEDED", "DeleteCluster")]
+    both = job["spec"] | {"shutdownAfterJobFinishes": True}
+    assert "shutdownAfterJobFinishes and deletionRules are mutually exclusive" in kuberay_deletion_problems(both)
+    workers = {"condition": {"jobStatus": "FAILED", "ttlSeconds": 0}, "policy": "DeleteWorkers"}
+    with_workers = job["spec"] | {
+        "deletionStrategy": {"deletionRules": [*block["deletionStrategy"]["deletionRules"], workers]}
+    }
+    assert any("DeleteWorkers on an autoscaling cluster" in p for p in kuberay_deletion_problems(with_workers))
