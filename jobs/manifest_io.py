@@ -128,12 +128,12 @@ class OutputConfig(Strict):
         "datasets Image column, so datasets.load_dataset('parquet', ...) yields PIL images.",
     )
     lease_s: float = Field(
-        300,
+        120,
         gt=0,
         description="How long a driver's claim on the shards it renders lasts unless renewed (every "
         "lease_s / 4 while it runs). Another driver of the job on the same output skips claimed shards "
-        "and takes over those whose claim expired (a driver that died). Keep it well above the clock "
-        "skew between the drivers' machines.",
+        "and takes over those whose claim expired (a driver that died elsewhere; one that died on the same "
+        "machine frees its shards at once). Keep it well above the clock skew between the drivers' machines.",
     )
     webdataset: bool = Field(
         False,

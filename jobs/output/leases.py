@@ -5,7 +5,8 @@ of it.
 A lease is `leases/<shard>-<generation>.json`, created once (create-exclusive: a conditional PUT
 on S3, link() locally), holding its driver and when it expires. The shard's lease is its highest
 generation. A driver takes a shard when it has no lease, or its lease expired (a dead driver's),
-by creating the next generation: of two drivers racing for it one wins. While it renders, it
+by creating the next generation: of two drivers racing for it one wins. A lease of a process of
+this machine that is gone counts as expired. While it renders, it
 renews its leases (rewriting its own files); on a commit, or at its end, it releases them.
 
 Leases save work; they never decide correctness. The commit marker does (jobs/output/commits.py):
@@ -36,6 +37,23 @@ class Lease:
     generation: int
     driver: str  # who holds it: host, pid and a random part
     expires: float  # wall-clock seconds
+
+    def live(self, now: float) -> bool:
+        """Unexpired, and not held by a process of this machine that is gone (a driver that
+        crashed here frees its shards for the next run at once, not after lease_s)."""
+        if self.expires <= now:
+            return False
+        host, _, rest = self.driver.partition(":")
+        pid = rest.partition(":")[0]
+        if host != socket.gethostname() or not pid.isdigit():
+            return True
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:  # another user's process: alive
+            return True
+        return True
 
 
 def driver_name() -> str:
@@ -80,7 +98,7 @@ class Leases:
         taken, others = [], {}
         for shard in shards:
             lease = leases.get(shard)
-            if lease and lease.driver != self.driver and lease.expires > now:
+            if lease and lease.driver != self.driver and lease.live(now):
                 others[shard] = lease
                 continue
             generation = lease.generation + 1 if lease else 0

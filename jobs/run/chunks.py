@@ -127,7 +127,7 @@ def wait_for(run: Run, work: list[Work]) -> list[Work]:
     told = False
     while work:
         leases, now = current(run.out), time.time()
-        held = [w for w in work if (lease := leases.get(w.shard.index)) and lease.expires > now]
+        held = [w for w in work if (lease := leases.get(w.shard.index)) and lease.live(now)]
         if len(held) < len(work):
             return work
         committed = {w.shard.index for w in held if _done_by_others(run, w)}

@@ -8,7 +8,9 @@ exit code, and says so in ifrender's words: what committed stays, run the same c
 Signals reach the child through the parent, once each: the child leads a process group of its
 own, so a terminal's Ctrl-C (sent to the foreground group) and a pod's SIGTERM (sent to the
 container's first process) both arrive at the parent, which passes them on. The child's own
-handler (jobs/run/stop.py) then drains.
+handler (jobs/run/stop.py) then drains. A parent killed outright (SIGKILL of its process group,
+as a preempted node's) takes the child with it: the child asks the kernel for SIGKILL when its
+parent dies (Linux), and Ray's local processes share the child's fate the same way.
 """
 
 from __future__ import annotations
@@ -27,12 +29,14 @@ def supervised(job: Callable[[], int], out: str) -> int:
     returns from here to exit normally, Ray's own shutdown included); where the child ends
     without one, the parent prints why and returns INCOMPLETE."""
     read_end, write_end = os.pipe()
+    parent = os.getpid()
     sys.stdout.flush()
     sys.stderr.flush()
     pid = os.fork()
     if pid == 0:
         os.close(read_end)
         os.setpgid(0, 0)
+        _die_with(parent)
         code = 1
         try:
             code = job()
@@ -63,6 +67,17 @@ def supervised(job: Callable[[], int], out: str) -> int:
         file=sys.stderr,
     )
     return INCOMPLETE
+
+
+def _die_with(parent: int) -> None:
+    """SIGKILL this process when `parent` dies (Linux's PR_SET_PDEATHSIG; elsewhere nothing)."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent died before the request: follow it now
+        os._exit(INCOMPLETE)
 
 
 def _wait(pid: int) -> tuple[int, int]:

@@ -75,3 +75,17 @@ def test_racing_drivers_take_each_shard_exactly_once(out):
     print(f"shards won per driver: {sorted(len(v) for v in taken.values())}")
     assert won == shards  # every shard once: none twice, none lost
     assert {s: lease.driver for s, lease in current(out).items()} == {s: d for d, got in taken.items() for s in got}
+
+
+def test_a_lease_of_a_process_gone_from_this_machine_is_free_at_once(out, tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = Leases(out, 600, f"{socket.gethostname()}:{int(gone.stdout)}:abc123")  # a crashed driver's lease
+    assert dead.take([0])[0] == [0]
+    elsewhere = Leases(out, 600, "another-host:1:abc123")
+    assert elsewhere.take([1])[0] == [1]
+    heir = Leases(out, 600, "heir")
+    assert heir.take([0, 1])[0] == [0]  # the dead local driver's shard at once; the other host's waits
