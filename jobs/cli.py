@@ -12,7 +12,7 @@ from jobs.manifest import DEFAULT_MANIFEST, load_manifest
 from workers.errors import IfrenderError, ManifestError, StorageFailure
 
 # Exit codes: 0 done (error rows are reported, not fatal), 1 stopped before rendering,
-# 3 every row failed, 4 some shards were left incomplete (run the same command again).
+# 3 no row of the output is ok, 4 some shards were left incomplete (run the same command again).
 EXIT_CONFIG, EXIT_ALL_FAILED, EXIT_INCOMPLETE = 1, 3, 4
 
 
@@ -47,7 +47,8 @@ def _run(args: argparse.Namespace) -> int:
     print(summary.text())
     if summary.uncommitted_shards:
         return EXIT_INCOMPLETE
-    return EXIT_ALL_FAILED if summary.rows and not summary.ok else 0
+    # 3 only for an output without a good row: a retry whose rows fail again leaves the good ones.
+    return EXIT_ALL_FAILED if summary.output_rows and not summary.output_ok else 0
 
 
 def _status(args: argparse.Namespace) -> int:

@@ -180,3 +180,25 @@ def test_run_refuses_gpu_shares_that_do_not_pack_before_loading_models(tiny_root
 def test_status_of_a_missing_output_says_what_is_expected(tmp_path):
     result = ifrender("status", str(tmp_path / "nothing"))
     assert result.returncode == 1 and "no ifrender job here" in result.stderr
+
+
+@pytest.mark.slow
+def test_exit_3_only_when_no_row_of_the_output_is_ok(tiny_root, tmp_path):
+    """A retry whose rows fail again leaves an output with good rows: exit 0, not 3. An output
+    whose every row failed: exit 3."""
+    models = [f"{s}.model={tiny_root / 'IF-I-tiny'}" for s in ("encode", "stage1")]
+    sets = [*models, "last_stage=stage1", "stage1.num_inference_steps=2"]
+    mixed, bad = tmp_path / "mixed.jsonl", tmp_path / "bad.jsonl"
+    mixed.write_text('{"prompt": "a fox"}\n{"prompt": ""}\n')
+    bad.write_text('{"prompt": ""}\n{"prompt": "a fox", "seed": -1}\n')
+
+    def run(data, out, *extra):
+        args = [a for s in [*sets, f"input.path={data}", f"output.path={tmp_path / out}"] for a in ("--set", s)]
+        return ifrender("run", *args, "--quiet", *extra)
+
+    first = run(mixed, "mixed")
+    assert first.returncode == 0, first.stderr[-2000:]
+    retry = run(mixed, "mixed", "--retry-errors")  # the empty prompt fails again: this run's only row
+    assert retry.returncode == 0, retry.stderr[-2000:]
+    assert "this run: rows 1: ok 0, error 1" in retry.stdout
+    assert run(bad, "bad").returncode == 3
