@@ -34,8 +34,10 @@ def _load(args: argparse.Namespace):
 
 def _run(args: argparse.Namespace) -> int:
     from jobs.render import run
+    from jobs.run.cluster import keep_local
 
     manifest = _load(args)
+    keep_local(manifest)  # before anything imports Ray
     summary = run(
         manifest,
         overwrite=args.overwrite,

@@ -17,6 +17,18 @@ from workers.stages import chain_stages
 
 log = logging.getLogger(__name__)
 
+# Ray 2.60 turns a node address of 127.0.0.1 into the machine's reachable one, unless this is
+# off: then a local Ray's node, GCS, and the autoscaler's and dashboard's metrics servers bind
+# loopback. Read once, when Ray is first imported (ray._private.ray_constants).
+LOOPBACK = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def keep_local(manifest: Manifest) -> None:
+    """For a local run (no cluster to join), keep every Ray endpoint on loopback. Call it before
+    anything imports Ray: the CLI does, and Cluster.start does again."""
+    if not cluster_address(manifest):
+        os.environ.setdefault(LOOPBACK, "0")
+
 
 class Cluster:
     def __init__(self, manifest: Manifest, tracker, address: str | None) -> None:
@@ -27,6 +39,7 @@ class Cluster:
     def start(cls, manifest: Manifest, progress_bars: bool) -> Cluster:
         """Ray up (local or joined), its Data context set, the tracker started (the pools were checked
         against what it has before: jobs.run.preflight)."""
+        keep_local(manifest)
         from ray.data import DataContext
 
         init_ray(manifest)

@@ -114,10 +114,13 @@ def run_probing_endpoints(args: list[str]) -> tuple[subprocess.CompletedProcess,
     return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr), endpoints
 
 
+AUTOSCALER_METRIC_PORT, DASHBOARD_METRIC_PORT = 44217, 44227  # ray.autoscaler, ray.dashboard constants
+
+
 def test_run_schedules_each_pool_on_its_gpu_share(tiny_root, tmp_path):
     """A fresh local Ray with 2 logical GPUs: every stage pool asks for a GPU fraction, runs on
-    the CPU (device=cpu), and records the GPU Ray gave it; no endpoint of the local run answers a
-    request without Ray's token. The shares fit only largest first
+    the CPU (device=cpu), and records the GPU Ray gave it; every endpoint of the local run is on
+    loopback, and none but Ray's two metrics servers answers a request without Ray's token. The shares fit only largest first
     (0.7 + 0.3 on each GPU): in stage order, encode and stage I would share GPU 0 and leave no
     room there for stage II's second actor."""
     prompts = tmp_path / "p.txt"
@@ -145,8 +148,12 @@ def test_run_schedules_each_pool_on_its_gpu_share(tiny_root, tmp_path):
         + ", ".join(f"{a}:{p} {ans}" for p, (a, ans) in sorted(endpoints.items()))
     )
     assert endpoints, "no listening endpoint was seen: the probe did not run"
+    # Every endpoint of a local run is on loopback: none can be reached from another machine.
+    assert {a for a, _ in endpoints.values()} <= {"127.0.0.1", "::ffff:127.0.0.1", "::1"}, endpoints
+    # Of those, the only ones that answer without Ray's token are the two read-only Prometheus
+    # servers Ray's autoscaler and dashboard head always start (their ports: Ray's constants).
     answered = {p: v for p, v in endpoints.items() if any(code.startswith(("2", "3")) for code in v[1])}
-    assert not answered, f"endpoints that answered a request without a token: {answered}"
+    assert set(answered) <= {AUTOSCALER_METRIC_PORT, DASHBOARD_METRIC_PORT}, answered
     assert "this run: rows 3: ok 3, error 0" in result.stdout
     assert "busy seconds per image by stage: encode" in result.stdout
     assert "progress: 3/3 rows (ok 3, error 0), 1/1 shards committed" in result.stderr
