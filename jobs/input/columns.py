@@ -6,6 +6,7 @@ output then has one schema, whatever file or row it came from.
 
 from __future__ import annotations
 
+import functools
 import json
 import string
 from dataclasses import dataclass, field
@@ -25,7 +26,14 @@ TEMPLATES = {"prompt": "prompt_template", "negative_prompt": "negative_prompt_te
 
 def sources(cfg: InputConfig) -> dict[str, str]:
     """ifrender input name -> the dataset column it is read from."""
-    return {name: cfg.columns.get(name, name) for name in INPUT_COLUMNS}
+    return _sources(tuple(cfg.columns.items()))
+
+
+@functools.lru_cache(maxsize=16)
+def _sources(mapped: tuple[tuple[str, str], ...]) -> dict[str, str]:
+    # Cached: the read task asks once per row. Callers only read the dict.
+    columns = dict(mapped)
+    return {name: columns.get(name, name) for name in INPUT_COLUMNS}
 
 
 def renamed(record: dict[str, Any], cfg: InputConfig) -> dict[str, Any]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import io
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -20,7 +20,7 @@ from jobs.input.columns import Columns, fill, renamed, sources
 from jobs.input.images import load_image
 from jobs.input.records import Record, records, tsv_fields
 from jobs.input.shards import HEADED, TABLES, Shard
-from jobs.input.tables import arrow_batches, arrow_schema
+from jobs.input.tables import arrow_batches
 from jobs.manifest import InputConfig, template_fields
 from workers.columns import KEPT, encode_kept, is_setting
 from workers.keys import derive_seed, item_key
@@ -54,13 +54,14 @@ def _raw_records(shard: Shard, cfg: InputConfig, columns: Columns) -> Iterator[t
         yield record.line, parsed, kept
 
 
-def _table_slices(shard: Shard, f: Any, names: list[str]) -> Iterator[tuple[int, pa.Table | str, int]]:
+def _table_slices(shard: Shard, f: Any, wanted: Callable[[str], bool]) -> Iterator[tuple[int, pa.Table | str, int]]:
     """(file row, the shard's rows there as a table or why they cannot be read, how many) over
-    the shard's rows of a Parquet or Arrow file, one row group or record batch at a time."""
+    the shard's rows of a Parquet or Arrow file, one row group or record batch at a time, with
+    the columns `wanted` says yes to."""
     stop = shard.start + shard.num_rows
     if shard.format == "parquet":
         pf = pq.ParquetFile(f)
-        columns = [c for c in pf.schema_arrow.names if c in names]
+        columns = [c for c in pf.schema_arrow.names if wanted(c)]
         offset = 0
         for rg in range(pf.num_row_groups):
             n = pf.metadata.row_group(rg).num_rows
@@ -82,7 +83,7 @@ def _table_slices(shard: Shard, f: Any, names: list[str]) -> Iterator[tuple[int,
             n = batch.num_rows
             if offset + n > shard.start and offset < stop:
                 lo, hi = max(shard.start - offset, 0), min(stop - offset, n)
-                table = pa.Table.from_batches([batch]).select([c for c in batch.schema.names if c in names])
+                table = pa.Table.from_batches([batch]).select([c for c in batch.schema.names if wanted(c)])
                 yield offset + lo, table.slice(lo, hi - lo), hi - lo
                 left = offset + hi
             if offset + n >= stop:
@@ -103,7 +104,8 @@ def _table_records(
 ) -> Iterator[tuple[int, dict[str, Any] | str, bytes]]:
     read = set(sources(cfg).values()) | {n for t in templates(cfg) for n in template_fields(t)}
     kept = set(columns.kept.names)
-    for row, found, n in _table_slices(shard, f, names=[*read, *kept, *_settings(f, shard)]):
+    # The columns read, kept, or naming per-row settings (unknown ones fail their rows).
+    for row, found, n in _table_slices(shard, f, lambda c: c in read or c in kept or is_setting(c)):
         if isinstance(found, str):
             for i in range(n):
                 yield row + i, found, b""
@@ -112,12 +114,6 @@ def _table_records(
         kept_rows = columns.conform(found) if kept else None
         for i, record in enumerate(values):
             yield row + i, record, encode_kept(kept_rows.slice(i, 1)) if kept_rows is not None else b""
-
-
-def _settings(f: Any, shard: Shard) -> list[str]:
-    """The file's columns that name per-row settings (unknown ones fail their rows)."""
-    schema = pq.ParquetFile(f).schema_arrow if shard.format == "parquet" else arrow_schema(f)
-    return [c for c in schema.names if is_setting(c)]
 
 
 def templates(cfg: InputConfig) -> list[str]:

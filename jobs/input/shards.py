@@ -7,6 +7,7 @@ stable global index however Ray later splits the work. jobs/input/rows.py reads 
 
 from __future__ import annotations
 
+import bisect
 import fnmatch
 import hashlib
 import json
@@ -260,9 +261,11 @@ def _plan_table(
         digests = row_digests(batches(), cfg.shard_size)
         rows = counted[0]
     files.append(FileColumns(uri, fmt, dict(zip(schema.names, schema.types))))
+    firsts = [r for _, r in where]
     for start, digest in zip(range(0, rows, cfg.shard_size), digests):
         n = min(cfg.shard_size, rows - start)
-        batch, batch_row = max(((b, r) for b, r in where if r <= start), key=lambda w: w[1], default=(0, 0))
+        i = bisect.bisect_right(firsts, start) - 1  # the last batch starting at or before the shard
+        batch, batch_row = where[i] if i >= 0 else (0, 0)
         shards.append(Shard(len(shards), uri, fmt, total + start, n, start, 0, start, sha256=digest,
                             batch=batch, batch_row=batch_row))  # fmt: skip
     return rows

@@ -95,8 +95,8 @@ def latest_commit(out: str, shard: int) -> Commit | None:
     return read_marker(join(out, max(attempts)[1])) if attempts else None
 
 
-def list_commits(out: str) -> dict[int, Commit]:
-    """The committed attempt of every committed shard (the highest attempt wins)."""
+def committed_attempts(out: str) -> dict[int, tuple[int, str]]:
+    """{shard: (its highest committed attempt, its marker's URI)}, from one listing of commits/."""
     latest: dict[int, tuple[int, str]] = {}
     for key in list_prefix(out, COMMITS):
         match = MARKER.match(key)
@@ -104,7 +104,12 @@ def list_commits(out: str) -> dict[int, Commit]:
             shard, attempt = int(match[1]), int(match[2])
             if attempt >= latest.get(shard, (-1, ""))[0]:
                 latest[shard] = (attempt, join(out, key))
+    return latest
 
+
+def list_commits(out: str) -> dict[int, Commit]:
+    """The committed attempt of every committed shard (the highest attempt wins)."""
+    latest = committed_attempts(out)
     uris = [uri for _, uri in latest.values()]
     if not is_s3(out):
         return dict(zip(latest, map(read_marker, uris)))

@@ -95,7 +95,7 @@ class Leases:
     def take(self, shards: list[int]) -> tuple[list[int], dict[int, Lease]]:
         """(the shards this driver now holds, {shard: the live lease of another driver} for the rest)."""
         now, leases = time.time(), current(self.out)
-        taken, others = [], {}
+        taken, others, lost = [], {}, []
         for shard in shards:
             lease = leases.get(shard)
             if lease and lease.driver != self.driver and lease.live(now):
@@ -109,7 +109,10 @@ class Leases:
                 if lease:  # the expired or released generations before: nobody holds them
                     delete(self.out, [lease_key(shard, g) for g in range(lease.generation + 1)])
             else:
-                others[shard] = current(self.out).get(shard) or Lease(shard, generation, "another driver", now)
+                lost.append((shard, generation))
+        if lost:  # another driver created these first: one more listing says who
+            leases = current(self.out)
+            others |= {s: leases.get(s) or Lease(s, g, "another driver", now) for s, g in lost}
         return taken, others
 
     def renew(self) -> None:

@@ -9,7 +9,7 @@ import logging
 import time
 import uuid
 
-from jobs.output.commits import Work, latest_commit
+from jobs.output.commits import Work, committed_attempts, latest_commit, read_marker
 from jobs.output.leases import current
 from jobs.plan.layouts import with_pool_sizes
 from jobs.plan.packing import size_pools
@@ -130,7 +130,8 @@ def wait_for(run: Run, work: list[Work]) -> list[Work]:
         held = [w for w in work if (lease := leases.get(w.shard.index)) and lease.live(now)]
         if len(held) < len(work):
             return work
-        committed = {w.shard.index for w in held if _done_by_others(run, w)}
+        attempts = committed_attempts(run.out)  # one listing a round, however many shards are held
+        committed = {w.shard.index for w in held if _done_by_others(run, w, attempts)}
         work = [w for w in work if w.shard.index not in committed]
         if run.stop and run.stop.asked:
             run.held += work
@@ -150,9 +151,14 @@ def wait_for(run: Run, work: list[Work]) -> list[Work]:
     return work
 
 
-def _done_by_others(run: Run, w: Work) -> bool:
-    """Whether another driver committed the shard (this attempt or a later one) since this run looked."""
-    commit = latest_commit(run.out, w.shard.index)
+def _done_by_others(run: Run, w: Work, attempts: dict[int, tuple[int, str]] | None = None) -> bool:
+    """Whether another driver committed the shard (this attempt or a later one) since this run
+    looked; `attempts`: committed_attempts() where the caller listed them already."""
+    if attempts is not None:
+        attempt, uri = attempts.get(w.shard.index, (-1, ""))
+        commit = read_marker(uri) if attempt >= w.attempt else None
+    else:
+        commit = latest_commit(run.out, w.shard.index)
     if commit is None or commit.attempt < w.attempt:
         return False
     run.commits[w.shard.index] = commit

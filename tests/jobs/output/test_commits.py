@@ -3,11 +3,9 @@ published files replace older attempts' without touching a newer one's."""
 
 from __future__ import annotations
 
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import boto3
 import pyarrow.parquet as pq
 import pytest
 
@@ -15,16 +13,6 @@ from jobs.input.shards import Shard
 from jobs.output.commits import Commit, Work, commit_shard, list_commits
 from workers.columns import METADATA_SCHEMA
 from workers.storage import create_exclusive, delete, join, list_prefix, read_bytes, write_bytes
-
-
-@pytest.fixture(params=["local", "s3"])
-def output(request, tmp_path):
-    if request.param == "local":
-        return str(tmp_path / "out")
-    request.getfixturevalue("s3_server")
-    bucket = f"race-{os.getpid()}-{time.monotonic_ns()}"
-    boto3.client("s3").create_bucket(Bucket=bucket)
-    return f"s3://{bucket}/job"
 
 
 def test_racing_creates_have_exactly_one_winner(output):
