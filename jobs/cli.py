@@ -61,17 +61,33 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    """The manifest with every default (stdout, JSON), then what its input resolves to (stderr):
-    its rows, the columns read under ifrender's names and those kept beside each image."""
+    """The preflight of `run`, in seconds and without Ray or a model: the manifest with every
+    default (stdout, JSON), then each check (stderr): the input and its columns, its first rows,
+    the models, the output, the pools. Exit 0 only when `run` would start rendering."""
+    if args.explain:
+        from jobs.manifest import Manifest
+        from jobs.manifest_help import explain
+
+        print(explain(Manifest, args.explain))
+        return 0
     from jobs.input.shards import plan_input
+    from jobs.run.preflight import checklist
 
     manifest = load_manifest(args.manifest, args.set, args.run_date, args.run_id)
     print(json.dumps(json.loads(manifest.model_dump_json()), indent=2))
     plan = plan_input(manifest.input)
     files = sorted({s.uri for s in plan.shards})
     rows = sum(s.num_rows for s in plan.shards)
-    print(f"input: {rows} rows in {len(plan.shards)} shards, from {len(files)} file(s)", file=sys.stderr)
+    print(f"input: ok: {rows} rows in {len(plan.shards)} shards, from {len(files)} file(s)", file=sys.stderr)
     print("\n".join(plan.columns.describe()), file=sys.stderr)
+    results = checklist(manifest, plan, args.overwrite, args.allow_changed)
+    for check, result in results:
+        print(f"{check}: {result}", file=sys.stderr)
+    failed = [check for check, result in results if result.startswith("FAILED")]
+    if failed:
+        print(f"ifrender: error: {', '.join(failed)} would stop `run`; fix what is named above", file=sys.stderr)
+        return EXIT_CONFIG
+    print(f"ready: `ifrender run {args.manifest}` would start rendering", file=sys.stderr)
     return 0
 
 
@@ -267,9 +283,18 @@ def _output_and_model_commands(sub) -> None:
     p.set_defaults(func=_status)
 
     p = sub.add_parser(
-        "validate", help="check a manifest, print it with all defaults, and what its input's columns resolve to"
+        "validate",
+        help="the preflight of run, in seconds: the manifest with all defaults, its input, first rows, models, "
+        "output and pools; exit 0 only when run would start rendering",
     )
     manifest_args(p)
+    p.add_argument("--overwrite", action="store_true", help="check as `run --overwrite` would")
+    p.add_argument("--allow-changed", action="store_true", help="check as `run --allow-changed` would")
+    p.add_argument(
+        "--explain",
+        metavar="FIELD",
+        help="print a field's description, type, default and bounds, e.g. stage1.guidance_scale",
+    )
     p.set_defaults(func=_validate)
 
     p = sub.add_parser("tiny-models", help="build tiny random-weight checkpoints of the IF cascade")
@@ -288,6 +313,14 @@ def _output_and_model_commands(sub) -> None:
     p.set_defaults(func=_sync_models)
 
 
+def quiet_libraries(verbose: bool) -> None:
+    """ifrender's own loggers speak at INFO; every other library's at WARNING unless --verbose
+    (botocore's "Found credentials", Ray Data's execution plans and progress log)."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(name)s: %(message)s")
+    for ours in ("jobs", "workers"):
+        logging.getLogger(ours).setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="ifrender", description="Render a prompt dataset through the DeepFloyd IF cascade on Ray."
@@ -297,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     _perf_commands(sub)
     _output_and_model_commands(sub)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    quiet_libraries(verbose=getattr(args, "verbose", False))
     if args.command == "run":  # rendered in a child process, so that a Ray that dies under it is reported
         from jobs.run.supervise import supervised
 

@@ -12,6 +12,7 @@ from typing import Literal
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
+from jobs.manifest_help import nearest
 from jobs.manifest_io import InputConfig, OutputConfig, template_fields  # noqa: F401 - the sections' home
 from jobs.manifest_yaml import apply_override, cut, fill_paths, quote, safe_load, template_values
 from workers.config import (
@@ -248,17 +249,47 @@ def _location(path: str) -> PurePosixPath:
     return PurePosixPath(os.path.normpath(os.path.abspath(os.path.expanduser(path))))
 
 
-def _format_errors(source: str, err: ValidationError) -> str:
+def _format_errors(source: str, err: ValidationError, overrides: dict[str, str]) -> str:
+    """One line per problem, each blamed on where its value came from: the file, or the --set
+    that replaced it."""
     lines = [f"{source}: invalid manifest ({err.error_count()} problem(s)):"]
     for e in err.errors():
-        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        loc = tuple(str(p) for p in e["loc"])
+        where = ".".join(loc) or "(top level)"
+        given = next((a for k, a in overrides.items() if where == k or where.startswith(k + ".")), None)
+        blame = f" (from --set {quote(given)}, not the file)" if given else ""
         if e["type"] == "extra_forbidden":
-            lines.append(f"  {where}: unknown field (check its spelling; `ifrender validate` lists every field)")
+            close = nearest(Manifest, loc[:-1], loc[-1])
+            hint = (
+                f"did you mean {' or '.join('.'.join([*loc[:-1], c]) for c in close)}?"
+                if close
+                else "check its spelling"
+            )
+            lines.append(
+                f"  {where}: unknown field{blame}; {hint} (`ifrender validate --explain {'.'.join(loc[:-1]) or 'FIELD'}` lists the fields there)"
+            )
+        elif e["type"] == "missing":
+            lines.append(
+                f"  {where}: required and missing. Fix: add it (`ifrender validate --explain {where}` says what it holds)"
+            )
         elif not e["loc"]:  # a check of the whole manifest: its message names the fields
             lines.append(f"  {cut(e['msg'].removeprefix('Value error, '))}")
         else:
-            lines.append(f"  {where}: {cut(e['msg'])} (found {quote(e.get('input'))})")
+            lines.append(f"  {where}: {cut(e['msg'])} (found {quote(e.get('input'))}){blame}")
     return "\n".join(lines)
+
+
+def _yaml_error(path: Path, err: yaml.YAMLError) -> str:
+    """A YAML error as path, line and column, then what the parser expected."""
+    mark = getattr(err, "problem_mark", None)
+    where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark else str(path)
+    problem = getattr(err, "problem", None) or str(err)
+    context = getattr(err, "context", None)
+    started = getattr(err, "context_mark", None)
+    within = f" ({context} started at line {started.line + 1})" if context and started else ""
+    return (
+        f"{where}: not valid YAML: {cut(problem)}{within}. Fix: correct the YAML there (indentation, quotes, brackets)"
+    )
 
 
 def load_manifest(
@@ -275,7 +306,7 @@ def load_manifest(
     try:
         data = safe_load(path.read_text())
     except yaml.YAMLError as err:
-        raise ManifestError(f"{path}: not valid YAML: {cut(str(err))}") from None
+        raise ManifestError(_yaml_error(path, err)) from None
     if not isinstance(data, dict):
         raise ManifestError(f"{path}: expected a mapping of fields at the top level, found {type(data).__name__}")
     for assignment in overrides:
@@ -298,4 +329,5 @@ def load_manifest(
     try:
         return Manifest.model_validate(data)
     except ValidationError as err:
-        raise ManifestError(_format_errors(str(path), err)) from None
+        given = {a.partition("=")[0]: a for a in overrides}
+        raise ManifestError(_format_errors(str(path), err, given)) from None

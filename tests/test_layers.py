@@ -27,7 +27,8 @@ MAX_LINES = 400
 ALLOWED = {
     "jobs.manifest_yaml": set(),
     "jobs.manifest_io": set(),
-    "jobs.manifest": {"jobs.manifest_yaml", "jobs.manifest_io"},
+    "jobs.manifest_help": set(),
+    "jobs.manifest": {"jobs.manifest_yaml", "jobs.manifest_io", "jobs.manifest_help"},
     "jobs.input": {"jobs.manifest", "jobs.input"},
     "jobs.plan": {"jobs.manifest", "jobs.plan"},
     "jobs.output": {"jobs.manifest", "jobs.input", "jobs.output"},

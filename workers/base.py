@@ -141,10 +141,10 @@ class StageWorker:
 
     def tensor(self, batch: Batch, column: str, rows: np.ndarray) -> torch.Tensor:
         """Rows of a column as a tensor on this stage's device and dtype."""
-        from workers.models import DTYPES
+        from workers.models import torch_dtype
 
         # A column of several shapes arrives as an object array; a group's rows share one.
-        return torch.from_numpy(np.stack(list(batch[column][rows]))).to(self.device, DTYPES[self.cfg.dtype])
+        return torch.from_numpy(np.stack(list(batch[column][rows]))).to(self.device, torch_dtype(self.cfg.dtype))
 
     def run(self, batch: Batch, rows: np.ndarray, settings: dict[str, Any]) -> Batch:
         """The new columns for `rows` (indexes of ok rows, all with these settings). May add

@@ -15,16 +15,21 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # imported where a model loads: the checks here serve `validate` too, without torch
+    import torch
 
 from workers.errors import ModelLoadError, StagingError
 from workers.storage import bucket_key, join, read_bytes, s3_client
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+def torch_dtype(name: str) -> torch.dtype:
+    """A stage's dtype setting (fp32, fp16, bf16) as torch's."""
+    import torch
+
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
 
 # Components a stage pipeline is built without: the safety checker and watermarker only act on
 # PIL output, and the stage pipelines take embeddings from the encode stage.
@@ -83,6 +88,8 @@ def pick_device(stage: str, device: str, num_gpus: float) -> torch.device:
     """auto means CUDA when the stage asked for GPUs; a GPU asked for and missing is an error."""
     if device == "auto":
         device = "cuda" if num_gpus > 0 else "cpu"
+    import torch
+
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(
             f"{stage}: device is cuda but this worker sees no CUDA device "
@@ -131,7 +138,7 @@ def load_encode_pipeline(cfg: Any, device: torch.device) -> Any:
         T5EncoderModel,
         cfg.model,
         subfolder="text_encoder",
-        dtype=DTYPES[cfg.dtype],
+        dtype=torch_dtype(cfg.dtype),
         variant=cfg.variant,
         **extra,
     )
@@ -193,8 +200,10 @@ class Schedulers:
 def load_pipeline(stage: str, pipeline_cls: Any, cfg: Any, device: torch.device, **components: Any) -> Any:
     """A stage's diffusers pipeline (IFPipeline, IFSuperResolutionPipeline, the x4 upscaler),
     with the stage's attention kernels, offload and compile settings."""
+    import torch
+
     pipe = _load(
-        stage, pipeline_cls, cfg.model, dtype=DTYPES[cfg.dtype], variant=cfg.variant, **components, **_NO_SAFETY
+        stage, pipeline_cls, cfg.model, dtype=torch_dtype(cfg.dtype), variant=cfg.variant, **components, **_NO_SAFETY
     )
     pipe.set_progress_bar_config(disable=True)
     set_attention(stage, pipe.unet, cfg.attention)

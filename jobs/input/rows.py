@@ -315,7 +315,7 @@ def read_shards(
         fields = {k: _plain(batch[k][i]) for k in Shard.__dataclass_fields__}
         for name in ("only_rows", "whole_rows"):
             fields[name] = tuple(int(r) for r in fields[name])
-        rows += _shard_rows(Shard(**fields), job_seed, cfg, num_images, size, columns or Columns())
+        rows += shard_rows(Shard(**fields), job_seed, cfg, num_images, size, columns or Columns())
     columns = list(rows[0]) if rows else []
     ints = ("seed", "row", "item", "shard", "source_row", "image_index", "shard_items", "stage1_width", "stage1_height")
     return {c: np.array([r[c] for r in rows], dtype=np.int64 if c in ints else object) for c in columns}
@@ -335,7 +335,7 @@ def read_fields(record: dict[str, Any], fmt: str, cfg: InputConfig) -> tuple[dic
     return fields, problem
 
 
-def _shard_rows(
+def shard_rows(
     shard: Shard, job_seed: int, cfg: InputConfig, num_images: int, size: JobSize, columns: Columns
 ) -> list[dict[str, Any]]:
     wanted, whole = set(shard.only_rows), set(shard.whole_rows)

@@ -24,7 +24,7 @@ from jobs.input.records import Record, records, tsv_fields
 from jobs.input.tables import HASH_ROWS, arrow_batches, arrow_schema, row_digests
 from jobs.manifest import InputConfig
 from workers.errors import InputError, StorageError
-from workers.storage import is_s3, resolve
+from workers.storage import check_reachable, is_s3, resolve
 
 EXTENSIONS = {
     ".parquet": "parquet",
@@ -161,6 +161,7 @@ def plan_input(cfg: InputConfig) -> InputPlan:
     keep = cfg.keep_columns
     json_types, json_files = JsonTypes(None if keep == "all" else set(keep) if keep != "none" else set()), []
     total = 0
+    check_reachable(cfg.path, "input.path")
     for uri, fmt in list_files(cfg):
         fs, path = resolve(uri)
         if fmt in TABLES:

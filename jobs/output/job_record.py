@@ -136,27 +136,31 @@ def check_job(out: str, manifest: Manifest, allow_changed: bool, kept: pa.Schema
         if create_exclusive(uri, record):
             return
         existing = read_bytes(uri)  # another job created it first
-    if existing is not None:
-        old = recorded_kept(json.loads(existing))
-        if not old.equals(kept):
-            names = [f"{f.name}: {f.type}" for f in old]
-            raise ChangedInputError(
-                f"output.path {out}: its shards keep the input columns {names or 'none'}, and this input "
-                f"and manifest give {[f'{f.name}: {f.type}' for f in kept] or 'none'}; every shard of one "
-                f"output has one schema. Fix: set input.keep_columns: {json.dumps(old.names) if old.names else 'none'} "
-                f"to resume it, restore the input's columns, or write to another output.path (--overwrite starts over)."
-            )
-        changes = _diff(json.loads(existing)["fingerprint"], new)
-        if not changes:
-            return
-        if not allow_changed:
-            raise ChangedManifestError(
-                f"output.path {out} holds a job rendered with other settings: "
-                + "; ".join(changes[:8])
-                + ". Fix: choose another output.path, pass --allow-changed to render the rest with "
-                "the new settings, or --overwrite to start over."
-            )
-    write_bytes(uri, record)  # --allow-changed: the rest renders with the new settings
+    if existing is not None and compare_job(out, existing, manifest, allow_changed, kept):
+        write_bytes(uri, record)  # --allow-changed: the rest renders with the new settings
+
+
+def compare_job(out: str, existing: bytes, manifest: Manifest, allow_changed: bool, kept: pa.Schema) -> list[str]:
+    """An output's job.json against this job: raises where a resume is refused; returns the
+    settings that changed (allowed by --allow-changed). Writes nothing."""
+    old = recorded_kept(json.loads(existing))
+    if not old.equals(kept):
+        names = [f"{f.name}: {f.type}" for f in old]
+        raise ChangedInputError(
+            f"output.path {out}: its shards keep the input columns {names or 'none'}, and this input "
+            f"and manifest give {[f'{f.name}: {f.type}' for f in kept] or 'none'}; every shard of one "
+            f"output has one schema. Fix: set input.keep_columns: {json.dumps(old.names) if old.names else 'none'} "
+            f"to resume it, restore the input's columns, or write to another output.path (--overwrite starts over)."
+        )
+    changes = _diff(json.loads(existing)["fingerprint"], fingerprint(manifest))
+    if changes and not allow_changed:
+        raise ChangedManifestError(
+            f"output.path {out} holds a job rendered with other settings: "
+            + "; ".join(changes[:8])
+            + ". Fix: choose another output.path, pass --allow-changed to render the rest with "
+            "the new settings, or --overwrite to start over."
+        )
+    return changes
 
 
 def recorded_manifest(record: dict[str, Any]) -> Manifest:

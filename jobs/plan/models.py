@@ -14,8 +14,6 @@ import json
 import logging
 from pathlib import Path
 
-import torch
-
 CONFIGS = Path(__file__).parent / "configs"
 
 # Bumped whenever the tiny architectures change, so cached copies are rebuilt.
@@ -208,6 +206,7 @@ def build_safety_components():
     processor, and the watermarker, tiny. The heads' biases sit far below the 0.5 threshold, so
     random weights flag nothing unless a manifest lowers the thresholds; the watermark is an
     opaque white square, so applying it is visible."""
+    import torch
     from diffusers.pipelines.deepfloyd_if.safety_checker import IFSafetyChecker
     from diffusers.pipelines.deepfloyd_if.watermark import IFWatermarker
     from transformers import CLIPConfig, CLIPImageProcessor
@@ -230,6 +229,8 @@ def build_safety_components():
 def _save(pipe, path: Path, preset: str) -> None:
     """Full-precision weights plus an fp16 variant (`*.fp16.safetensors`), as the hub repos have.
     The variant goes first so the configs left behind are the fp32 ones. Full size: fp16 only."""
+    import torch
+
     pipe.to(torch.float16).save_pretrained(path, variant="fp16", safe_serialization=True)
     if preset != "full":
         pipe.to(torch.float32).save_pretrained(path, safe_serialization=True)
@@ -241,6 +242,8 @@ def _scheduler(cls, name: str):
 
 def build_models(root: str | Path, seed: int = 0, preset: str = "tiny") -> dict[str, Path]:
     """Write the three repos of a preset under `root`; returns {stage: repo dir}. Idempotent."""
+    import torch
+
     root = Path(root)
     repos = {stage: root / name for stage, name in repo_names(preset).items()}
     stamp = root / ("TINY_VERSION" if preset == "tiny" else f"TINY_VERSION.{preset}")

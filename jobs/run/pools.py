@@ -43,10 +43,14 @@ def local_size(manifest: Manifest) -> tuple[int, int]:
     30 minutes before failing. GPUs: the machine's, unless ray.num_gpus says."""
     import torch
 
-    needed = sum(c.pool_size * c.num_cpus for c in job_pools(manifest).values()) + 1
-    num_cpus = manifest.ray.num_cpus or max(os.cpu_count() or 1, math.ceil(needed))
+    num_cpus = local_cpus(manifest)
     num_gpus = torch.cuda.device_count() if manifest.ray.num_gpus is None else manifest.ray.num_gpus
     return num_cpus, num_gpus
+
+
+def local_cpus(manifest: Manifest) -> int:
+    needed = sum(c.pool_size * c.num_cpus for c in job_pools(manifest).values()) + 1
+    return manifest.ray.num_cpus or max(os.cpu_count() or 1, math.ceil(needed))
 
 
 def bundle(pool) -> dict[str, float]:

@@ -15,10 +15,10 @@ from jobs.output.formats import check_packages
 from jobs.output.job_record import is_job_record
 from jobs.output.probe import check_output_writable
 from jobs.plan.packing import packs
-from jobs.run.pools import cluster_address, job_pools, local_size
+from jobs.run.pools import cluster_address, job_pools, local_cpus, local_size
 from workers.errors import ModelLoadError, StorageError
 from workers.models import cache_root, check_model_available
-from workers.storage import join, list_prefix, read_bytes
+from workers.storage import check_reachable, join, list_prefix, read_bytes
 
 
 def tiny_models_dir() -> Path:
@@ -92,6 +92,7 @@ def check_output(manifest: Manifest, overwrite: bool) -> list[str]:
     there. Deletes nothing."""
     check_packages(manifest.output)
     out = manifest.output.path
+    check_reachable(out, "output.path")
     check_output_writable(out)
     found = list_prefix(out)  # a link is listed as itself, never followed
     linked = [k for k in found if k + "/" in layout.FOLDERS]
@@ -170,3 +171,79 @@ def check_resources(manifest: Manifest, have: dict[str, float]) -> None:
             f"Ray's {gpus:g} GPUs: an actor's share cannot span two GPUs. Fix: shares that fill whole GPUs "
             f"together (`ifrender plan MANIFEST --gpus {gpus:g}` finds some), or fewer actors."
         )
+
+
+def checklist(manifest: Manifest, plan, overwrite: bool = False, allow_changed: bool = False) -> list[tuple[str, str]]:
+    """`ifrender validate`: what `run` checks before it renders, past the input's plan, without
+    starting Ray or loading a model (`run` builds tiny models, so a known tiny name passes).
+    Returns (check, "ok: what was found" or "FAILED: the problem") per check; each runs whatever
+    the others found. `run` would start rendering when none failed."""
+    from jobs.plan.models import ALL_REPOS
+
+    results: list[tuple[str, str]] = []
+
+    def check(name: str, fn) -> None:
+        try:
+            results.append((name, "ok: " + fn()))
+        except Exception as err:  # noqa: BLE001 - each check reports its own problem and the rest still run
+            results.append((name, f"FAILED: {err}"))
+
+    def first_rows() -> str:
+        from jobs.input.rows import shard_rows
+        from workers.sizes import JobSize
+
+        size = JobSize(manifest.width, manifest.height, manifest.last_stage)
+        shard = plan.shards[0]
+        rows = shard_rows(shard, manifest.seed, manifest.input, manifest.num_images, size, plan.columns)
+        bad = [r for r in rows if r["status"] != "ok"]
+        if bad:
+            shown = "; ".join(f"{shard.uri} row {r['source_row']}: {r['error']}" for r in bad[:3])
+            more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
+            raise ValueError(
+                f"{len(bad)} of the first shard's {len(rows)} rows would be error rows: {shown}{more}. A run renders "
+                f"the rest and records these as errors; fix them in the input to render them"
+            )
+        return f"the first shard's {len(rows)} rows parse"
+
+    def models() -> str:
+        resolve_safety(manifest)
+        for stage in manifest.stages():
+            model = getattr(manifest, stage).model
+            if model.startswith("tiny:"):
+                if model[len("tiny:") :] not in ALL_REPOS:
+                    raise ValueError(
+                        f"{stage}.model: unknown tiny model {model!r}; expected one of {sorted(ALL_REPOS)}"
+                    )
+            elif not cluster_address(manifest) or model.startswith("s3://"):
+                check_model_available(stage, model)
+        return ", ".join(f"{s} {getattr(manifest, s).model}" for s in manifest.stages())
+
+    def output() -> str:
+        doomed = check_output(manifest, overwrite)
+        existing = read_bytes(join(manifest.output.path, layout.JOB))
+        if existing is None:
+            return f"{manifest.output.path} is new or empty"
+        if overwrite:
+            return f"{manifest.output.path}: --overwrite deletes {len(doomed)} file(s) ifrender wrote there"
+        from jobs.output.job_record import compare_job
+
+        changed = compare_job(manifest.output.path, existing, manifest, allow_changed, plan.columns.kept)
+        return f"{manifest.output.path}: resumes its job" + (
+            f" with {len(changed)} changed setting(s)" if changed else ""
+        )
+
+    def pools() -> str:
+        if cluster_address(manifest):
+            return f"ray.address {cluster_address(manifest)}: an autoscaling cluster is not checked"
+        gpus_needed = any(cfg.num_gpus > 0 for cfg in job_pools(manifest).values())
+        cpus, gpus = local_size(manifest) if gpus_needed else (local_cpus(manifest), 0)
+        check_resources(manifest, {"CPU": cpus, "GPU": gpus})
+        return ", ".join(
+            f"{s} {c.pool_size} x ({c.num_cpus:g} CPU, {c.num_gpus:g} GPU)" for s, c in job_pools(manifest).items()
+        )
+
+    check("rows", first_rows)
+    check("models", models)
+    check("output", output)
+    check("pools", pools)
+    return results

@@ -38,7 +38,7 @@ def test_validate_prints_the_column_mapping_and_refuses_an_unmapped_prompt(tmp_p
     result = ifrender("validate", *sets, "--set", "input.columns.prompt=Prompt")
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["input"]["columns"] == {"prompt": "Prompt"}
-    assert "input: 1 rows in 1 shards" in result.stderr
+    assert "input: ok: 1 rows in 1 shards" in result.stderr
     assert "  prompt <- Prompt" in result.stderr and "  Category: string" in result.stderr
     result = ifrender("validate", *sets)
     assert result.returncode == 1
