@@ -25,11 +25,13 @@ from workers.storage import bucket_key, join, read_bytes, s3_client
 
 log = logging.getLogger(__name__)
 
+
 def torch_dtype(name: str) -> torch.dtype:
     """A stage's dtype setting (fp32, fp16, bf16) as torch's."""
     import torch
 
     return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+
 
 # Components a stage pipeline is built without: the safety checker and watermarker only act on
 # PIL output, and the stage pipelines take embeddings from the encode stage.

@@ -24,7 +24,8 @@ from jobs.input.records import Record, records, tsv_fields
 from jobs.input.tables import HASH_ROWS, arrow_batches, arrow_schema, row_digests
 from jobs.manifest import InputConfig
 from workers.errors import InputError, StorageError
-from workers.storage import check_reachable, is_s3, resolve
+from workers.reach import check_reachable
+from workers.storage import is_s3, resolve
 
 EXTENSIONS = {
     ".parquet": "parquet",

@@ -18,7 +18,8 @@ from jobs.plan.packing import packs
 from jobs.run.pools import cluster_address, job_pools, local_cpus, local_size
 from workers.errors import ModelLoadError, StorageError
 from workers.models import cache_root, check_model_available
-from workers.storage import check_reachable, join, list_prefix, read_bytes
+from workers.reach import check_reachable
+from workers.storage import join, list_prefix, read_bytes
 
 
 def tiny_models_dir() -> Path:

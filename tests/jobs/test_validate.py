@@ -120,3 +120,25 @@ def test_explain_prints_a_fields_description_and_bounds():
     assert "Denoising steps" in result.stdout and ">= 1" in result.stdout and "default: 100" in result.stdout
     result = ifrender("validate", "--explain", "stage1.num_steps")
     assert result.returncode == 1 and "stage1.num_inference_steps" in result.stderr
+
+
+def test_an_unreachable_s3_endpoint_stops_at_once(tmp_path):
+    """One request with a short timeout, not minutes of retries."""
+    from tests.helpers import free_port
+
+    env = {
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}",
+        "AWS_ACCESS_KEY_ID": "k",
+        "AWS_SECRET_ACCESS_KEY": "s",
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "jobs.cli", "validate", *_sets(tmp_path, **{"input.path": "s3://prompts/set/"})],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=__import__("os").environ | env,
+    )
+    assert result.returncode == 1
+    assert (
+        "input.path s3://prompts/set/: http://127.0.0.1:" in result.stderr and "could not be reached" in result.stderr
+    )
