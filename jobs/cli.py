@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 from jobs.manifest import DEFAULT_MANIFEST, load_manifest
@@ -33,19 +34,38 @@ def _load(args: argparse.Namespace):
 
 
 def _run(args: argparse.Namespace) -> int:
-    from jobs.render import run
+    """The licence notice first, then ifrender's progress line (Ray's own display only with
+    --verbose), then the summary last: Ray is shut down before it, so no late line of Ray's follows."""
     from jobs.run.cluster import keep_local
+    from jobs.run.terminal import Display, attach, detach, licence_notice
 
     manifest = _load(args)
     keep_local(manifest)  # before anything imports Ray
-    summary = run(
-        manifest,
-        overwrite=args.overwrite,
-        retry_errors=args.retry_errors,
-        allow_changed=args.allow_changed,
-        progress=not args.quiet,
-        stop_after_s=args.stop_after,
-    )
+    if notice := licence_notice(manifest):
+        print(f"ifrender: {notice}", file=sys.stderr)
+    from jobs.render import run
+
+    display = Display()
+    handler = attach(display)
+    try:
+        summary = run(
+            manifest,
+            overwrite=args.overwrite,
+            retry_errors=args.retry_errors,
+            allow_changed=args.allow_changed,
+            progress=not args.quiet,
+            stop_after_s=args.stop_after,
+            verbose=args.verbose,
+            display=display,
+        )
+    finally:
+        display.end()
+        detach(handler)
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    sys.stderr.flush()
     print(summary.text())
     if summary.uncommitted_shards:
         return EXIT_INCOMPLETE
@@ -224,7 +244,12 @@ def _render_commands(sub) -> None:
     p.add_argument(
         "--allow-changed", action="store_true", help="continue an output made with other settings, using the new ones"
     )
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--quiet", action="store_true", help="no progress line")
+    p.add_argument(
+        "--verbose",
+        action="store_true",
+        help="Ray Data's own progress bars and every library's INFO log and known warnings too",
+    )
     p.add_argument(
         "--stop-after",
         type=float,
@@ -338,6 +363,9 @@ def main(argv: list[str] | None = None) -> int:
             out = load_manifest(args.manifest, args.set, args.run_date, args.run_id).output.path
         except Exception:  # noqa: BLE001 - the command itself reports a manifest it cannot load
             return _command(args)
+        from jobs.run.terminal import TTY
+
+        os.environ[TTY] = "1" if sys.stderr.isatty() else "0"  # the run's own stderr is a pipe to this process
         return supervised(lambda: _command(args), out)
     return _command(args)
 

@@ -30,6 +30,7 @@ from jobs.run.report import RunReport
 from jobs.run.state import Run
 from jobs.run.stop import Stop
 from jobs.run.summary import Summary
+from jobs.run.terminal import Display
 from workers.errors import StorageFailure, storage_failure
 from workers.storage import delete
 
@@ -43,7 +44,11 @@ def run(
     allow_changed: bool = False,
     progress: bool = True,
     stop_after_s: float | None = None,
+    verbose: bool = False,
+    display: Display | None = None,
 ) -> Summary:
+    """Render what the output lacks. `progress`: ifrender's progress line (on `display`, by
+    default stderr); `verbose`: Ray Data's own progress bars and INFO log too."""
     clock = Clock()
     out, derived = manifest.output.path, Derived.of(manifest)
 
@@ -82,8 +87,8 @@ def run(
     if work and anything_free(state):  # shards another driver holds are left to it (jobs/output/leases.py)
         # 5. Start the cluster: models and resources checked, Ray started or joined, the progress tracker.
         manifest = state.manifest = ready or ready_to_render(manifest)
-        cluster = Cluster.start(manifest, progress)
-        state.observe(*cluster.observers(state))
+        cluster = Cluster.start(manifest, verbose)
+        state.observe(*cluster.observers(state, (display or Display()) if progress else None))
         state.stop = Stop(manifest.ray.stop_grace_s)
         state.stop.install()  # after Ray's start: its own handler aborts the driver
 

@@ -10,23 +10,32 @@ from workers.storage import bucket_key, is_s3, s3_endpoint
 REACH_S = 5  # how long a first contact with an S3 endpoint may take before the job stops
 
 
-def check_reachable(uri: str, what: str) -> None:
-    """Fail at once, not after the retries of a run (minutes), when an s3:// location's endpoint
-    does not answer: one request with a short timeout and no retry. Any answer passes (a
-    refusal of the request itself is the later calls' to report, with their own message)."""
+def check_reachable(uri: str, what: str):
+    """Fail at once, not after the retries of a run (minutes), when an s3:// location's bucket
+    cannot be used: its endpoint does not answer, no credentials are found, the bucket is missing
+    or refused. A few tries ride out a passing 503. Returns the client it used (None for a local path)."""
     if not is_s3(uri):
-        return
+        return None
     import boto3
     from botocore.config import Config
     from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
     bucket, _ = bucket_key(uri)
-    config = Config(connect_timeout=REACH_S, read_timeout=REACH_S, retries={"total_max_attempts": 1})
+    config = Config(connect_timeout=REACH_S, read_timeout=2 * REACH_S, retries={"max_attempts": 3})
     client = boto3.client("s3", endpoint_url=s3_endpoint(), config=config)
     try:
         client.head_bucket(Bucket=bucket)
-    except ClientError:
-        return  # the endpoint answered
+    except ClientError as err:
+        code = err.response.get("Error", {}).get("Code", "?")
+        hint = {
+            "404": "the bucket does not exist",
+            "NoSuchBucket": "the bucket does not exist",
+            "403": "access denied: check the credentials or role",
+        }.get(code, f"error {code}")
+        raise StorageError(
+            f"{what} {uri}: bucket '{bucket}' is not usable ({hint}). Nothing was read or written. Fix: create "
+            f"it, grant access, or point {what} elsewhere."
+        ) from None
     except NoCredentialsError:
         raise StorageError(
             f"{what} {uri}: no AWS credentials found. Expected them in the standard places. Fix: set "
@@ -36,7 +45,7 @@ def check_reachable(uri: str, what: str) -> None:
     except BotoCoreError as err:
         endpoint = s3_endpoint() or "AWS S3"
         raise StorageError(
-            f"{what} {uri}: {endpoint} could not be reached within {REACH_S} s ({err}). Nothing was read or written. "
-            f"Fix: check the network, AWS_ENDPOINT_URL (or AWS_ENDPOINT_URL_S3) for a non-AWS server, and "
-            f"AWS_REGION."
+            f"{what} {uri}: cannot reach {endpoint} ({err}). Nothing was read or written. Fix: check the "
+            f"network, AWS_ENDPOINT_URL (or AWS_ENDPOINT_URL_S3) for a non-AWS server, and AWS_REGION."
         ) from None
+    return client

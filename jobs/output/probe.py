@@ -7,7 +7,8 @@ import uuid
 from pathlib import Path
 
 from workers.errors import StorageError
-from workers.storage import bucket_key, is_s3, resolve, s3_endpoint
+from workers.reach import check_reachable
+from workers.storage import bucket_key, is_s3, resolve
 
 
 def check_output_writable(uri: str) -> None:
@@ -25,30 +26,7 @@ def check_output_writable(uri: str) -> None:
             ) from err
         return
 
-    import boto3
-    from botocore.config import Config
-    from botocore.exceptions import BotoCoreError, ClientError
-
-    bucket = uri[len("s3://") :].split("/", 1)[0]
-    # A few tries ride out a passing 503; an unreachable endpoint still fails within seconds.
-    client = boto3.client("s3", config=Config(connect_timeout=5, read_timeout=10, retries={"max_attempts": 3}))
-    try:
-        client.head_bucket(Bucket=bucket)
-    except ClientError as err:
-        code = err.response.get("Error", {}).get("Code", "?")
-        hint = {
-            "404": "the bucket does not exist",
-            "NoSuchBucket": "the bucket does not exist",
-            "403": "access denied: check the credentials or role",
-        }.get(code, f"error {code}")
-        raise StorageError(
-            f"output.path {uri}: bucket '{bucket}' is not usable ({hint}). Fix: create it or point output.path elsewhere."
-        ) from err
-    except BotoCoreError as err:
-        endpoint = s3_endpoint() or "AWS S3"
-        raise StorageError(
-            f"output.path {uri}: cannot reach {endpoint} ({err}). Fix: check the network, the endpoint and the credentials."
-        ) from err
+    client = check_reachable(uri, "output.path")
     _probe_conditional_writes(client, uri)
 
 

@@ -12,6 +12,7 @@ from jobs.output.layout import Derived
 from jobs.output.publish import publish
 from jobs.run.pools import bundle, cluster_address, job_pools, local_size
 from jobs.run.watch import Metrics, Watch
+from workers.noise import VERBOSE
 from workers.progress import TRACKER, Progress
 from workers.stages import chain_stages
 
@@ -36,15 +37,22 @@ class Cluster:
         self.watch: Watch | None = None
 
     @classmethod
-    def start(cls, manifest: Manifest, progress_bars: bool) -> Cluster:
+    def start(cls, manifest: Manifest, verbose: bool = False) -> Cluster:
         """Ray up (local or joined), its Data context set, the tracker started (the pools were checked
-        against what it has before: jobs.run.preflight)."""
+        against what it has before: jobs.run.preflight). Ray Data's progress bars and INFO log
+        only when `verbose`: ifrender's own line says what they would (ray-data.log keeps it all)."""
         keep_local(manifest)
         from ray.data import DataContext
 
-        init_ray(manifest)
+        init_ray(manifest, verbose)
         context = DataContext.get_current()
-        context.enable_progress_bars = progress_bars
+        context.enable_progress_bars = verbose
+        if not verbose:
+            for handler in logging.getLogger("ray.data").handlers:
+                if not isinstance(handler, logging.FileHandler):  # the console, not the session's file
+                    handler.setLevel(logging.WARNING)
+            # "Progress bars disabled. To enable, ...": they are, on purpose (--verbose has them).
+            logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
         # Ray's own guard finds a whole-pipeline stall; jobs/run/watch.stream says which stage it is.
         context.execution_no_progress_timeout_s = manifest.ray.no_progress_timeout_s
         cluster = cls(manifest, start_tracker(manifest), cluster_address(manifest))
@@ -52,9 +60,10 @@ class Cluster:
             ask_autoscaler(job_pools(manifest))
         return cluster
 
-    def observers(self, run) -> tuple:
-        """The run's observers that live on the cluster: the progress watch and the metrics."""
-        self.watch = Watch(run, self.tracker)
+    def observers(self, run, display=None) -> tuple:
+        """The run's observers that live on the cluster: the progress watch (drawing on `display`,
+        if any) and the metrics."""
+        self.watch = Watch(run, self.tracker, display)
         return self.watch, Metrics(self.tracker)
 
     def publish_all(self, out: str, shards: list[int], derived: Derived) -> None:
@@ -82,18 +91,27 @@ def publisher():
     return ray.remote(publish).options(num_cpus=0.25, max_retries=3)
 
 
-def init_ray(manifest: Manifest) -> None:
+def init_ray(manifest: Manifest, verbose: bool = False) -> None:
     """Join the manifest's cluster, or start a local Ray sized for the job's pools."""
     import ray
+
+    # A local Ray's token is made and kept by Ray on this machine: its notice asks nothing of the user.
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(
+        logging.WARNING if verbose else logging.ERROR
+    )
+    level = logging.INFO if verbose else logging.WARNING  # "Started a local Ray instance", "Connected to"
 
     # Workers inherit the environment of a local Ray; a cluster gets it through the runtime env.
     os.environ["HF_HUB_OFFLINE"] = "1"  # nothing reaches a hub at run time
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if verbose:
+        os.environ[VERBOSE] = "1"  # a local Ray's workers inherit it: the libraries' known warnings show
     if ray.is_initialized():
         return
     address = cluster_address(manifest)
     if address:
-        ray.init(address=address, runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}}, log_to_driver=True)
+        env = {"HF_HUB_OFFLINE": "1"} | ({VERBOSE: "1"} if verbose else {})
+        ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True, logging_level=level)
         return
     num_cpus, num_gpus = local_size(manifest)
     # A local run answers no one else: its node address is loopback, no dashboard, and no metrics
@@ -104,6 +122,7 @@ def init_ray(manifest: Manifest) -> None:
         num_gpus=num_gpus,
         include_dashboard=False,
         log_to_driver=True,
+        logging_level=level,
         _node_ip_address="127.0.0.1",
         _system_config={"enable_metrics_collection": False},
     )

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from jobs.output.layout import SUMMARY
+from jobs.output.layout import JOB_SHEET, REPORT, SUMMARY
 from jobs.run.events import Observer
 from workers.storage import join, write_bytes
 
@@ -66,7 +66,9 @@ class Summary(Observer):
         self.driver_peak_rss_mb = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
         self.finish(run.clock.elapsed())
         self.output_rows, self.output_ok = run.index["rows"], run.index["ok"]
-        write_bytes(join(run.out, SUMMARY), json.dumps(asdict(self), indent=2).encode())
+        # Written inside the output: no path to it, which would break when the folder moves.
+        record = {k: v for k, v in asdict(self).items() if k != "output"}
+        write_bytes(join(run.out, SUMMARY), json.dumps(record, indent=2).encode())
 
     # ---- the counts ------------------------------------------------------------------------
 
@@ -110,8 +112,10 @@ class Summary(Observer):
         self.errors = dict(sorted(self.errors.items(), key=lambda kv: -kv[1])[:10])
 
     def text(self) -> str:
+        """What the run did (its details first), then last what a person reads next: the counts,
+        and where the report, the data and the contact sheet are, with a command that reads it."""
         lines = [
-            f"ifrender: {self.name} done in {self.seconds:.1f} s -> {self.output}",
+            f"ifrender: {self.name}: details",
             f"  this run: rows {self.rows}: ok {self.ok}, error {self.error}; {self.images_per_second:.3f} images/s; "
             f"shards committed {self.committed_shards}, skipped (done before) {self.skipped_shards}, "
             f"left incomplete {self.uncommitted_shards}; at most {self.max_uncommitted_rows} rendered rows "
@@ -163,4 +167,34 @@ class Summary(Observer):
                 lines.append(f"  stopped early: {reason}")
         for message, count in self.errors.items():
             lines.append(f"  error x{count}: {message}")
-        return "\n".join(lines)
+        return "\n".join(lines + self.where())
+
+    def where(self) -> list[str]:
+        out = shown(self.output)
+        data = join(out, "data")
+        read = (
+            f'python -c "import pyarrow.dataset as ds; '
+            f"print(ds.dataset('{data}').to_table(columns=['id', 'prompt', 'status', 'image_key']).to_pandas())\""
+        )
+        stopped = " (stopped early: run the same command again for the rest)" if self.uncommitted_shards else ""
+        return [
+            f"ifrender: {self.name} done in {self.seconds:.1f} s{stopped}: {self.rows} rows rendered, {self.ok} "
+            f"images ok, {self.error} errors ({self.images_per_second:.2f} images/s); the output holds "
+            f"{self.output_rows} rows, {self.output_ok} ok",
+            f"  report:        {join(out, REPORT)}",
+            f"  data:          {data}/ (Parquet, one file per shard)",
+            f"  images:        {join(out, 'images')}/",
+            f"  contact sheet: {join(out, JOB_SHEET)}",
+            f"  read it:       {read}",
+        ]
+
+
+def shown(path: str) -> str:
+    """A local output as the terminal reaches it from here (relative where it is below the
+    working directory); an s3:// URI as it is."""
+    import os
+
+    if "://" in path:
+        return path
+    rel = os.path.relpath(path)
+    return rel if not rel.startswith("..") else path

@@ -18,10 +18,20 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import threading
 from collections.abc import Callable
 
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 INCOMPLETE = 4  # the CLI's exit code for "run the same command again"
+
+# Lines Ray's C++ core writes straight to the driver's stderr (no Python logger to quiet), each
+# with why it says nothing to a user; the parent drops them as it relays the child's stderr.
+NATIVE_NOISE: tuple[tuple[bytes, str], ...] = (
+    (
+        b"has constructor arguments in the object store and max_restarts > 0",
+        "Ray Data keeps each actor pool's map function in the object store and restarts its actors",
+    ),
+)
 
 
 def supervised(job: Callable[[], int], out: str) -> int:
@@ -29,12 +39,16 @@ def supervised(job: Callable[[], int], out: str) -> int:
     returns from here to exit normally, Ray's own shutdown included); where the child ends
     without one, the parent prints why and returns INCOMPLETE."""
     read_end, write_end = os.pipe()
+    err_read, err_write = os.pipe()
     parent = os.getpid()
     sys.stdout.flush()
     sys.stderr.flush()
     pid = os.fork()
     if pid == 0:
         os.close(read_end)
+        os.close(err_read)
+        os.dup2(err_write, 2)
+        os.close(err_write)
         os.setpgid(0, 0)
         _die_with(parent)
         code = 1
@@ -45,9 +59,13 @@ def supervised(job: Callable[[], int], out: str) -> int:
             os.close(write_end)
         return code
     os.close(write_end)
+    os.close(err_write)
+    relay = threading.Thread(target=_relay, args=(err_read, 2), name="ifrender-stderr", daemon=True)
+    relay.start()
     for signum in FORWARDED:
         signal.signal(signum, lambda s, _frame: _forward(pid, s))
     _, status = _wait(pid)
+    relay.join(timeout=5)  # Ray's processes, ending with the child, may hold the pipe a moment longer
     reported = b""
     while chunk := os.read(read_end, 64):
         reported += chunk
@@ -67,6 +85,24 @@ def supervised(job: Callable[[], int], out: str) -> int:
         file=sys.stderr,
     )
     return INCOMPLETE
+
+
+def _relay(source: int, target: int) -> None:
+    """Copy the child's stderr to ours as it comes, less NATIVE_NOISE's lines. A partial line
+    goes at once (the live progress line is redrawn without a newline), unless it may be the
+    start of a native log line ("[" opens them), which waits for its end."""
+    held = b""
+    while chunk := os.read(source, 65536):
+        held += chunk
+        *lines, held = held.split(b"\n")
+        out = b"".join(line + b"\n" for line in lines if not any(n in line for n, _ in NATIVE_NOISE))
+        if held and not held.startswith(b"["):
+            out, held = out + held, b""
+        if out:
+            os.write(target, out)
+    if held:
+        os.write(target, held)
+    os.close(source)
 
 
 def _die_with(parent: int) -> None:

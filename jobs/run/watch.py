@@ -23,7 +23,6 @@ from workers.stages import WRITE
 log = logging.getLogger(__name__)
 
 POLL_S = 2  # at most one tracker snapshot per this many seconds; also the stream's wait
-LINE_S = 5  # one progress line per this many seconds
 
 
 class Stalled(RuntimeError):
@@ -31,14 +30,15 @@ class Stalled(RuntimeError):
 
 
 class Watch(Observer):
-    def __init__(self, run, tracker) -> None:
-        self.run, self.tracker = run, tracker
+    def __init__(self, run, tracker, display=None) -> None:
+        self.run, self.tracker, self.display = run, tracker, display
         self.timeout = run.manifest.ray.no_progress_timeout_s
         self.pools = {stage: name for name, (members, _) in run.manifest.model_pools().items() for stage in members}
         self.pools[WRITE] = WRITE
         self.sizes: dict[str, int] = {}
         self.snap: dict = {}
-        self.last_poll = self.last_line = 0.0
+        self.last_poll = 0.0
+        self.first_done: tuple[float, int] | None = None  # (seconds into the run, rows) when rows first finished
 
     def on_chunk(self, run, chunk) -> None:
         self.sizes = chunk.pools
@@ -58,10 +58,8 @@ class Watch(Observer):
     def check(self) -> None:
         """Called at least every POLL_S seconds while a chunk runs."""
         self.poll()
-        now = time.perf_counter()
-        if now - self.last_line >= LINE_S:
-            self.last_line = now
-            log.info("progress: %s", self.line(self.run.summary, self.run.clock.elapsed()))
+        if self.display:
+            self.display.show(self.line(self.run.summary, self.run.clock.elapsed()))
 
     def diagnose(self, err: Exception) -> Stalled:
         """Ray's no-progress error as ifrender's: which stage, its queue, its actors."""
@@ -70,16 +68,43 @@ class Watch(Observer):
         return Stalled(self.stalled(self.poll(), self.timeout))
 
     def line(self, summary: Summary, elapsed: float) -> str:
-        done, todo = summary.rows, self.run.todo
-        rate = done / elapsed if elapsed > 0 else 0.0
-        eta = (todo - done) / rate if rate > 0 else float("inf")
+        """Rows and images done, images per second, the ETA (from the first finished row: the
+        tracker counts rows as the last stage finishes them, before their shard commits)."""
+        (done, ok), todo = self.finished(summary), self.run.todo
+        eta = self.eta(done, todo, elapsed)
         queues = self.snap.get("queues", {})
         waiting = ", ".join(f"{s} {q}" for s, q in queues.items() if q)
+        actors = self.snap.get("actors", {}).values()
+        if not done and all(a["state"] == "loading" for a in actors):
+            waiting = "the pools are starting (loading models)" if actors else "starting the pools"
+        else:
+            waiting = f"queued: {waiting}" if waiting else ""
         return (
-            f"{done}/{todo} rows (ok {summary.ok}, error {summary.error}), {summary.committed_shards}/"
-            f"{len(self.run.work)} shards committed, {summary.ok / elapsed if elapsed else 0:.2f} images/s, "
-            f"{elapsed:.0f} s elapsed, ETA {_duration(eta)}" + (f"; queued: {waiting}" if waiting else "")
+            f"{done}/{todo} rows, {ok} images ok, {done - ok} errors; {summary.committed_shards}/"
+            f"{len(self.run.work)} shards committed; {ok / elapsed if elapsed else 0:.2f} images/s; "
+            f"{_duration(elapsed)} elapsed, ETA {_duration(eta) if eta is not None else 'after the first row'}"
+            + (f"; {waiting}" if waiting else "")
         )
+
+    def finished(self, summary: Summary) -> tuple[int, int]:
+        """(rows done, of them ok): those the driver holds, or those the chain's last stage has
+        finished (before their shard commits), whichever is more."""
+        rows = self.snap.get("rows", {})
+        last = rows[list(rows)[-1]] if rows else {"out": 0, "ok": 0}
+        if summary.rows >= last["out"]:
+            return summary.rows, summary.ok
+        return min(self.run.todo, last["out"]), min(self.run.todo, last["ok"])
+
+    def eta(self, done: int, todo: int, elapsed: float) -> float | None:
+        """Seconds left at the rate since the first rows finished; until a second batch has, at the
+        rate of the whole run so far (start-up included: an ETA on the long side)."""
+        if done <= 0:
+            return None
+        if self.first_done is None:
+            self.first_done = (elapsed, done)
+        since, first = self.first_done
+        rate = (done - first) / (elapsed - since) if done > first and elapsed > since else done / max(elapsed, 1e-9)
+        return max(0.0, (todo - done) / rate)
 
     def stalled(self, snap: dict, idle: float, alive: set[str] | None = None) -> str:
         queues = snap.get("queues", {})
@@ -108,7 +133,8 @@ class Watch(Observer):
 
         self.last_poll = 0.0
         snap = self.poll()
-        log.info("progress: %s", self.line(summary, self.run.clock.elapsed()))
+        if self.display:
+            self.display.end(self.line(summary, self.run.clock.elapsed()))
         summary.first_work_at, summary.rows_by_node = snap.get("first_work", {}), snap.get("node_rows", {})
         summary.node_names = {n["NodeID"]: f"{n['NodeManagerAddress']}:{n['NodeManagerPort']}" for n in ray.nodes()}
         summary.actor_starts = [
@@ -153,8 +179,6 @@ def _alive_nodes() -> set[str]:
 
 
 def _duration(seconds: float) -> str:
-    if seconds == float("inf"):
-        return "unknown"
     h, rest = divmod(int(seconds), 3600)
     return f"{h}h{rest // 60:02d}m" if h else f"{rest // 60}m{rest % 60:02d}s"
 

@@ -156,7 +156,9 @@ def test_run_schedules_each_pool_on_its_gpu_share(tiny_root, tmp_path):
     assert set(answered) <= {AUTOSCALER_METRIC_PORT, DASHBOARD_METRIC_PORT}, answered
     assert "this run: rows 3: ok 3, error 0" in result.stdout
     assert "busy seconds per image by stage: encode" in result.stdout
-    assert "progress: 3/3 rows (ok 3, error 0), 1/1 shards committed" in result.stderr
+    assert (
+        "3 rows rendered, 3 images ok, 0 errors" in result.stdout and " rows, " not in result.stderr
+    )  # --quiet: no line
     assert "reserved 2 x {'GPU': 0.7, 'CPU': 0.5} for stage2" in result.stderr
     status = ifrender("status", str(out))
     assert status.returncode == 0 and "rows 3: done 3, failed 0, pending 0" in status.stdout
