@@ -67,11 +67,14 @@ def run(
     write_schema(out, plan.columns.kept, derived)
     write_card(out, manifest.name, derived)
 
-    # 4. Resume: shards without a commit, and with --retry-errors the failed rows of the rest.
+    # 4. Resume: shards without a commit, and with --retry-errors the failed rows of the rest
+    # that another try could pass (those that need their input fixed are named, not rendered).
     commits = list_commits(out)
     changed = check_input(out, shards, commits, allow_changed)
-    work = work_left(out, shards, commits, retry_errors, changed)
+    not_retried: list[dict] = []
+    work = work_left(out, shards, commits, retry_errors, changed, not_retried)
     summary = Summary(manifest.name, out, skipped_shards=len(shards) - len(work))
+    summary.not_retried(not_retried)
     state = Run(manifest, clock, commits, work, summary, columns=plan.columns)
     state.observe(RunReport(manifest, clock))
     log.info(

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from workers.columns import ROW_COLUMNS
-from workers.errors import MissingColumnsError
+from workers.errors import MissingColumnsError, row_error
 from workers.keys import derive_seed
 from workers.progress import Reporter
 from workers.stages import STAGES
@@ -250,7 +250,7 @@ class StageWorker:
                 return
             row = int(rows[0])
             status[row] = "error"
-            error[row] = f"{self.stage}: {type(err).__name__}: {err}"
+            error[row] = row_error(self.stage, err)
             log.warning("%s: row %s failed:\n%s", self.stage, batch["id"][row], traceback.format_exc())
             return
         elapsed = time.perf_counter() - start

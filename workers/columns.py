@@ -38,6 +38,8 @@ METADATA_SCHEMA = pa.schema(
         ("error", pa.string()),
         ("prompt", pa.string()),
         ("negative_prompt", pa.string()),
+        ("prompt_tokens", pa.int32()),  # T5 tokens of the prompt (after IF's caption cleaning, if on)
+        ("prompt_truncated", pa.bool_()),  # over T5's window: the model saw only its first tokens
         ("seed", pa.int64()),
         ("image_key", pa.string()),
         ("sha256", pa.string()),

@@ -1,5 +1,6 @@
 """encode: `prompt`, `negative_prompt` in; T5-XXL `prompt_embeds`, `negative_prompt_embeds` out,
-plus `encode_texts` / `encode_encoded` per row: what deduplication saved."""
+plus `prompt_tokens` / `prompt_truncated` (what the model saw of the prompt: IF's encoder cuts it
+at T5_TOKENS) and `encode_texts` / `encode_encoded` per row: what deduplication saved."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import torch
 
 from workers.base import Batch, StageWorker, to_numpy
 from workers.models import load_encode_pipeline
+
+T5_TOKENS = 77  # IF's encode_prompt pads and truncates every text to this many tokens
 
 
 def check_caption_cleaning() -> None:
@@ -58,15 +61,26 @@ class EncodeWorker(StageWorker):
             chunk = distinct[i : i + mb]
             table.update(zip(chunk, self._encode(chunk + [""] * (mb - len(chunk)))))
         n = len(rows)
+        tokens = {t: self._tokens(t) for t in set(prompts)}
         return {
+            "prompt_tokens": np.array([tokens[t] for t in prompts], dtype=np.int32),
+            "prompt_truncated": np.array([tokens[t] > T5_TOKENS for t in prompts]),
             "prompt_embeds": np.stack([table[t] for t in prompts]),
             "negative_prompt_embeds": np.stack([table[t] for t in negatives]),
             "encode_texts": np.full(n, 2, dtype=np.int64),
             "encode_encoded": np.full(n, len(distinct) / n),
         }
 
+    def _tokens(self, text: str) -> int:
+        """The prompt's T5 tokens as IF's encode_prompt counts them (its caption cleaning first,
+        the end-of-sequence token included), before it truncates them to T5_TOKENS."""
+        cleaned = self.pipe._text_preprocessing(text, clean_caption=self.cfg.clean_caption)[0]
+        return len(self.pipe.tokenizer(cleaned, add_special_tokens=True)["input_ids"])
+
     def blank(self, batch: Batch, n: int) -> Batch:
         return {
+            "prompt_tokens": np.zeros(n, dtype=np.int32),
+            "prompt_truncated": np.zeros(n, dtype=bool),
             "prompt_embeds": np.zeros((n, *self.empty.shape), dtype=self.empty.dtype),
             "negative_prompt_embeds": np.zeros((n, *self.empty.shape), dtype=self.empty.dtype),
             "encode_texts": np.zeros(n, dtype=np.int64),

@@ -7,6 +7,35 @@ from the builtin error it stands for, so callers that catch ValueError or Runtim
 from __future__ import annotations
 
 import errno
+import re
+
+# A row that failed in a stage or the writer records "<stage>: <ExceptionType>: <message>"
+# (row_error); a row that failed at read time records what is wrong with its input instead.
+_STAGE_FAILURE = re.compile(r"^[a-z0-9_+]+: ([A-Z]\w*(?:Error|Exception|Failure|Exit)): ")
+# Raised by a stage about the row itself (a size over max_pixels, a value a model refuses): the
+# same row fails the same way on another try.
+_ABOUT_THE_ROW = {"ValueError", "TypeError", "KeyError", "IndexError", "AssertionError", "NotImplementedError"}
+
+
+def row_error(stage: str, err: BaseException) -> str:
+    """A row's error message for a failure in `stage` (a model stage, a group, or write)."""
+    return f"{stage}: {type(err).__name__}: {err}"
+
+
+# An init image or mask that was not there or could not be read when the row was (jobs/input/images.py):
+# it may be uploaded later, or the storage may answer next time.
+_IMAGE_UNAVAILABLE = re.compile(r"^(image|mask_image): (cannot read \S+ \(|\S+ not found; )")
+
+
+def retryable(error: str) -> bool:
+    """Whether a failed row could pass on another try: a model, device or storage failure in a
+    stage (out of memory, a lost device, a storage timeout), or an init image not there yet; not
+    its input (a bad seed, a corrupt image, a size over max_pixels) nor a verdict on its image
+    (the safety checker's)."""
+    found = _STAGE_FAILURE.match(error or "")
+    if found:
+        return found.group(1) not in _ABOUT_THE_ROW
+    return bool(_IMAGE_UNAVAILABLE.match(error or ""))
 
 
 class IfrenderError(Exception):

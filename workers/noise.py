@@ -19,22 +19,32 @@ _IF_PIPELINES = ("pipeline_if", "pipeline_if_superresolution", "pipeline_if_img2
 # (logger, the message's start, why it is noise here)
 NOISE: tuple[tuple[str, str, str], ...] = (
     (
-        "transformers.utils.import_utils",
-        "`CLIPImageProcessor` requires torchvision",
-        "IF's pipelines import CLIP's image processor; ifrender's images need no torchvision, the PIL one serves",
-    ),
-    (
-        "bitsandbytes.backends.cpu.ops",
-        "Failed to load CPU gemm_4bit_forward",
-        "an optional CPU kernel for 4-bit weights; ifrender's T5 is 8-bit or unquantised",
-    ),
-) + tuple(
-    (
-        f"diffusers.pipelines.deepfloyd_if.{module}",
-        "You have disabled the safety checker",
-        "ifrender runs IF's safety checker itself (safety.*) and states the licence once at the start",
+        (
+            "transformers.utils.import_utils",
+            "`CLIPImageProcessor` requires torchvision",
+            "IF's pipelines import CLIP's image processor; ifrender's images need no torchvision, the PIL one serves",
+        ),
+        (
+            "bitsandbytes.backends.cpu.ops",
+            "Failed to load CPU gemm_4bit_forward",
+            "an optional CPU kernel for 4-bit weights; ifrender's T5 is 8-bit or unquantised",
+        ),
     )
-    for module in _IF_PIPELINES
+    + tuple(
+        (
+            f"diffusers.pipelines.deepfloyd_if.{module}",
+            "You have disabled the safety checker",
+            "ifrender runs IF's safety checker itself (safety.*) and states the licence once at the start",
+        )
+        for module in _IF_PIPELINES
+    )
+    + (
+        (
+            "diffusers.pipelines.deepfloyd_if.pipeline_if",
+            "The following part of your input was truncated",
+            "each row records prompt_tokens and prompt_truncated, and the summary counts them",
+        ),
+    )
 )
 
 

@@ -17,7 +17,7 @@ from PIL import Image
 
 from workers.base import Batch, require_columns, to_uint8_hwc
 from workers.columns import ROW_COLUMNS, UNWRITTEN
-from workers.errors import storage_failure
+from workers.errors import row_error, storage_failure
 from workers.keys import image_dir
 from workers.progress import Reporter
 from workers.stages import WRITE
@@ -98,7 +98,7 @@ class WriteWorker:
                 if cause:  # the storage's failure, not the row's: the driver stops the run
                     status[i], error[i] = UNWRITTEN, f"{join(self.output, key)}: {cause} ({type(err).__name__}: {err})"
                 else:
-                    status[i], error[i] = "error", f"write: {type(err).__name__}: {err}"
+                    status[i], error[i] = "error", row_error("write", err)
                 continue
             keys[i], digests[i] = key, hashlib.sha256(data).hexdigest()
             seconds[i] = time.perf_counter() - start

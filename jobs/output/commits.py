@@ -39,7 +39,7 @@ from jobs.output.layout import (
     published_keys,
 )
 from workers.columns import IMAGE_FIELDS, KEPT, METADATA_SCHEMA, NO_COLUMNS, decode_kept
-from workers.errors import ChangedInputError
+from workers.errors import ChangedInputError, retryable
 from workers.keys import IMAGES, item_key
 from workers.stages import chain_stages
 from workers.storage import create_exclusive, delete, is_s3, join, list_prefix, read_bytes, write_bytes
@@ -199,8 +199,16 @@ def check_input(out: str, shards: list[Shard], commits: dict[int, Commit], allow
 
 
 def work_left(
-    out: str, shards: list[Shard], commits: dict[int, Commit], retry_errors: bool, changed: list[int] = ()
+    out: str,
+    shards: list[Shard],
+    commits: dict[int, Commit],
+    retry_errors: bool,
+    changed: list[int] = (),
+    not_retried: list[dict] | None = None,
 ) -> list[Work]:
+    """What a run renders: shards without a commit, changed shards whole, and with retry_errors
+    the failed rows that could pass on another try (workers.errors.retryable). The failed rows
+    that could not (their input, or a verdict on their image) are added to `not_retried`."""
     work = []
     for shard in shards:
         commit = commits.get(shard.index)
@@ -210,10 +218,18 @@ def work_left(
             work.append(Work(shard, commit.attempt + 1))
         elif retry_errors and commit.error:
             table = read_table(out, commit)
-            rows = table.select(["row", "image_index", "status"]).to_pylist()
-            done = table.filter(pc.equal(table.column("status"), "ok"))
+            rows = table.select(
+                ["row", "image_index", "status", "error", "id", "source_file", "source_row"]
+            ).to_pylist()
             outputs = Counter(r["row"] for r in rows)
-            failed = [r for r in rows if r["status"] != "ok"]
+            failed = [r for r in rows if r["status"] != "ok" and retryable(r["error"])]
+            if not_retried is not None:
+                not_retried += [r for r in rows if r["status"] != "ok" and not retryable(r["error"])]
+            if not failed:
+                continue
+            retried = {(r["row"], r["image_index"]) for r in failed}
+            keep = [(r["row"], r["image_index"]) not in retried for r in rows]
+            done = table.filter(pa.array(keep))  # the ok rows, and the failures another try would repeat
             # A row that failed before it was expanded into its images (at read time) has one
             # output: its retry renders all its images. Otherwise exactly the failed ones.
             whole = tuple(r["row"] for r in failed if outputs[r["row"]] == 1)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import resource
 from dataclasses import asdict, dataclass, field
 
@@ -13,6 +14,8 @@ import pyarrow.compute as pc
 from jobs.output.layout import JOB_SHEET, REPORT, SUMMARY
 from jobs.run.events import Observer
 from workers.storage import join, write_bytes
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -47,6 +50,9 @@ class Summary(Observer):
     held_by: list[str] = field(default_factory=list)  # the drivers that held shards this run left them
     stalled: str = ""  # why the no-progress check ended the run
     stopped: str = ""  # why the run stopped early with work left (--stop-after)
+    truncated: int = 0  # rows whose prompt was longer than T5's window (prompt_truncated)
+    not_retryable: int = 0  # with --retry-errors: failed rows another try would fail the same way
+    not_retryable_examples: list[str] = field(default_factory=list)  # a few of them: id, source, error
 
     # ---- as the run's observer (jobs/run/state.py) ----------------------------------------
 
@@ -72,6 +78,22 @@ class Summary(Observer):
 
     # ---- the counts ------------------------------------------------------------------------
 
+    def not_retried(self, rows: list[dict]) -> None:
+        """--retry-errors left these failed rows as they are: their input (or a verdict on their
+        image) makes them fail the same way again."""
+        self.not_retryable = len(rows)
+        self.not_retryable_examples = [
+            f"row id {r['id']!r} (row {r['source_row']} of {shown(r['source_file'] or '?')}): {(r['error'] or '')[:160]}"
+            for r in rows[:3]
+        ]
+        if rows:
+            log.info(
+                "--retry-errors: %d failed row(s) need their input fixed, not another try (e.g. %s); fix them in "
+                "the input and run again with --allow-changed",
+                len(rows),
+                self.not_retryable_examples[0],
+            )
+
     def add(self, table: pa.Table) -> None:
         status = table.column("status").to_pylist()
         self.rows += len(status)
@@ -81,6 +103,8 @@ class Summary(Observer):
             if table.column(col).null_count < len(table):  # a stage that ran
                 stage = col[: -len("_seconds")]
                 self.stage_seconds[stage] = self.stage_seconds.get(stage, 0.0) + pc.sum(table.column(col)).as_py()
+        if "prompt_truncated" in table.column_names:
+            self.truncated += sum(bool(t) for t in table.column("prompt_truncated").to_pylist())
         for e in table.column("error").to_pylist():
             if e:
                 key = e[:160]
@@ -91,6 +115,7 @@ class Summary(Observer):
         self.rows -= len(rows)
         ok = sum(r["status"] == "ok" for r in rows)
         self.ok -= ok
+        self.truncated -= sum(bool(r.get("prompt_truncated")) for r in rows)
         self.error -= len(rows) - ok
 
     def add_stage_counters(self, block: pa.Table, stages: tuple[str, ...]) -> None:
@@ -157,6 +182,11 @@ class Summary(Observer):
                     for node, stages in self.rows_by_node.items()
                 )
             )
+        if self.truncated:
+            lines.append(
+                f"  prompts cut at T5's 77 tokens: {self.truncated} row(s) (prompt_truncated; the model saw "
+                f"only the first 77 tokens, prompt_tokens says how many there were)"
+            )
         if self.chunks_lost:
             lines.append(f"  chunks lost on the cluster and run again: {self.chunks_lost}")
         if self.shards_by_others:
@@ -167,6 +197,11 @@ class Summary(Observer):
                 lines.append(f"  stopped early: {reason}")
         for message, count in self.errors.items():
             lines.append(f"  error x{count}: {message}")
+        if self.not_retryable:
+            lines.append(
+                f"  not retried: {self.not_retryable} failed row(s) need their input fixed (then run again with "
+                f"--allow-changed): " + "; ".join(self.not_retryable_examples)
+            )
         return "\n".join(lines + self.where())
 
     def where(self) -> list[str]:

@@ -165,24 +165,22 @@ def test_changed_manifest_is_refused_naming_the_change(local_run, prompts, tiny_
 
 
 @pytest.mark.slow
-def test_retry_errors_reruns_only_failed_rows_as_a_new_attempt(prompts, ray_local, tmp_path, tiny_manifest):
+def test_retry_errors_leaves_rows_whose_input_is_wrong_and_starts_no_pool(prompts, ray_local, tmp_path, tiny_manifest):
+    """The shared prompts fail by their input only (no prompt, a bad seed, broken JSON): another
+    try would fail them the same way, so a retry names them and renders nothing."""
     out = str(tmp_path / "retry")
-    run(
-        tiny_manifest(f"input.path={prompts}", "last_stage=stage1", "input.shard_size=3", output=out),
-        progress=False,
-    )
+    manifest = tiny_manifest(f"input.path={prompts}", "last_stage=stage1", "input.shard_size=3", output=out)
+    run(manifest, progress=False)
     first, first_images = read_output(out)
-    summary = run(
-        tiny_manifest(f"input.path={prompts}", "last_stage=stage1", "input.shard_size=3", output=out),
-        retry_errors=True,
-        progress=False,
-    )
-    assert summary.rows == len(LINES) - OK_COUNT  # only the failed rows went through again
-    assert summary.skipped_shards == 1  # shard 2 (rows 6, 7) had no error
+    summary = run(manifest, retry_errors=True, progress=False)
+    assert summary.rows == 0 and not summary.pool_sizes  # no chunk ran, so no pool started
+    assert summary.not_retryable == len(LINES) - OK_COUNT
+    assert any("prompt" in e for e in summary.not_retryable_examples)
+    assert "need their input fixed (then run again with --allow-changed)" in summary.text()
     again, again_images = read_output(out)
     check_complete(again, again_images, 16)
-    assert again_images == first_images and [r["id"] for r in again] == [r["id"] for r in first]
-    assert {s: c.attempt for s, c in list_commits(out).items()} == {0: 1, 1: 1, 2: 0}
+    assert again_images == first_images and again == first
+    assert {s: c.attempt for s, c in list_commits(out).items()} == {0: 0, 1: 0, 2: 0}
 
 
 @pytest.mark.slow
@@ -309,7 +307,8 @@ def test_mixed_dataset_end_to_end_with_retry_and_contact_sheets(ray_local, tmp_p
     # The missing image appears; a retry renders just that row as the shard's next attempt.
     (tmp_path / "owl.png").write_bytes(png((60, 60, 60)))
     summary = run(manifest, retry_errors=True, progress=False)
-    assert (summary.rows, summary.ok) == (2, 1)  # "late" now renders; "bad" stays bad
+    assert (summary.rows, summary.ok) == (1, 1)  # "late" now renders; "bad" is not retried
+    assert summary.not_retryable == 1 and "row id 'bad'" in summary.not_retryable_examples[0]
     after = metadata()
     assert after["late"]["status"] == "ok" and after["late"]["mode"] == "img2img"
     assert {k: v["sha256"] for k, v in after.items() if k != "late"} == {

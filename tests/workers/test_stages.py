@@ -144,3 +144,16 @@ def test_8bit_t5_loads_and_encodes_on_this_machine(tiny_root, workers):
         np.linalg.norm(out["prompt_embeds"], axis=-1) * np.linalg.norm(full, axis=-1)
     )
     assert cos.mean() > 0.9
+
+
+def test_encode_records_prompt_tokens_and_truncation_as_t5_sees_them(workers):
+    from workers.encode import T5_TOKENS
+
+    encode = workers["encode"]
+    long = " ".join(f"word{i}" for i in range(200))  # far past T5's window
+    batch = encode(rows(["a fox", long, "a fox"]))
+    tokens, truncated = batch["prompt_tokens"].tolist(), batch["prompt_truncated"].tolist()
+    # As IF's encode_prompt tokenizes: the same tokenizer without truncation, end token included.
+    untruncated = [len(encode.pipe.tokenizer(p)["input_ids"]) for p in ("a fox", long, "a fox")]
+    assert tokens == untruncated and tokens[0] == tokens[2]
+    assert truncated == [False, True, False] and tokens[1] > T5_TOKENS >= tokens[0]
