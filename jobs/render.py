@@ -76,7 +76,7 @@ def run(
     summary = Summary(manifest.name, out, skipped_shards=len(shards) - len(work))
     summary.not_retried(not_retried)
     state = Run(manifest, clock, commits, work, summary, columns=plan.columns)
-    state.observe(RunReport(manifest, clock))
+    state.observe(RunReport(manifest, clock, plan.columns))
     log.info(
         "%s: %d rows in %d shards; %d shards committed before, %d rows to render",
         manifest.name,

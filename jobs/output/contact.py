@@ -1,5 +1,6 @@
-"""Contact sheets: a grid of thumbnails with ids per committed shard (contact/NNNNNN.jpg) and an
-overview of the shards (contact/job.jpg), so a person can check a run at a glance."""
+"""Contact sheets: a grid of thumbnails per committed shard, each with its id and the start of
+its prompt under it (contact/NNNNNN.jpg), and an overview of the shards (contact/job.jpg), so a
+person can check a run at a glance."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from jobs.output.layout import JOB_SHEET, sheet_key
 from workers.storage import join, read_bytes, write_bytes
 
 THUMB = 128  # px, the longer side of a tile on a shard's sheet
-LABEL = 14  # px of text under each tile
+LABEL = 26  # px of text under each tile: two lines (the id, the prompt's start)
 MAX_SHARDS = 64  # shards shown on the job sheet
 
 
@@ -34,7 +35,8 @@ def _grid(tiles, count: int, tile: int, title: str) -> bytes:
         else:
             img.thumbnail((tile, tile))
             sheet.paste(img, (x + (tile - img.width) // 2, y + (tile - img.height) // 2))
-        draw.text((x + 2, y + tile + 1), label[: tile // 6], fill="black" if ok else (200, 40, 40))
+        shown = "\n".join(line[: tile // 6] for line in label.split("\n")[:2])
+        draw.text((x + 2, y + tile + 1), shown, fill="black" if ok else (200, 40, 40), spacing=1)
     buf = io.BytesIO()
     sheet.save(buf, format="JPEG", quality=85)
     return buf.getvalue()
@@ -52,7 +54,11 @@ def shard_sheet(out: str, rows: list[dict]) -> bytes:
     """A shard's sheet from its metadata rows, each image read back from its file."""
     rows = sorted(rows, key=lambda r: (r["row"], r["image_index"] or 0))
     tiles = (
-        (_open(read_bytes(join(out, r["image_key"])) if r["image_key"] else None), str(r["id"]), r["status"] == "ok")
+        (
+            _open(read_bytes(join(out, r["image_key"])) if r["image_key"] else None),
+            f"{r['id']}\n{' '.join(str(r.get('prompt') or '').split())}",
+            r["status"] == "ok",
+        )
         for r in rows
     )
     ok = sum(r["status"] == "ok" for r in rows)

@@ -189,7 +189,7 @@ Each row's `image_key` is its image file, relative to this folder{embedded}.
 
 ```python
 from datasets import load_dataset
-ds = load_dataset("{path}", split="train")
+ds = load_dataset("{path}", split="train")  # this folder's path, or its repo id once on the Hub
 ```
 
 {mark}
@@ -210,5 +210,7 @@ def write_card(out: str, name: str, derived: Derived, index: dict[str, Any] | No
     if existing is not None and CARD_MARK.encode() not in existing and OLD_CARD.encode() not in existing:
         log.warning("%s was not written by ifrender: left as it is, and the dataset card not written", uri)
         return
-    text = CARD_TEXT.format(name=name, status=status, embedded=embedded, path=out, data=DATA_GLOB, mark=CARD_MARK)
+    # The folder's own name, not its absolute path: the card travels with the folder (a copy, an upload).
+    folder = out.rstrip("/").rsplit("/", 1)[-1]
+    text = CARD_TEXT.format(name=name, status=status, embedded=embedded, path=folder, data=DATA_GLOB, mark=CARD_MARK)
     write_bytes(uri, text.encode())

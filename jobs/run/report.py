@@ -21,6 +21,7 @@ import pyarrow as pa
 from jobs.manifest import Manifest
 from jobs.output.layout import REPORT
 from jobs.run.events import Clock, Observer
+from jobs.run.report_job import Sample, input_facts, sample_grid, settings_table
 from jobs.run.summary import Summary
 from workers.storage import join, read_bytes, write_bytes
 
@@ -36,9 +37,11 @@ def _thin(points: list) -> list:
 
 
 class RunReport(Observer):
-    def __init__(self, manifest: Manifest, clock: Clock) -> None:
+    def __init__(self, manifest: Manifest, clock: Clock, columns=None) -> None:
         self.manifest = manifest
         self.clock = clock
+        self.columns = columns  # the input's (jobs/input/columns.Columns), for the page's input facts
+        self.sample = Sample()
         self.done: list[tuple[float, int]] = []  # (seconds into the run, ok images so far)
         self.busy: dict[str, list[tuple[float, float]]] = {s: [] for s in manifest.stages()}
         self.written = 0.0
@@ -48,6 +51,7 @@ class RunReport(Observer):
 
     def on_block(self, run, block: pa.Table, rows: pa.Table) -> None:
         self.add(block, run.summary)
+        self.sample.add(rows, self.manifest.stages())
 
     def on_commit(self, run, commit) -> None:
         self.committed(commit.shard)
@@ -122,10 +126,11 @@ class RunReport(Observer):
         esc = html.escape
         state = "finished" if final else "running (this page is rewritten as shards commit)"
         stopped = summary.stalled or summary.stopped
-        facts = [
+        facts = input_facts(self.manifest, self.columns) + [
             ("state", state + (f"; stopped early: {stopped}" if final and stopped else "")),
             ("elapsed", f"{now:.0f} s"),
             ("rows", f"{summary.rows} this run: {summary.ok} ok, {summary.error} error"),
+            ("prompts cut at T5's 77 tokens", f"{summary.truncated} (prompt_truncated)"),
             (
                 "shards",
                 f"{summary.committed_shards} committed this run, {summary.skipped_shards} before, "
@@ -165,11 +170,18 @@ th, td {{ text-align: left; padding: 3px 10px; border-bottom: 1px solid #ddd; ve
 td.n {{ text-align: right; }}
 img {{ max-width: 100%; border: 1px solid #ccc; margin: 4px 0; }}
 .sheets img {{ max-width: 380px; margin-right: 8px; }}
+.sample {{ display: flex; flex-wrap: wrap; gap: 10px; }}
+.sample figure {{ width: 200px; margin: 0; font-size: 12px; }}
 </style></head><body>
 <h1>ifrender: {esc(self.manifest.name)}</h1>
-<p>Output <code>{esc(self.manifest.output.path)}</code>, layout {esc(self.manifest.layout)}, written
-{time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}.</p>
+<p>Layout {esc(self.manifest.layout)}, written {time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}.
+The data: <a href="data/">data/</a> (Parquet, one file per shard); the images: <a href="images/">images/</a>;
+the dataset card: <a href="README.md">README.md</a>.</p>
 <table class=facts>{rows}</table>
+<h2>Models and settings</h2>
+{settings_table(self.manifest, self.sample)}
+<h2>Sample</h2>
+{sample_grid(self.manifest.output.path, self.sample)}
 <h2>Throughput</h2>
 <img id=throughput alt="ok images over time" src="{self._throughput()}">
 <h2>Stages busy</h2>
@@ -261,7 +273,7 @@ window.addEventListener("load", () => {{
         if not self.manifest.contact_sheets:
             return "<p>Contact sheets are off (contact_sheets: true draws one per shard).</p>"
         images = []
-        for shard in reversed(self.sheets):
+        for shard in sorted(self.sheets):
             try:
                 data = read_bytes(join(self.manifest.output.path, sheet_key(shard)))
             except Exception:  # noqa: BLE001 - not published yet: the next rewrite shows it

@@ -126,11 +126,9 @@ def test_an_unreachable_s3_endpoint_stops_at_once(tmp_path):
     """One request with a short timeout, not minutes of retries."""
     from tests.helpers import free_port
 
-    env = {
-        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}",
-        "AWS_ACCESS_KEY_ID": "k",
-        "AWS_SECRET_ACCESS_KEY": "s",
-    }
+    port = free_port()  # nothing listens there; the _S3 variable, which boto3 prefers, too
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{port}"}
+    env |= {"AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s"}
     result = subprocess.run(
         [sys.executable, "-m", "jobs.cli", "validate", *_sets(tmp_path, **{"input.path": "s3://prompts/set/"})],
         capture_output=True,

@@ -4,6 +4,7 @@ picture decoded, and its screenshot shows the plots and the sheets where the pag
 
 from __future__ import annotations
 
+import html
 import io
 import json
 import os
@@ -14,7 +15,7 @@ import subprocess
 import pytest
 from PIL import Image
 
-from tests.helpers import LINES, OK_COUNT
+from tests.helpers import LINES, OK_COUNT, read_output
 
 pytestmark = pytest.mark.slow
 WIDTH = 1280  # the browser window the page is laid out in
@@ -46,13 +47,25 @@ def test_the_run_report_opens_in_a_browser_with_its_plots_and_sheets(local_run, 
     assert "http://" not in text.replace("http-equiv", "") and "https://" not in text  # nothing fetched
     assert "not-a-seed" in text  # the error table names the bad row's error
     assert "refresh" not in text  # the final report stops reloading
+    # What was rendered: the input, each stage's model and the settings its rows ran with, the
+    # sampled images with their prompts, seeds and ids, linked to their files; no absolute path.
+    assert "prompts.jsonl" in text and str(local_run.out) not in text
+    for stage in ("encode", "stage1", "stage2", "upscale"):
+        assert f"<tr><th>{stage}</th><td><code>" in text
+    assert "num_inference_steps 2" in text and "guidance_scale 7.0" in text and "as its rows ran" in text
+    ok_rows = [r for r in read_output(str(local_run.out))[0] if r["status"] == "ok"]
+    for row in ok_rows:
+        assert html.escape(row["prompt"]) in text and f"seed {row['seed']}" in text
+        assert f'href="{row["image_key"]}"' in text
+    assert 'href="data/"' in text
 
     # The DOM dump and the screenshot lay the page out at one width: the boxes measured are where the pixels are.
     dom = browse(str(page), "--virtual-time-budget=5000", f"--window-size={WIDTH},1000", "--dump-dom")
     assert dom.returncode == 0, dom.stderr
     body = re.search(r"<body([^>]*)>", dom.stdout).group(1)
     attrs = dict(re.findall(r'data-(\w+)="([^"]*)"', body))
-    assert int(attrs["images"]) == 2 + summary.committed_shards, attrs  # throughput, busy timeline, a sheet per shard
+    # throughput, busy timeline, the sample, a sheet per shard
+    assert int(attrs["images"]) == 2 + len(ok_rows) + summary.committed_shards, attrs
     assert attrs["broken"] == "", f"pictures that did not decode: {attrs['broken']}"
     boxes = json.loads(attrs["boxes"].replace("&quot;", '"'))
 
