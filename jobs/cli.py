@@ -107,7 +107,7 @@ def _validate(args: argparse.Namespace) -> int:
     if failed:
         print(f"ifrender: error: {', '.join(failed)} would stop `run`; fix what is named above", file=sys.stderr)
         return EXIT_CONFIG
-    print(f"ready: `ifrender run {args.manifest}` would start rendering", file=sys.stderr)
+    print("ready: `ifrender run` with the same arguments would start rendering", file=sys.stderr)
     return 0
 
 

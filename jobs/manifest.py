@@ -299,7 +299,9 @@ def load_manifest(
     run_id: str | None = None,
 ) -> Manifest:
     """Read, override and validate a manifest; fill {run_date}/{run_id} in paths; local input
-    paths become absolute."""
+    paths become absolute. A relative path in the file is relative to the file (the manifest and
+    its prompts travel together); one given with --set, to the working directory (where the
+    command is typed); output.path always to the working directory."""
     path = Path(path) if path else DEFAULT_MANIFEST
     if not path.is_file():
         raise ManifestError(f"{path}: manifest not found. Fix: pass an existing YAML file, e.g. {DEFAULT_MANIFEST}")
@@ -317,13 +319,20 @@ def load_manifest(
     out = data.get("output")
     if isinstance(out, dict) and isinstance(out.get("path"), str) and "://" not in out["path"]:
         out["path"] = str(Path(out["path"]).expanduser().resolve())
+    given = {a.partition("=")[0] for a in overrides}
+
+    def base(key: str) -> Path:
+        return Path.cwd() if key in given or "input" in given else path.parent
+
     source_path = data.get("input", {}).get("path") if isinstance(data.get("input"), dict) else None
     if isinstance(source_path, str) and "://" not in source_path and not Path(source_path).expanduser().is_absolute():
-        data["input"]["path"] = str((path.parent / source_path).resolve())
+        data["input"]["path"] = str((base("input.path") / source_path).resolve())
     roots = data.get("input", {}).get("image_roots") if isinstance(data.get("input"), dict) else None
-    if isinstance(roots, list):  # local roots, like the input, are relative to the manifest
+    if isinstance(roots, list):  # local roots, like the input, are relative to where they were given
         data["input"]["image_roots"] = [
-            r if not isinstance(r, str) or "://" in r else str((path.parent / Path(r).expanduser()).resolve())
+            r
+            if not isinstance(r, str) or "://" in r
+            else str((base("input.image_roots") / Path(r).expanduser()).resolve())
             for r in roots
         ]
     try:

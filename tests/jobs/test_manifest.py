@@ -267,10 +267,23 @@ def test_the_readmes_input_shapes_are_valid_manifest_lines():
     from jobs.manifest import InputConfig
 
     readme = (Path(__file__).parents[2] / "README.md").read_text()
-    section = readme[readme.index("## Input") : readme.index("## Output")]
+    section = readme[readme.index("## The first hour") : readme.index("## Commands")]
     block = re.search(r"```yaml\n(.*?)```", section, re.S)[1]
     shapes = [yaml.safe_load(line)["input"] for line in block.splitlines() if line.startswith("input:")]
     assert len(shapes) == 3
     parsed = [InputConfig(**shape) for shape in shapes]
     assert parsed[0].columns == {"prompt": "Prompt"} and parsed[1].columns == {"prompt": "TEXT", "id": "key"}
     assert parsed[2].prompt_template == "a {style} photo of a {label}"
+
+
+def test_a_relative_path_is_relative_to_where_it_was_given(tmp_path, monkeypatch):
+    """In the file: to the file (the manifest and its prompts travel together). With --set: to the
+    working directory, where the command was typed."""
+    from jobs.manifest import DEFAULT_MANIFEST, load_manifest
+
+    monkeypatch.chdir(tmp_path)
+    assert load_manifest(DEFAULT_MANIFEST).input.path == str(DEFAULT_MANIFEST.parent / "prompts" / "local-tiny.txt")
+    given = load_manifest(DEFAULT_MANIFEST, ["input.path=mine/p.txt", "input.image_roots=[pics]"])
+    assert given.input.path == str(tmp_path / "mine" / "p.txt")
+    assert given.input.image_roots == [str(tmp_path / "pics")]
+    assert load_manifest(DEFAULT_MANIFEST, ["output.path=out/x"]).output.path == str(tmp_path / "out" / "x")
