@@ -193,8 +193,9 @@ def test_status_of_a_missing_output_says_what_is_expected(tmp_path):
 
 @pytest.mark.slow
 def test_exit_3_only_when_no_row_of_the_output_is_ok(tiny_root, tmp_path):
-    """A retry whose rows fail again leaves an output with good rows: exit 0, not 3. An output
-    whose every row failed: exit 3."""
+    """A retry that renders nothing (its failed row's input is wrong, so another try would fail
+    it again) leaves an output with good rows: exit 0, not 3, naming the row. An output whose
+    every row failed: exit 3."""
     models = [f"{s}.model={tiny_root / 'IF-I-tiny'}" for s in ("encode", "stage1")]
     sets = [*models, "last_stage=stage1", "stage1.num_inference_steps=2"]
     mixed, bad = tmp_path / "mixed.jsonl", tmp_path / "bad.jsonl"
@@ -207,7 +208,9 @@ def test_exit_3_only_when_no_row_of_the_output_is_ok(tiny_root, tmp_path):
 
     first = run(mixed, "mixed")
     assert first.returncode == 0, first.stderr[-2000:]
-    retry = run(mixed, "mixed", "--retry-errors")  # the empty prompt fails again: this run's only row
+    retry = run(mixed, "mixed", "--retry-errors")  # the empty prompt would fail again: not retried
     assert retry.returncode == 0, retry.stderr[-2000:]
-    assert "this run: rows 1: ok 0, error 1" in retry.stdout
+    assert "this run: rows 0: ok 0, error 0" in retry.stdout
+    assert "not retried: 1 failed row(s) need their input fixed" in retry.stdout and "prompt" in retry.stdout
+    assert "--retry-errors: 1 failed row(s) need their input fixed" in retry.stderr
     assert run(bad, "bad").returncode == 3

@@ -14,6 +14,7 @@ import pytest
 
 from jobs.output.commits import list_commits
 from jobs.render import run
+from tests.helpers import png
 from workers.errors import ChangedInputError
 
 PARTI_ROWS = [
@@ -73,8 +74,10 @@ def laion(n: int) -> pa.Table:
             "similarity": [0.3 + i / 100 for i in range(n)],
             "tags": [[f"t{i}", "x"] if i % 3 else [] for i in range(n)],
             "meta": [{"width": 640 + i, "url": f"https://example.com/{i}.jpg"} for i in range(n)],
-            # A seed no row can render with: those rows fail, and a retry keeps their columns too.
-            "seed": [None if i % 4 else -1 for i in range(n)],
+            # A seed no row can render with: those rows fail, and stay failed (and whole) through a retry.
+            "seed": [-1 if i % 4 == 2 else None for i in range(n)],
+            # An init image not there yet: those rows fail, and a retry renders them with their columns.
+            "image": [f"late{i}.png" if i % 4 == 0 else None for i in range(n)],
         }
     )
 
@@ -91,8 +94,12 @@ def test_a_laion_parquet_keeps_its_types_through_a_stop_a_resume_and_a_retry(ray
     assert first.stopped and len(list_commits(out)) == 1
     run(tiny_manifest(*sets, output=out), progress=False)
     assert len(list_commits(out)) == 4
+    for i in (0, 4):
+        (tmp_path / f"late{i}.png").write_bytes(png((9 * i, 90, 20)))
     run(tiny_manifest(*sets, output=out), retry_errors=True, progress=False)
-    assert {s: c.attempt for s, c in list_commits(out).items()} == {0: 1, 1: 0, 2: 1, 3: 0}  # rows 0, 4: bad seeds
+    # Rows 0 and 4 (their images now there) render as their shards' next attempt; rows 2 and 6
+    # (bad seeds) would fail again, so their shards stay as they were.
+    assert {s: c.attempt for s, c in list_commits(out).items()} == {0: 1, 1: 0, 2: 1, 3: 0}
 
     schemas = {pq.read_schema(f).remove_metadata() for f in (tmp_path / "laion" / "data").glob("*.parquet")}
     assert len(schemas) == 1  # one schema across first runs, resumes and retries

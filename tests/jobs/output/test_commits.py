@@ -116,7 +116,7 @@ def test_a_retry_renders_every_image_of_a_row_that_failed_before_it_was_expanded
 
     first = read(shards[0])
     assert [(r["row"], r["image_index"], r["status"]) for r in first] == [(0, 0, "error"), (1, 0, "ok"), (1, 1, "ok")]
-    first[2].update(status="error", error="stage1: failed")  # one rendered image of row 1 failed too
+    first[2].update(status="error", error="stage1: RuntimeError: CUDA error")  # one image of row 1 failed too
     work = Work(shards[0], 0)
     names = METADATA_SCHEMA.names
     work.rows = {r["item"]: dict.fromkeys(names) | {k: v for k, v in r.items() if k in names} for r in first}
