@@ -59,10 +59,11 @@ def main() -> None:
 
     from jobs.input.shards import plan_shards
     from jobs.manifest import DEFAULT_MANIFEST, load_manifest
+    from jobs.output.card import write_card
     from jobs.output.commits import check_input, list_commits, work_left
     from jobs.output.job_record import check_job
     from jobs.output.layout import Derived
-    from jobs.output.publish import finish_output, write_card
+    from jobs.output.publish import finish_output
     from jobs.run.assemble import assemble
     from jobs.run.chain import read_dataset
     from jobs.run.events import Clock
@@ -94,7 +95,7 @@ def main() -> None:
     planned = time.perf_counter() - started
     check_output(manifest, overwrite=False)
     check_job(out, manifest, allow_changed=False)
-    write_card(out, manifest.name, Derived.of(manifest))
+    write_card(out, manifest, Derived.of(manifest))
     commits = list_commits(out)
     work = work_left(out, shards, commits, False, check_input(out, shards, commits, False))
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)

@@ -9,7 +9,7 @@ from typing import Literal
 from pydantic import Field, field_validator
 
 from workers.columns import INPUT_COLUMNS
-from workers.config import Strict
+from workers.config import C2paConfig, Strict
 
 
 class InputConfig(Strict):
@@ -121,6 +121,12 @@ class OutputConfig(Strict):
         "to the working directory."
     )
     image_format: Literal["png", "jpeg", "webp"] = Field("png", description="Image file format.")
+    license: str = Field(
+        "other",
+        pattern=r"^[a-z0-9][a-z0-9.+-]*$",
+        description="The dataset card's license, a Hugging Face license id (e.g. cc-by-4.0). other: "
+        "the card names the licences of the model weights the images fall under instead.",
+    )
     quality: int = Field(95, ge=1, le=100, description="JPEG/WebP quality (ignored for PNG).")
     embed_images: bool = Field(
         False,
@@ -139,4 +145,9 @@ class OutputConfig(Strict):
         False,
         description="Also write each committed shard as a WebDataset tar (webdataset/NNNNNN.tar: "
         "KEY.png, KEY.txt, KEY.json for its successful rows).",
+    )
+    c2pa: C2paConfig | None = Field(
+        None,
+        description="Sign Content Credentials (C2PA) into every image file: machine-made, by ifrender, with "
+        "which models, run and row. None: off.",
     )

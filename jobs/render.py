@@ -17,11 +17,12 @@ import logging
 
 from jobs.input.shards import plan_input
 from jobs.manifest import Manifest
+from jobs.output.card import write_card
 from jobs.output.commits import check_input, list_commits, work_left
 from jobs.output.job_record import check_job
 from jobs.output.layout import Derived
 from jobs.output.leases import Leases
-from jobs.output.publish import finish_output, write_card, write_schema
+from jobs.output.publish import finish_output, write_schema
 from jobs.run.chunks import anything_free, render_chunks
 from jobs.run.cluster import Cluster
 from jobs.run.events import Clock
@@ -65,7 +66,7 @@ def run(
     delete(out, doomed)
     check_job(out, manifest, allow_changed, plan.columns.kept)
     write_schema(out, plan.columns.kept, derived)
-    write_card(out, manifest.name, derived)
+    write_card(out, manifest, derived)
 
     # 4. Resume: shards without a commit, and with --retry-errors the failed rows of the rest
     # that another try could pass (those that need their input fixed are named, not rendered).
@@ -109,7 +110,7 @@ def run(
     # the card with the counts; the observers write the summary and the report.
     try:
         index = finish_output(out, derived, submit=cluster.publish_all if cluster else None)
-        write_card(out, manifest.name, derived, index)
+        write_card(out, manifest, derived, index)
         state.end(index)
     except Exception as err:
         if cause := storage_failure(err):  # the run ends as a stop: the same command finishes it

@@ -11,12 +11,17 @@ from pathlib import Path
 import pytest
 
 from jobs.manifest import DEFAULT_MANIFEST, load_manifest
+from tests.harness.credentials import CERT_ENV, KEY_ENV, signing_chain
 from tests.helpers import EVERY_FORMAT, LINES, free_port
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 # Where workers sync S3 model mirrors: set before Ray starts so its workers inherit it.
 os.environ.setdefault("IFRENDER_MODEL_CACHE", tempfile.mkdtemp(prefix="ifrender-models-"))
+# The test signing chain, as secrets in the environment (output.c2pa's env:NAME), before Ray starts.
+_cert, _key = signing_chain()
+os.environ.setdefault(CERT_ENV, _cert.decode())
+os.environ.setdefault(KEY_ENV, _key.decode())
 
 
 @pytest.fixture(scope="session")

@@ -218,7 +218,14 @@ LINES = [
 
 OK_COUNT = 5
 # The shared render's settings (conftest's local_run): three shards, every output format on.
-EVERY_FORMAT = ("input.shard_size=3", "output.embed_images=true", "output.webdataset=true", "contact_sheets=true")
+SIGNED = ("output.c2pa.sign_cert=env:IFRENDER_TEST_C2PA_CERT", "output.c2pa.private_key=env:IFRENDER_TEST_C2PA_KEY")
+EVERY_FORMAT = (
+    "input.shard_size=3",
+    "output.embed_images=true",
+    "output.webdataset=true",
+    "contact_sheets=true",
+    *SIGNED,  # Content Credentials in every image (tests/harness/credentials.py's chain, set by conftest)
+)
 
 
 def check_complete(rows, images, size):

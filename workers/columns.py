@@ -51,7 +51,11 @@ METADATA_SCHEMA = pa.schema(
         ("mode", pa.string()),
         ("nsfw_detected", pa.bool_()),
         ("watermark_detected", pa.bool_()),
+        ("nsfw_score", pa.float32()),  # IF's safety checker's NSFW head, the value its threshold applies to
+        ("watermark_score", pa.float32()),  # its watermark head, likewise
         ("watermarked", pa.bool_()),
+        ("phash", pa.string()),  # 64-bit perceptual hash of the image file, 16 hex digits (imagehash)
+        ("c2pa", pa.string()),  # the label of the C2PA manifest signed into the file (output.c2pa), or null
         ("shard", pa.int64()),
         ("source_file", pa.string()),
         ("source_row", pa.int64()),
@@ -95,4 +99,5 @@ def decode_kept(values: list[bytes | None], kept: pa.Schema) -> pa.Table:
 
 
 # Fields of a failed row that describe an image it does not have: left null.
-IMAGE_FIELDS = ("image_key", "sha256", "width", "height")
+IMAGE_FIELDS = ("image_key", "sha256", "width", "height", "phash", "c2pa")
+SCORES = ("nsfw_score", "watermark_score")  # per image; null where the scorer did not run (NaN in a batch)

@@ -222,6 +222,20 @@ class WriteConfig(PoolConfig):
     num_cpus: float = Field(0.5, gt=0, description="Logical CPUs reserved per writer actor.")
 
 
+class C2paConfig(Strict):
+    """Content Credentials signed into every image file (workers/provenance.py)."""
+
+    sign_cert: str = Field(
+        description="The signing certificate chain, PEM (the signing certificate first, then its CA): a path, "
+        "an s3:// URI, or env:NAME for a secret in the environment."
+    )
+    private_key: str = Field(description="The certificate's private key, PKCS#8 PEM: a path, an s3:// URI or env:NAME.")
+    alg: Literal["es256", "es384", "es512", "ps256", "ps384", "ps512", "ed25519"] = Field(
+        "es256", description="The signing algorithm, matching the key (es256: a P-256 key)."
+    )
+    tsa_url: str | None = Field(None, description="A time-stamping authority's URL; None: no trusted time stamp.")
+
+
 class SafetyConfig(Strict):
     checker: bool | Literal["auto"] = Field(
         "auto",

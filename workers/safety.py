@@ -95,6 +95,8 @@ class Safety:
         return {
             "nsfw_detected": np.full(n, None, dtype=object),
             "watermark_detected": np.full(n, None, dtype=object),
+            "nsfw_score": np.full(n, np.nan, dtype=np.float32),
+            "watermark_score": np.full(n, np.nan, dtype=np.float32),
             "watermarked": np.zeros(n, dtype=bool),
         }
 
@@ -110,13 +112,15 @@ class Safety:
             pil = [Image.fromarray(p) for p in pixels]
             clip_input = self.processor(pil, return_tensors="pt").pixel_values
             clip_input = clip_input.to(self.device, next(self.checker.parameters()).dtype)
-            scratch = pixels.astype(np.float32) / 255  # the checker blanks flagged images in place
-            _, nsfw, marked = self.checker(
-                clip_input=clip_input,
-                images=scratch,
-                p_threshold=self.cfg.nsfw_threshold,
-                w_threshold=self.cfg.watermark_threshold,
-            )
+            # IFSafetyChecker.forward, with its heads' values kept: they are the scores its
+            # thresholds apply to (compared as they are, no sigmoid), so a row can be filtered
+            # at any threshold later.
+            embeds = self.checker.vision_model(clip_input)[0]
+            p_score = self.checker.p_head(embeds).flatten().float().cpu().numpy()
+            w_score = self.checker.w_head(embeds).flatten().float().cpu().numpy()
+            nsfw = (p_score > self.cfg.nsfw_threshold).tolist()
+            marked = (w_score > self.cfg.watermark_threshold).tolist()
+            out["nsfw_score"][:], out["watermark_score"][:] = p_score, w_score
             out["nsfw_detected"][:] = [bool(x) for x in nsfw]
             out["watermark_detected"][:] = [bool(x) for x in marked]
             for i, (a, b) in enumerate(zip(nsfw, marked)):

@@ -11,6 +11,7 @@ import hashlib
 import io
 import re
 import time
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -20,6 +21,7 @@ from workers.columns import ROW_COLUMNS, UNWRITTEN
 from workers.errors import row_error, storage_failure
 from workers.keys import image_dir
 from workers.progress import Reporter
+from workers.provenance import Credentials
 from workers.stages import WRITE
 from workers.storage import join, write_bytes
 
@@ -48,6 +50,16 @@ def encode_image(pixels: np.ndarray, image_format: str, quality: int) -> bytes:
     return buf.getvalue()
 
 
+def perceptual_hash(data: bytes) -> str:
+    """The image file's 64-bit perceptual hash (imagehash's DCT hash) as 16 hex digits: images
+    that look alike have hashes a few bits apart, so near-duplicates are a GROUP BY or a Hamming
+    distance away. Of the file as written, so a reader who hashes the file gets the same."""
+    import imagehash
+
+    with Image.open(io.BytesIO(data)) as img:
+        return str(imagehash.phash(img.convert("RGB")))
+
+
 def pixels(image: np.ndarray) -> np.ndarray:
     """One row's image as (H, W, 3) uint8: stage I / II rows are (3, H, W) in [-1, 1]."""
     if image.ndim == 3 and image.shape[0] == 3 and image.dtype != np.uint8:
@@ -66,6 +78,7 @@ class WriteWorker:
         attempts: dict[int, int],
         image_format: str = "png",
         quality: int = 95,
+        c2pa: Any = None,
     ) -> None:
         self.output = output
         self.run_id = run_id
@@ -73,6 +86,8 @@ class WriteWorker:
         self.image_column = image_column
         self.image_format = image_format
         self.quality = quality
+        # Signed here, in the writer pool: never in the driver, and once per file.
+        self.credentials = Credentials(c2pa) if c2pa is not None else None
         self.report = Reporter(self.stage)
         self.report("loading")
 
@@ -84,6 +99,9 @@ class WriteWorker:
         status, error = batch["status"].copy(), batch["error"].copy()
         keys = np.full(n, None, dtype=object)
         digests = np.full(n, None, dtype=object)
+        hashes = np.full(n, None, dtype=object)
+        labels = np.full(n, None, dtype=object)
+        models = [c for c in batch if c.endswith("_model")]
         seconds = np.zeros(n)
         for i in np.flatnonzero(status == "ok"):
             start = time.perf_counter()
@@ -92,6 +110,11 @@ class WriteWorker:
             key = f"{folder}/{image_name(str(batch['id'][i]))}.{EXTENSIONS[self.image_format]}"
             try:
                 data = encode_image(images[i], self.image_format, self.quality)
+                if self.credentials is not None:
+                    used = {c[: -len("_model")]: str(batch[c][i]) for c in models if batch[c][i]}
+                    data, labels[i] = self.credentials.sign(
+                        data, self.image_format, key.rsplit("/", 1)[-1], used, self.run_id, str(batch["id"][i])
+                    )
                 write_bytes(join(self.output, key), data)
             except Exception as err:  # noqa: BLE001 - one unwritable image fails its row only
                 cause = storage_failure(err)
@@ -101,6 +124,7 @@ class WriteWorker:
                     status[i], error[i] = "error", row_error("write", err)
                 continue
             keys[i], digests[i] = key, hashlib.sha256(data).hexdigest()
+            hashes[i] = perceptual_hash(data)
             seconds[i] = time.perf_counter() - start
 
         result = {k: v for k, v in batch.items() if k != self.image_column}
@@ -109,6 +133,8 @@ class WriteWorker:
             error=error,
             image_key=keys,
             sha256=digests,
+            phash=hashes,
+            c2pa=labels,
             width=np.array([image.shape[1] for image in images], dtype=np.int64),
             height=np.array([image.shape[0] for image in images], dtype=np.int64),
             write_seconds=seconds,

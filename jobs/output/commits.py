@@ -38,7 +38,7 @@ from jobs.output.layout import (
     markers_of,
     published_keys,
 )
-from workers.columns import IMAGE_FIELDS, KEPT, METADATA_SCHEMA, NO_COLUMNS, decode_kept
+from workers.columns import IMAGE_FIELDS, KEPT, METADATA_SCHEMA, NO_COLUMNS, SCORES, decode_kept
 from workers.errors import ChangedInputError, retryable
 from workers.keys import IMAGES, item_key
 from workers.stages import chain_stages
@@ -254,6 +254,8 @@ def to_metadata(table: pa.Table, last_stage: str) -> pa.Table:
             col = col.cast(f.type)
             if f.name in IMAGE_FIELDS:
                 col = pc.if_else(ok, col, pa.nulls(n, f.type))
+            if f.name in SCORES:
+                col = pc.if_else(pc.is_nan(col), pa.nulls(n, f.type), col)
         else:
             col = pa.nulls(n, f.type)
         columns.append(col)

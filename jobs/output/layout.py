@@ -34,11 +34,12 @@ WEBDATASET = "webdataset/"
 CONTACT = "contact/"
 STAMPS = "stamps/"
 LEASES = "leases/"
+CARD_FILES = "card/"  # the card's pictures (score histograms)
 LEGACY = ("shards/",)  # metadata of outputs written before data/ and attempts/
 
 # All that --overwrite may delete: an ifrender output's own files.
 FILES = (JOB, INDEX, SUMMARY, CARD, REPORT)
-FOLDERS = (COMMITS, ATTEMPTS, DATA, STAMPS, LEASES, IMAGES, WEBDATASET, CONTACT, *LEGACY)
+FOLDERS = (COMMITS, ATTEMPTS, DATA, STAMPS, LEASES, IMAGES, WEBDATASET, CONTACT, CARD_FILES, *LEGACY)
 
 DATA_GLOB = DATA + "*.parquet"  # what readers glob, and the card's data_files
 # The output's columns and no row, written when a job claims its output: every reader of DATA_GLOB

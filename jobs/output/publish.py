@@ -25,7 +25,6 @@ from jobs.output.commits import Commit, clean, clean_all, latest_commit, list_co
 from jobs.output.contact import write_job_sheet, write_shard_sheet
 from jobs.output.formats import image_schema, write_embedded, write_tar
 from jobs.output.layout import (
-    CARD,
     DATA_GLOB,
     INDEX,
     KINDS,
@@ -39,7 +38,7 @@ from jobs.output.layout import (
     stamps_of,
 )
 from workers.columns import output_schema
-from workers.storage import copy_object, delete, join, list_prefix, read_bytes, version, versions, write_bytes
+from workers.storage import copy_object, delete, join, list_prefix, version, versions, write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -169,48 +168,3 @@ def finish_output(out: str, derived: Derived, submit=None) -> dict[str, Any]:
     if derived.contact_sheets and commits:
         write_job_sheet(out, commits)
     return write_index(out, commits, derived)
-
-
-CARD_TEXT = """---
-configs:
-- config_name: default
-  data_files:
-  - split: train
-    path: {data}
-tags:
-- synthetic
-- ifrender
----
-# {name}
-
-Images rendered by ifrender. `data/` holds one Parquet file per committed shard, replaced whole when
-a shard is retried, so any reader of `data/*.parquet` sees each committed row once: {status}.
-Each row's `image_key` is its image file, relative to this folder{embedded}.
-
-```python
-from datasets import load_dataset
-ds = load_dataset("{path}", split="train")  # this folder's path, or its repo id once on the Hub
-```
-
-{mark}
-"""
-# Ends every card: what tells ifrender a README.md is its own to rewrite. Older cards open with
-# OLD_CARD; a README.md with neither is someone else's, and is never replaced.
-CARD_MARK = "<!-- written by ifrender: this card is rewritten by every run of the job -->"
-OLD_CARD = "Images rendered by ifrender."
-
-
-def write_card(out: str, name: str, derived: Derived, index: dict[str, Any] | None = None) -> None:
-    """README.md, the dataset card: its `configs` point `datasets.load_dataset(OUTPUT)` at data/
-    only, so image folders and ifrender's own files are never read as data."""
-    status = f"{index['rows']} rows in {len(index['shards'])} shards, {index['ok']} ok" if index else "rendering"
-    embedded = "; the `image` column holds its bytes" if derived.embed_images else ""
-    uri = join(out, CARD)
-    existing = read_bytes(uri)
-    if existing is not None and CARD_MARK.encode() not in existing and OLD_CARD.encode() not in existing:
-        log.warning("%s was not written by ifrender: left as it is, and the dataset card not written", uri)
-        return
-    # The folder's own name, not its absolute path: the card travels with the folder (a copy, an upload).
-    folder = out.rstrip("/").rsplit("/", 1)[-1]
-    text = CARD_TEXT.format(name=name, status=status, embedded=embedded, path=folder, data=DATA_GLOB, mark=CARD_MARK)
-    write_bytes(uri, text.encode())

@@ -86,5 +86,6 @@ def build_dataset(
         attempts={w.shard.index: w.attempt for w in work},
         image_format=output.image_format,
         quality=output.quality,
+        c2pa=output.c2pa,
     )
     return ds

@@ -91,6 +91,10 @@ def check_output(manifest: Manifest, overwrite: bool) -> list[str]:
     --overwrite deletes (none without it): an ifrender output's own files, never anything else
     there. Deletes nothing."""
     check_packages(manifest.output)
+    if manifest.output.c2pa is not None:  # a certificate or key that cannot sign: named now, not per image
+        from workers.provenance import Credentials
+
+        Credentials(manifest.output.c2pa).check()
     out = manifest.output.path
     check_output_writable(out)
     found = list_prefix(out)  # a link is listed as itself, never followed

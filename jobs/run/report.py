@@ -21,7 +21,7 @@ import pyarrow as pa
 from jobs.manifest import Manifest
 from jobs.output.layout import REPORT
 from jobs.run.events import Clock, Observer
-from jobs.run.report_job import Sample, input_facts, sample_grid, settings_table
+from jobs.run.report_job import Sample, input_facts, sample_grid, score_section, settings_table
 from jobs.run.summary import Summary
 from workers.storage import join, read_bytes, write_bytes
 
@@ -182,6 +182,8 @@ the dataset card: <a href="README.md">README.md</a>.</p>
 {settings_table(self.manifest, self.sample)}
 <h2>Sample</h2>
 {sample_grid(self.manifest.output.path, self.sample)}
+<h2>Scores</h2>
+{score_section(self.manifest.output.path, self.sample)}
 <h2>Throughput</h2>
 <img id=throughput alt="ok images over time" src="{self._throughput()}">
 <h2>Stages busy</h2>

@@ -10,13 +10,17 @@ import html
 import io
 import json
 import os
+import random
 
 import pyarrow as pa
 
 from jobs.manifest import Manifest
+from workers.columns import SCORES
 from workers.storage import join, read_bytes
 
 SAMPLE = 12  # images shown with their prompts
+EXTREMES = 4  # lowest- and highest-scoring images shown per score
+RESERVOIR = 20_000  # scores kept for the histograms: a uniform sample of every ok row's
 THUMB = 192  # px, the longer side of a sample's thumbnail
 # The settings a person asks about first, per stage, when a row recorded them.
 SHOWN = ("num_inference_steps", "timesteps", "guidance_scale", "scheduler", "noise_level", "strength", "dtype",
@@ -29,8 +33,13 @@ class Sample:
     def __init__(self) -> None:
         self.rows: list[dict] = []
         self.params: dict[str, dict] = {}
+        self.scores: dict[str, list[float]] = {s: [] for s in SCORES}  # a reservoir per score
+        self.seen = 0  # ok rows with scores, for the reservoir
+        self.extremes: dict[str, list[dict]] = {s: [] for s in SCORES}  # lowest and highest rows per score
+        self.rng = random.Random(0)
 
     def add(self, rows: pa.Table, stages: tuple[str, ...]) -> None:
+        self.add_scores(rows)
         if len(self.rows) >= SAMPLE and len(self.params) == len(stages):
             return
         wanted = ["id", "prompt", "seed", "image_key", "status", "prompt_truncated"] + [
@@ -44,6 +53,23 @@ class Sample:
             for stage in stages:
                 if stage not in self.params and row.get(f"{stage}_params"):
                     self.params[stage] = json.loads(row[f"{stage}_params"])
+
+    def add_scores(self, rows: pa.Table) -> None:
+        names = [s for s in SCORES if s in rows.column_names]
+        if not names:
+            return
+        for row in rows.select(["id", "prompt", "image_key", "status", *names]).to_pylist():
+            if row["status"] != "ok" or any(row[s] is None for s in names):
+                continue
+            self.seen += 1
+            slot = None if self.seen <= RESERVOIR else self.rng.randrange(self.seen)  # reservoir sampling
+            for s in names:
+                if slot is None:
+                    self.scores[s].append(row[s])
+                elif slot < RESERVOIR:
+                    self.scores[s][slot] = row[s]
+                ranked = sorted(self.extremes[s] + [row], key=lambda r, s=s: r[s])
+                self.extremes[s] = ranked[:EXTREMES] + ranked[EXTREMES:][-EXTREMES:]
 
 
 def input_facts(manifest: Manifest, columns) -> list[tuple[str, str]]:
@@ -80,13 +106,45 @@ def settings_table(manifest: Manifest, sample: Sample) -> str:
     )
 
 
+def score_section(out: str, sample: Sample) -> str:
+    """Histograms of the scores over the ok rows (a uniform sample past RESERVOIR), and the
+    lowest- and highest-scoring images of each."""
+    if not sample.seen:
+        return "<p>No ok row with scores yet.</p>"
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(SCORES), figsize=(5 * len(SCORES), 2.6))
+    for ax, (name, values) in zip(axes, sample.scores.items()):
+        ax.hist(values, bins=30, color="#9467bd")
+        ax.set(title=f"{name} ({len(values)} of {sample.seen} images)", xlabel="score", ylabel="images")
+        ax.grid(alpha=0.3)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=80, bbox_inches="tight")
+    plt.close(fig)
+    page = f'<img id=scores alt="score histograms" src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
+    for name, rows in sample.extremes.items():
+        low, high = rows[:EXTREMES], rows[EXTREMES:] if len(rows) > EXTREMES else []
+        for title, group in ((f"lowest {name}", low), (f"highest {name}", high)):
+            if group:
+                page += f"<h3>{html.escape(title)}</h3>" + _tiles(out, group, lambda r, n=name: f"{n} {r[n]:.3f}")
+    return page
+
+
 def sample_grid(out: str, sample: Sample) -> str:
     """The sampled images as thumbnails, each captioned with its prompt, seed and id, linked to its file."""
+    return _tiles(out, sample.rows, lambda r: f"seed {r['seed']}") or "<p>No image rendered by this run yet.</p>"
+
+
+def _tiles(out: str, rows: list[dict], detail) -> str:
+    """Thumbnails linked to their files, each captioned with its prompt, `detail(row)` and its id."""
     from PIL import Image
 
     esc = html.escape
     tiles = []
-    for row in sample.rows:
+    for row in rows:
         data = read_bytes(join(out, row["image_key"]))
         if not data:
             continue
@@ -98,7 +156,7 @@ def sample_grid(out: str, sample: Sample) -> str:
         tiles.append(
             f'<figure><a href="{esc(row["image_key"])}"><img alt="{esc(str(row["id"]))}" '
             f'src="data:image/jpeg;base64,{base64.b64encode(buf.getvalue()).decode()}"></a>'
-            f"<figcaption>{esc(str(row['prompt']))}{esc(cut)}<br><small>seed {row['seed']} · id "
+            f"<figcaption>{esc(str(row['prompt']))}{esc(cut)}<br><small>{esc(detail(row))} · id "
             f"{esc(str(row['id']))}</small></figcaption></figure>"
         )
-    return "<div class=sample>" + "".join(tiles) + "</div>" if tiles else "<p>No image rendered by this run yet.</p>"
+    return "<div class=sample>" + "".join(tiles) + "</div>" if tiles else ""

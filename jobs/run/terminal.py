@@ -14,6 +14,7 @@ import time
 from typing import TextIO
 
 from jobs.manifest import Manifest
+from jobs.output.card import IF_LICENCE, model_licences
 
 PLAIN_S = 10  # one progress line per this many seconds when the output is not a terminal
 TTY = "IFRENDER_TTY"  # set by the CLI for a run whose stderr is a terminal (the run's stderr may be a pipe)
@@ -110,35 +111,23 @@ class Named(logging.Formatter):
 
 def licence_notice(manifest: Manifest) -> str | None:
     """The model licences that apply to this job's images, in ifrender's words, or None for
-    ifrender's own tiny random-weight models (no licence: they are built here)."""
-    if_models = [f"{s} {getattr(manifest, s).model}" for s in ("encode", "stage1", "stage2") if _licensed(manifest, s)]
-    upscaler = manifest.last_stage == "upscale" and _licensed(manifest, "upscale")
-    if not if_models and not upscaler:
+    ifrender's own random-weight models (no licence: they are built here). The dataset card
+    names the same (jobs/output/card.py)."""
+    found = model_licences(manifest)
+    if not found:
         return None
     lines = []
-    if if_models:
-        checker = manifest.safety.checker
-        lines.append(
-            "the DeepFloyd IF weights (" + ", ".join(if_models) + ") are under the DeepFloyd IF licence "
-            "(accepted on the model page before download): it asks that the safety checker stays on for "
-            "anything public-facing; here safety.checker is "
-            + (f"{checker}" if checker != "auto" else "auto (on where the checkpoint has it)")
-        )
-    if upscaler:
-        lines.append(f"the x4 upscaler ({manifest.upscale.model}) is under the CreativeML Open RAIL++-M licence")
+    for name, link, stages in found:
+        models = ", ".join(f"{s} {getattr(manifest, s).model}" for s in stages)
+        line = f"the weights of {models} are under the {name} ({link})"
+        if name == IF_LICENCE[0]:
+            checker = manifest.safety.checker
+            shown = f"{checker}" if checker != "auto" else "auto (on where the checkpoint has it)"
+            line += (
+                f", which asks that the safety checker stays on for anything public-facing (safety.checker: {shown})"
+            )
+        lines.append(line)
     return "licence: " + "; ".join(lines) + "."
-
-
-def _licensed(manifest: Manifest, stage: str) -> bool:
-    """A model that is not one of ifrender's own random-weight builds (`tiny:NAME`, or a folder
-    `ifrender tiny-models` wrote: its parent holds the TINY_VERSION stamp)."""
-    from pathlib import Path
-
-    model = getattr(manifest, stage).model
-    if model.startswith("tiny:"):
-        return False
-    parent = Path(model).expanduser().parent
-    return "://" in model or not any(parent.glob("TINY_VERSION*"))
 
 
 def _is_terminal(stream: TextIO) -> bool:

@@ -22,9 +22,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from jobs.input.shards import Shard
+from jobs.output.card import write_card
 from jobs.output.commits import Work, commit_shard, list_commits, read_metadata, work_left
 from jobs.output.layout import Derived, data_key, image_dir, tar_key
-from jobs.output.publish import finish_output, publish, write_card
+from jobs.output.publish import finish_output, publish
 from workers import storage
 from workers.columns import METADATA_SCHEMA
 from workers.keys import item_key
@@ -175,6 +176,13 @@ SHARDS = 3
 FAILS = {5}  # rows that fail on their first attempt (a retry renders them)
 
 
+def manifest():
+    """The job the chaos output claims to be (its card names it): local-tiny's, named chaos."""
+    from jobs.manifest import load_manifest
+
+    return load_manifest(None, ["name=chaos", "output.path=/nonexistent/chaos"])
+
+
 def plan() -> list[Shard]:
     return [Shard(s, "in.txt", "text", s * ROWS, ROWS, 0, 0, 1) for s in range(SHARDS)]
 
@@ -203,7 +211,7 @@ def render(out: str, work: Work, run_id: str) -> None:
             id=f"r{r}", row=r, image_index=0, shard=shard.index, prompt=f"p{r}", seed=r
         )
         if r in FAILS and work.attempt == 0:
-            row.update(status="error", error="stage1: failed")
+            row.update(status="error", error="stage1: RuntimeError: out of GPU memory")  # retryable
         else:
             data = png(r)
             key = f"{image_dir(shard.index, work.attempt, run_id)}/r{r}.png"
@@ -214,7 +222,7 @@ def render(out: str, work: Work, run_id: str) -> None:
 
 def run_path(out: str, derived: Derived, run_id: str, retry_errors: bool = False) -> None:
     """One run of the commit path over what is left, as the driver and its publish tasks do it."""
-    write_card(out, "chaos", derived)
+    write_card(out, manifest(), derived)
     commits = list_commits(out)
     for work in work_left(out, plan(), commits, retry_errors):
         render(out, work, run_id)

@@ -19,6 +19,7 @@ from tests.helpers import (
     GOOD,
     LINES,
     OK_COUNT,
+    SIGNED,
     check_complete,
     png,
     read_output,
@@ -281,7 +282,7 @@ def test_mixed_dataset_end_to_end_with_retry_and_contact_sheets(ray_local, tmp_p
     prompts = tmp_path / "rows.jsonl"
     prompts.write_text("\n".join(json.dumps(r) for r in records) + "\n")
     out = tmp_path / "out"
-    manifest = tiny_manifest(f"input.path={prompts}", "input.shard_size=3", output=str(out))
+    manifest = tiny_manifest(f"input.path={prompts}", "input.shard_size=3", *SIGNED, output=str(out))
     summary = run(manifest, progress=False)
     assert (summary.rows, summary.ok, summary.error) == (6, 4, 2)
     assert summary.encode_texts - round(summary.encodes) >= 3  # "" once per actor, "a fox" shared
@@ -314,6 +315,14 @@ def test_mixed_dataset_end_to_end_with_retry_and_contact_sheets(ray_local, tmp_p
     assert {k: v["sha256"] for k, v in after.items() if k != "late"} == {
         k: v["sha256"] for k, v in meta.items() if k != "late"
     }
+    # Every image, the first attempt's and the retry's, carries valid Content Credentials.
+    from tests.workers.test_provenance import read_credentials
+
+    for row in (r for r in after.values() if r["status"] == "ok"):
+        found = read_credentials(
+            (out / row["image_key"]).read_bytes(), "image/jpeg" if row["image_key"].endswith(".jpg") else "image/png"
+        )
+        assert found["validation_state"] == "Valid" and found["active_manifest"] == row["c2pa"], row["id"]
 
 
 @pytest.mark.slow

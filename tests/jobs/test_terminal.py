@@ -101,5 +101,5 @@ def test_the_licence_notice_names_real_weights_only(tiny_manifest):
         }
     )
     notice = licence_notice(real)
-    assert "DeepFloyd IF licence" in notice and "stage1 DeepFloyd/IF-I-XL-v1.0" in notice
-    assert "stage2" not in notice and "CreativeML Open RAIL++-M" in notice
+    assert "DeepFloyd IF License Agreement" in notice and "stage1 DeepFloyd/IF-I-XL-v1.0" in notice
+    assert "stage2 " not in notice and "CreativeML Open RAIL++-M" in notice

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 
+import imagehash
 import numpy as np
 from PIL import Image
 
@@ -42,6 +43,9 @@ def test_write_stores_images_with_matching_digests(tmp_path):
         image = Image.open(io.BytesIO(data))
         assert image.size == (256, 256)
         np.testing.assert_array_equal(np.asarray(image), batch["upscale_image"][i])
+        # The perceptual hash of the file as written, as imagehash gives it to anyone who reads it.
+        assert out["phash"][i] == str(imagehash.phash(image.convert("RGB"))) and len(out["phash"][i]) == 16
+    assert out["phash"][3] is None
     assert sorted(p.name for p in (tmp_path / "images" / "000003-000-r1").iterdir()) == sorted(
         k.split("/")[2] for k in keys[:3]
     )
