@@ -184,12 +184,27 @@ def write_card(out: str, manifest: Manifest, derived: Derived, index: dict[str, 
     write_bytes(uri, card_text(manifest, derived, index, folder, scores).encode())
 
 
-def _draw_histograms(out: str, index: dict[str, Any]) -> bool:
-    """card/scores.png: a histogram per score over the ok rows of the published shards."""
+def score_histograms(values: dict[str, list[float]], seen: int | None = None) -> bytes:
+    """A PNG with a histogram per score (of `seen` images, where the values are a sample of them)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(values), figsize=(4.5 * len(values), 2.6))
+    for ax, (name, vals) in zip(axes, values.items()):
+        ax.hist(vals, bins=30, color="#1f77b4")
+        shown = f"{len(vals)} of {seen}" if seen and seen > len(vals) else f"{len(vals)}"
+        ax.set(title=f"{name} ({shown} images)", xlabel="score", ylabel="images")
+        ax.grid(alpha=0.3)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=80, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _draw_histograms(out: str, index: dict[str, Any]) -> bool:
+    """card/scores.png: a histogram per score over the ok rows of the published shards."""
     import pyarrow.parquet as pq
 
     values: dict[str, list[float]] = {s: [] for s in SCORES}
@@ -206,13 +221,5 @@ def _draw_histograms(out: str, index: dict[str, Any]) -> bool:
                     values[s].append(row[s])
     if not any(values.values()):
         return False
-    fig, axes = plt.subplots(1, len(SCORES), figsize=(4 * len(SCORES), 2.6))
-    for ax, (name, vals) in zip(axes, values.items()):
-        ax.hist(vals, bins=30, color="#1f77b4")
-        ax.set(title=f"{name} ({len(vals)} images)", xlabel="score", ylabel="images")
-        ax.grid(alpha=0.3)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=80, bbox_inches="tight")
-    plt.close(fig)
-    write_bytes(join(out, HISTOGRAMS), buf.getvalue())
+    write_bytes(join(out, HISTOGRAMS), score_histograms(values))
     return True

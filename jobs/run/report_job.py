@@ -15,6 +15,7 @@ import random
 import pyarrow as pa
 
 from jobs.manifest import Manifest
+from jobs.output.card import score_histograms
 from workers.columns import SCORES
 from workers.storage import join, read_bytes
 
@@ -111,22 +112,10 @@ def score_section(out: str, sample: Sample) -> str:
     lowest- and highest-scoring images of each."""
     if not sample.seen:
         return "<p>No ok row with scores yet.</p>"
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(SCORES), figsize=(5 * len(SCORES), 2.6))
-    for ax, (name, values) in zip(axes, sample.scores.items()):
-        ax.hist(values, bins=30, color="#9467bd")
-        ax.set(title=f"{name} ({len(values)} of {sample.seen} images)", xlabel="score", ylabel="images")
-        ax.grid(alpha=0.3)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=80, bbox_inches="tight")
-    plt.close(fig)
-    page = f'<img id=scores alt="score histograms" src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
+    picture = score_histograms(sample.scores, sample.seen)
+    page = f'<img id=scores alt="score histograms" src="data:image/png;base64,{base64.b64encode(picture).decode()}">'
     for name, rows in sample.extremes.items():
-        low, high = rows[:EXTREMES], rows[EXTREMES:] if len(rows) > EXTREMES else []
+        low, high = rows[:EXTREMES], rows[EXTREMES:]
         for title, group in ((f"lowest {name}", low), (f"highest {name}", high)):
             if group:
                 page += f"<h3>{html.escape(title)}</h3>" + _tiles(out, group, lambda r, n=name: f"{n} {r[n]:.3f}")
