@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 
@@ -323,6 +324,7 @@ def test_mixed_dataset_end_to_end_with_retry_and_contact_sheets(ray_local, tmp_p
             (out / row["image_key"]).read_bytes(), "image/jpeg" if row["image_key"].endswith(".jpg") else "image/png"
         )
         assert found["validation_state"] == "Valid" and found["active_manifest"] == row["c2pa"], row["id"]
+        assert hashlib.sha256((out / row["image_key"]).read_bytes()).hexdigest() == row["sha256"]
 
 
 @pytest.mark.slow

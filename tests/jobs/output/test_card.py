@@ -11,6 +11,7 @@ from PIL import Image
 from jobs.manifest import DEFAULT_MANIFEST, load_manifest
 from jobs.output.card import HISTOGRAMS, IF_LICENCE, UPSCALER_LICENCE, write_card
 from jobs.output.layout import CARD, Derived
+from tests.helpers import read_output
 
 
 @pytest.mark.slow
@@ -26,6 +27,10 @@ def test_the_shared_renders_card_parses_and_shows_its_scores(local_run):
         assert picture.format == "PNG" and picture.width > 300
     assert "nsfw_score < 0.5" in card.text and "PARTITION BY phash" in card.text
     assert str(local_run.out) not in card.content  # no absolute path: the card travels with the folder
+    # What the card's filter recipe reads is in every ok row.
+    rows = [r for r in read_output(str(local_run.out))[0] if r["status"] == "ok"]
+    assert rows and all(len(r["phash"]) == 16 and int(r["phash"], 16) >= 0 for r in rows)
+    assert all(r["nsfw_score"] is not None and r["watermark_score"] is not None for r in rows)
 
 
 def test_names_are_escaped_and_real_weights_name_their_licences(tmp_path):
