@@ -42,6 +42,8 @@ class Summary(Observer):
     output_ok: int = 0
     pool_sizes: list[dict] = field(default_factory=list)  # per chunk: when it started, its pools' actors, the cluster
     first_work_at: dict[str, float] = field(default_factory=dict)  # node id -> wall time its first batch finished
+    first_batch_s: float | None = None  # seconds into the run when any stage first finished a batch
+    first_commit_s: float | None = None  # seconds into the run when this run first committed a shard
     node_names: dict[str, str] = field(default_factory=dict)  # node id -> address:node manager port
     rows_by_node: dict[str, dict[str, int]] = field(default_factory=dict)  # node id -> stage -> rows it finished
     actor_starts: list[dict] = field(default_factory=list)  # per stage actor: when it started, on which node
@@ -65,6 +67,8 @@ class Summary(Observer):
 
     def on_commit(self, run, commit) -> None:
         self.committed_shards += 1
+        if self.first_commit_s is None:
+            self.first_commit_s = round(run.clock.elapsed(), 1)
 
     def on_end(self, run) -> None:
         """The counts of the whole output, the rates, then summary.json."""
@@ -165,6 +169,14 @@ class Summary(Observer):
                     f"({p['nodes']} nodes, {p['gpus']:g} GPUs, {p['shards']} shards)"
                     for p in self.pool_sizes
                 )
+            )
+        if self.pool_sizes and self.first_commit_s is not None:
+            started = max((a["at_s"] for a in self.actor_starts), default=None)
+            lines.append(
+                f"  start-up: pools sized at {self.pool_sizes[0]['at_s']:.0f} s (Ray ready)"
+                + (f", actors started by {started:.0f} s" if started is not None else "")
+                + (f", first batch finished at {self.first_batch_s:.0f} s" if self.first_batch_s is not None else "")
+                + f", first shard committed at {self.first_commit_s:.0f} s"
             )
         if self.actor_starts:
             per: dict[str, list[float]] = {}

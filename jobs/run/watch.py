@@ -136,6 +136,8 @@ class Watch(Observer):
         if self.display:
             self.display.end(self.line(summary, self.run.clock.elapsed()))
         summary.first_work_at, summary.rows_by_node = snap.get("first_work", {}), snap.get("node_rows", {})
+        if summary.first_work_at:
+            summary.first_batch_s = round(self.run.clock.at(min(summary.first_work_at.values())), 1)
         summary.node_names = {n["NodeID"]: f"{n['NodeManagerAddress']}:{n['NodeManagerPort']}" for n in ray.nodes()}
         summary.actor_starts = [
             {"at_s": round(self.run.clock.at(at), 1), "stage": stage, "node": node}

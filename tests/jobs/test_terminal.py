@@ -84,6 +84,7 @@ def test_a_run_in_a_terminal_shows_ifrenders_line_and_the_summary_last(tiny_root
     tail = frames[frames.index(next(f for f in frames if " done in " in f)) :]
     assert [f.split(":")[0] for f in tail[1:6]] == ["report", "data", "images", "contact sheet", "read it"], tail
     assert tail[1].endswith(f"{out}/report.html") and "ifrender:" not in "".join(tail[1:])
+    assert "start-up: pools sized at" in shown and "first shard committed at" in shown
 
 
 def test_the_licence_notice_names_real_weights_only(tiny_manifest):
