@@ -14,7 +14,7 @@ import pytest
 
 from jobs.output.commits import list_commits
 from jobs.render import run
-from tests.helpers import png
+from tests.helpers import SIGNED, png
 from workers.errors import ChangedInputError
 
 PARTI_ROWS = [
@@ -89,6 +89,7 @@ def test_a_laion_parquet_keeps_its_types_through_a_stop_a_resume_and_a_retry(ray
     pq.write_table(table, path, row_group_size=3)
     out = str(tmp_path / "laion")
     sets = [f"input.path={path}", "input.columns={prompt: TEXT, id: key}", "input.shard_size=2", "last_stage=stage1"]
+    sets += SIGNED  # every image signed, through the stop, the resume and the retry
     # The first chunk only: what a killed or stopped run leaves.
     first = run(tiny_manifest(*sets, "ray.chunk_shards=1", output=out), progress=False, stop_after_s=0)
     assert first.stopped and len(list_commits(out)) == 1
@@ -111,6 +112,13 @@ def test_a_laion_parquet_keeps_its_types_through_a_stop_a_resume_and_a_retry(ray
     assert [r[0] for r in found] == table.column("key").to_pylist()  # ids are the keys
     assert [r[1] for r in found] == ["error" if r["seed"] == -1 else "ok" for r in expected]
     assert [(r[2], r[3], r[4]) for r in found] == [(e["similarity"], e["tags"], e["meta"]) for e in expected]
+    signed = duckdb_rows(out, "image_key, c2pa")
+    from tests.workers.test_provenance import read_credentials
+
+    for key, label in (r for r in signed if r[0]):
+        credentials = read_credentials((tmp_path / "laion" / key).read_bytes())
+        assert credentials["validation_state"] == "Valid" and credentials["active_manifest"] == label, key
+    assert sum(1 for r in signed if r[0]) == 6  # the first chunk's, the resume's and the retry's images
 
     # The input loses a column: the output's shards keep theirs, so the resume is refused.
     pq.write_table(table.drop_columns(["similarity"]), path)
