@@ -363,9 +363,12 @@ def main(argv: list[str] | None = None) -> int:
             out = load_manifest(args.manifest, args.set, args.run_date, args.run_id).output.path
         except Exception:  # noqa: BLE001 - the command itself reports a manifest it cannot load
             return _command(args)
-        from jobs.run.terminal import TTY
+        from jobs.run.terminal import COLUMNS, TTY
 
-        os.environ[TTY] = "1" if sys.stderr.isatty() else "0"  # the run's own stderr is a pipe to this process
+        # The run's own stderr is a pipe to this process: tell it what the terminal is.
+        os.environ[TTY] = "1" if sys.stderr.isatty() else "0"
+        if sys.stderr.isatty():
+            os.environ[COLUMNS] = str(os.get_terminal_size(2).columns)
         return supervised(lambda: _command(args), out)
     return _command(args)
 

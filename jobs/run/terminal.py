@@ -17,7 +17,9 @@ from jobs.manifest import Manifest
 from jobs.output.card import IF_LICENCE, model_licences
 
 PLAIN_S = 10  # one progress line per this many seconds when the output is not a terminal
-TTY = "IFRENDER_TTY"  # set by the CLI for a run whose stderr is a terminal (the run's stderr may be a pipe)
+# Set by the CLI for its run process, whose stderr is a pipe to the CLI: whether the CLI's stderr
+# is a terminal, and how wide (a live line wider than the terminal would wrap and not be redrawn).
+TTY, COLUMNS = "IFRENDER_TTY", "IFRENDER_COLUMNS"
 
 
 class Display:
@@ -140,6 +142,8 @@ def _is_terminal(stream: TextIO) -> bool:
 
 
 def _width() -> int:
+    if os.environ.get(COLUMNS, "").isdigit():
+        return int(os.environ[COLUMNS])
     try:
         return os.get_terminal_size(2).columns
     except OSError:
