@@ -142,9 +142,11 @@ def _is_terminal(stream: TextIO) -> bool:
 
 
 def _width() -> int:
-    if os.environ.get(COLUMNS, "").isdigit():
-        return int(os.environ[COLUMNS])
-    try:
-        return os.get_terminal_size(2).columns
-    except OSError:
-        return 160
+    """The terminal's columns; 160 where it says none (a pseudo-terminal nobody sized says 0)."""
+    columns = os.environ.get(COLUMNS, "")
+    if not columns.isdigit():
+        try:
+            columns = str(os.get_terminal_size(2).columns)
+        except OSError:
+            columns = "0"
+    return int(columns) if int(columns) >= 40 else 160
