@@ -30,6 +30,24 @@ log = logging.getLogger(__name__)
 REFRESH_S = 30  # at most one rewrite per this many seconds while the run goes on
 MAX_POINTS = 2000  # per series: older points are thinned, every other one dropped
 MAX_SHEETS = 6  # the latest shards' contact sheets shown
+SHEET_PX = 1200  # the widest a sheet is shown on the page
+
+
+def _smaller(sheet: bytes, width: int = SHEET_PX) -> bytes:
+    """A contact sheet at most `width` px wide, for the page (each links to its full size): a
+    shard of a thousand rows makes a sheet of megabytes. JPEG's draft mode decodes it at a fraction
+    of its size, so the full picture is never held."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(sheet)) as img:
+        if img.width <= width:
+            return sheet
+        img.draft("RGB", (width, width * img.height // img.width))
+        small = img.convert("RGB")
+        small.thumbnail((width, small.height))
+        buf = io.BytesIO()
+        small.save(buf, format="JPEG", quality=85)
+        return buf.getvalue()
 
 
 def _thin(points: list) -> list:
@@ -283,7 +301,7 @@ window.addEventListener("load", () => {{
             if not data:
                 continue
             images.append(
-                f'<img class=sheet alt="shard {shard}" title="shard {shard}" '
-                f'src="data:image/jpeg;base64,{base64.b64encode(data).decode()}">'
+                f'<a href="{sheet_key(shard)}"><img class=sheet alt="shard {shard}" title="shard {shard}" '
+                f'src="data:image/jpeg;base64,{base64.b64encode(_smaller(data)).decode()}"></a>'
             )
         return "".join(images) or "<p>No shard committed by this run yet.</p>"
