@@ -164,10 +164,18 @@ keep = duckdb.sql(\"\"\"
 """
 
 
+# The settings a person asks about first, per stage: on the card and in the run report.
+SHOWN = ("num_inference_steps", "timesteps", "guidance_scale", "scheduler", "noise_level", "strength", "dtype",
+         "variant", "micro_batch", "device", "load_in_8bit", "clean_caption")  # fmt: skip
+
+
+def settings_text(settings: dict[str, Any]) -> str:
+    """A stage's settings (its config, or a row's recorded params) as `name value, ...`, SHOWN only."""
+    return ", ".join(f"{k} {settings[k]}" for k in SHOWN if settings.get(k) not in (None, "", [], False))
+
+
 def _settings(manifest: Manifest, stage: str) -> str:
-    cfg = getattr(manifest, stage)
-    shown = ("num_inference_steps", "timesteps", "guidance_scale", "scheduler", "noise_level", "dtype", "load_in_8bit")
-    return ", ".join(f"{k} {getattr(cfg, k)}" for k in shown if getattr(cfg, k, None) not in (None, False, ""))
+    return settings_text(getattr(manifest, stage).model_dump())
 
 
 def write_card(out: str, manifest: Manifest, derived: Derived, index: dict[str, Any] | None = None) -> None:

@@ -15,7 +15,7 @@ import random
 import pyarrow as pa
 
 from jobs.manifest import Manifest
-from jobs.output.card import score_histograms
+from jobs.output.card import score_histograms, settings_text
 from workers.columns import SCORES
 from workers.storage import join, read_bytes
 
@@ -23,9 +23,6 @@ SAMPLE = 12  # images shown with their prompts
 EXTREMES = 4  # lowest- and highest-scoring images shown per score
 RESERVOIR = 20_000  # scores kept for the histograms: a uniform sample of every ok row's
 THUMB = 192  # px, the longer side of a sample's thumbnail
-# The settings a person asks about first, per stage, when a row recorded them.
-SHOWN = ("num_inference_steps", "timesteps", "guidance_scale", "scheduler", "noise_level", "strength", "dtype",
-         "variant", "micro_batch", "device", "load_in_8bit", "clean_caption")  # fmt: skip
 
 
 class Sample:
@@ -94,7 +91,7 @@ def settings_table(manifest: Manifest, sample: Sample) -> str:
         cfg = getattr(manifest, stage)
         recorded = sample.params.get(stage)
         source = recorded if recorded is not None else cfg.model_dump()
-        shown = ", ".join(f"{k} {source[k]}" for k in SHOWN if source.get(k) not in (None, "", [], False))
+        shown = settings_text(source)
         origin = "as its rows ran" if recorded is not None else "from the manifest (no row rendered yet)"
         rows.append(
             f"<tr><th>{esc(stage)}</th><td><code>{esc(cfg.model)}</code></td><td>{esc(shown)}</td>"
