@@ -194,7 +194,7 @@ def _stage_models(args: argparse.Namespace) -> int:
     token = os.environ.get(args.token_env) or None
     staged = stage_models(manifest, args.to, token=token)
     print("staged; render from the copy with:")
-    print(" ".join(f"--set {stage}.model={path}" for stage, path in staged.items()))
+    print(" ".join(f"--set {field}={path}" for field, path in staged.items()))
     return 0
 
 

@@ -20,6 +20,7 @@ from workers.config import (
     EncodeConfig,
     PoolConfig,
     SafetyConfig,
+    ScoreConfig,
     Stage1Config,
     Stage2Config,
     Strict,
@@ -29,7 +30,7 @@ from workers.config import (
 from workers.errors import ManifestError
 from workers.keys import MAX_IMAGES
 from workers.sizes import SCALE, stage1_size
-from workers.stages import MODEL_STAGES, group_name, stages_to
+from workers.stages import IMAGE_STAGES, MODEL_STAGES, group_name, stages_to
 
 ModelStage = Literal[MODEL_STAGES]  # type: ignore[valid-type]
 
@@ -109,7 +110,7 @@ class Manifest(Strict):
     seed: int = Field(
         0, ge=0, lt=2**63, description="Job seed; rows without a seed derive theirs from it and the row id."
     )
-    last_stage: Literal["stage1", "stage2", "upscale"] = Field(
+    last_stage: Literal[IMAGE_STAGES] = Field(  # type: ignore[valid-type]
         "upscale", description="Stop the cascade after this stage and write its images."
     )
     input: InputConfig = Field(description="Where prompts come from.")
@@ -118,6 +119,10 @@ class Manifest(Strict):
     stage1: Stage1Config = Field(description="IF stage I: text to 64 px.")
     stage2: Stage2Config = Field(description="IF stage II: 64 px to 256 px.")
     upscale: UpscaleConfig = Field(description="Stable Diffusion x4 upscaler: 256 px to 1024 px.")
+    score: ScoreConfig = Field(
+        default_factory=ScoreConfig,
+        description="CLIP and aesthetic scores of each final image, after last_stage (clip_score, aesthetic_score).",
+    )
     num_images: int = Field(
         1,
         ge=1,
@@ -148,8 +153,10 @@ class Manifest(Strict):
     ray: RayConfig = Field(default_factory=RayConfig, description="Ray cluster settings.")
 
     def stages(self) -> tuple[str, ...]:
-        """The model stages this job runs, in order."""
-        return stages_to(self.last_stage)
+        """The model stages this job runs, in order: the cascade to last_stage, then the score
+        stage where score.enabled is true (`auto` is decided by the preflight, which sees the
+        weights: jobs/run/preflight.py resolve_score)."""
+        return stages_to(self.last_stage, self.score.enabled is True)
 
     @property
     def layout(self) -> str:
@@ -217,7 +224,7 @@ class Manifest(Strict):
             width, height, problem = stage1_size(self.width, self.height, self.last_stage)
             if problem:
                 raise ValueError(problem)
-            for i, stage in enumerate(self.stages()[1:]):  # stage1, stage2, upscale: each x4
+            for i, stage in enumerate(stages_to(self.last_stage)[1:]):  # stage1, stage2, upscale: each x4
                 area = width * height * SCALE ** (2 * i)
                 if area > getattr(self, stage).max_pixels:
                     raise ValueError(

@@ -18,7 +18,8 @@ from pathlib import Path
 
 from jobs.manifest import Manifest
 from workers.errors import StagingError
-from workers.models import is_local_path
+from workers.models import AESTHETIC_FILE, PIPELINE, TRANSFORMERS, is_local_path
+from workers.stages import SCORE
 from workers.storage import bucket_key, is_s3, join, s3_client
 
 log = logging.getLogger(__name__)
@@ -63,11 +64,12 @@ def needed_files(listing: list[str], wanted: dict[str, str | None]) -> list[str]
     for path in listing:
         folder, _, name = path.rpartition("/")
         by_folder.setdefault(folder, []).append(name)
-    keep = [p for p in listing if p == "model_index.json" or p.upper().startswith("LICENSE")]
-    for folder, variant in sorted(wanted.items()):
+    keep = [p for p in listing if p in (PIPELINE, AESTHETIC_FILE) or p.upper().startswith("LICENSE")]
+    for folder, variant in sorted(wanted.items()):  # "": the repo's root (a transformers model's)
         names = by_folder.get(folder, [])
         other = [n for n in names if not _WEIGHTS.search(n) and ".index." not in n]
-        keep += [f"{folder}/{n}" for n in sorted(other + _pick_weights(names, variant))]
+        other = [n for n in other if folder or n != PIPELINE and not n.upper().startswith(("LICENSE", "README"))]
+        keep += [f"{folder}/{n}" if folder else n for n in sorted(other + _pick_weights(names, variant))]
     return keep
 
 
@@ -76,6 +78,10 @@ def repo_plan(manifest: Manifest, token: str | None = None) -> dict[str, dict[st
     plan: dict[str, dict[str, str | None]] = {}
     for stage in manifest.stages():
         cfg = getattr(manifest, stage)
+        if stage == SCORE:  # CLIP's files sit at its repo's root; the aesthetic head is one file
+            plan.setdefault(cfg.model, {})[""] = cfg.variant
+            plan.setdefault(cfg.aesthetic_model, {})
+            continue
         listing = _listing(cfg.model, token, folders_only=True)
         for component in stage_components(stage, set(listing)):
             plan.setdefault(cfg.model, {})[component] = cfg.variant
@@ -95,8 +101,9 @@ def _listing(source: str, token: str | None, folders_only: bool = False) -> list
     """Files of a checkpoint (relative paths), or its top-level folders."""
     if is_local_path(source):
         root = Path(source).expanduser()
-        if not (root / "model_index.json").is_file():
-            raise StagingError(f"{source}: expected a checkpoint directory with model_index.json; found none there")
+        markers = (PIPELINE, TRANSFORMERS, AESTHETIC_FILE)
+        if not any((root / m).is_file() for m in markers):
+            raise StagingError(f"{source}: expected a checkpoint directory with one of {markers}; found none there")
         files = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
     else:
         from huggingface_hub import HfApi
@@ -120,7 +127,8 @@ def destination(dest: str, source: str) -> str:
 
 
 def stage_models(manifest: Manifest, dest: str, token: str | None = None) -> dict[str, str]:
-    """Copy what the manifest's stages load to `dest` (directory or s3://); stage -> new model."""
+    """Copy what the manifest's stages load to `dest` (directory or s3://); the manifest field
+    (`stage1.model`, `score.aesthetic_model`, ...) -> the copy."""
     copied: dict[str, str] = {}
     for source, wanted in repo_plan(manifest, token).items():
         files = needed_files(_listing(source, token), wanted)
@@ -137,7 +145,10 @@ def stage_models(manifest: Manifest, dest: str, token: str | None = None) -> dic
             for f in files:
                 _put(root / f, f"{target}/{f}" if is_s3(target) else str(Path(target) / f))
         copied[source] = target
-    return {s: copied[getattr(manifest, s).model] for s in manifest.stages()}
+    fields = [(s, "model") for s in manifest.stages()] + (
+        [(SCORE, "aesthetic_model")] if SCORE in manifest.stages() else []
+    )
+    return {f"{s}.{f}": copied[getattr(getattr(manifest, s), f)] for s, f in fields}
 
 
 def _put(src: Path, uri: str) -> None:

@@ -12,7 +12,7 @@ import pytest
 
 from jobs.manifest import DEFAULT_MANIFEST, load_manifest
 from tests.harness.credentials import CERT_ENV, KEY_ENV, signing_chain
-from tests.helpers import EVERY_FORMAT, LINES, free_port
+from tests.helpers import EVERY_FORMAT, LINES, SCORED, free_port
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -36,9 +36,9 @@ def tiny_root(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_manifest(tiny_root):
-    """Builds local-tiny with the session's tiny models, 2 denoising steps, an output path and
-    any overrides: tiny_manifest("stage1.batch_size=2", output=str(tmp_path)). Tests of the
-    workers alone need no output."""
+    """Builds local-tiny with the session's tiny models, 2 denoising steps, no score stage
+    (SCORED turns it on), an output path and any overrides: tiny_manifest("stage1.batch_size=2",
+    output=str(tmp_path)). Tests of the workers alone need no output."""
 
     def build(*overrides: str, output: str = "/nonexistent/ifrender-test-output"):
         base = [
@@ -47,6 +47,10 @@ def tiny_manifest(tiny_root):
             f"stage1.model={tiny_root / 'IF-I-tiny'}",
             f"stage2.model={tiny_root / 'IF-II-tiny'}",
             f"upscale.model={tiny_root / 'x4-upscaler-tiny'}",
+            f"score.model={tiny_root / 'clip-tiny'}",
+            f"score.aesthetic_model={tiny_root / 'aesthetic-tiny'}",
+            # One pool fewer for the tests that do not look at scores; those that do turn it on.
+            "score.enabled=false",
             "stage1.num_inference_steps=2",
             "stage2.num_inference_steps=2",
             "upscale.num_inference_steps=2",
@@ -96,15 +100,15 @@ def prompts(tmp_path_factory):
 @pytest.fixture(scope="session")
 def local_run(ray_local, prompts, tmp_path_factory, tiny_manifest):
     """One render for every test that asserts on the same output: the full cascade of `prompts`
-    to a local directory at local-tiny's batch sizes, with every output format on (embedded
-    images, WebDataset tars, contact sheets). Tests that run it again (a resume, a rebuild) use
+    to a local directory at local-tiny's batch sizes, scored with embeddings, with every output
+    format on (embedded images, WebDataset tars, contact sheets). Tests that run it again (a resume, a rebuild) use
     `local_run.manifest`; what the run itself wrote at its end is kept here, since they rewrite it."""
     from types import SimpleNamespace
 
     from jobs.render import run
 
     out = tmp_path_factory.mktemp("local") / "out"
-    manifest = tiny_manifest(f"input.path={prompts}", *EVERY_FORMAT, output=str(out))
+    manifest = tiny_manifest(f"input.path={prompts}", *SCORED, "score.embeddings=true", *EVERY_FORMAT, output=str(out))
     summary = run(manifest, progress=False)
     return SimpleNamespace(
         out=out,

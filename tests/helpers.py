@@ -218,6 +218,7 @@ LINES = [
 
 OK_COUNT = 5
 # The shared render's settings (conftest's local_run): three shards, every output format on.
+SCORED = ("score.enabled=true",)  # the score stage on, with the session's tiny CLIP and aesthetic head
 SIGNED = ("output.c2pa.sign_cert=env:IFRENDER_TEST_C2PA_CERT", "output.c2pa.private_key=env:IFRENDER_TEST_C2PA_KEY")
 # Not signed: a signed file's bytes differ per render (its manifest's label and time), and the
 # shared render's digests are compared with other layouts' bit for bit. The mixed-modes render signs.

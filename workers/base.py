@@ -70,6 +70,13 @@ def to_uint8_hwc(images: np.ndarray) -> np.ndarray:
     return np.round(scaled).astype(np.uint8).transpose(0, 2, 3, 1)
 
 
+def pixels(image: np.ndarray) -> np.ndarray:
+    """One row's image as (H, W, 3) uint8: stage I / II rows are (3, H, W) in [-1, 1]."""
+    if image.ndim == 3 and image.shape[0] == 3 and image.dtype != np.uint8:
+        return to_uint8_hwc(image[None])[0]
+    return image
+
+
 def per_row(n: int, value: np.ndarray) -> np.ndarray:
     """An image column whose rows may differ in shape: an object array, `value` in every row."""
     column = np.empty(n, dtype=object)

@@ -53,6 +53,9 @@ METADATA_SCHEMA = pa.schema(
         ("watermark_detected", pa.bool_()),
         ("nsfw_score", pa.float32()),  # IF's safety checker's NSFW head, the value its threshold applies to
         ("watermark_score", pa.float32()),  # its watermark head, likewise
+        ("clip_score", pa.float32()),  # the score stage: torchmetrics' CLIPScore of image and prompt, 0-100
+        ("aesthetic_score", pa.float32()),  # the score stage: LAION's aesthetic predictor v2, about 1-10
+        ("clip_embedding", pa.list_(pa.float16())),  # the score stage with score.embeddings: L2-normalised
         ("watermarked", pa.bool_()),
         ("phash", pa.string()),  # 64-bit perceptual hash of the image file, 16 hex digits (imagehash)
         ("c2pa", pa.string()),  # the label of the C2PA manifest signed into the file (output.c2pa), or null
@@ -100,4 +103,5 @@ def decode_kept(values: list[bytes | None], kept: pa.Schema) -> pa.Table:
 
 # Fields of a failed row that describe an image it does not have: left null.
 IMAGE_FIELDS = ("image_key", "sha256", "width", "height", "phash", "c2pa")
-SCORES = ("nsfw_score", "watermark_score")  # per image; null where the scorer did not run (NaN in a batch)
+# Per image; null where the scorer did not run (NaN in a batch).
+SCORES = ("clip_score", "aesthetic_score", "nsfw_score", "watermark_score")

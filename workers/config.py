@@ -217,6 +217,41 @@ class UpscaleConfig(UNetStageConfig):
     )
 
 
+class ScoreConfig(ModelStageConfig):
+    """The score stage (workers/score.py): one CLIP model per actor gives each final image its
+    clip_score against the prompt and, with LAION's aesthetic head on the same image embedding, its
+    aesthetic_score."""
+
+    enabled: bool | Literal["auto"] = Field(
+        "auto",
+        description="Score every ok image after the last image stage. auto: when both checkpoints are on this "
+        "machine (a directory, the Hugging Face cache, a tiny: name) or at their s3:// mirror; true: required "
+        "(a run without them fails before any model work); false: no score stage, the score columns null.",
+    )
+    model: str = Field(
+        "openai/clip-vit-large-patch14",
+        description="CLIP checkpoint (transformers layout: config.json, weights, tokenizer, preprocessor): a hub "
+        "id already in the Hugging Face cache, a local directory, an s3:// mirror, or 'tiny:clip-tiny'.",
+    )
+    aesthetic_model: str = Field(
+        "trl-lib/ddpo-aesthetic-predictor",
+        description="LAION's aesthetic predictor v2 (sac+logos+ava1-l14-linearMSE), a head on CLIP ViT-L/14 image "
+        "embeddings: a hub id, directory or s3:// mirror holding aesthetic-model.pth, or 'tiny:aesthetic-tiny'.",
+    )
+    embeddings: bool = Field(
+        False,
+        description="Also keep each image's CLIP image embedding (projected, L2-normalised) as clip_embedding, "
+        "a float16 list column: for your own filters, clustering or near-duplicate search.",
+    )
+    batch_size: int = Field(8, ge=1, description="Rows per call of the score stage's worker.")
+    micro_batch: int = Field(
+        8,
+        ge=1,
+        description="Images per CLIP call (short calls are padded): scores are the same for a fixed micro_batch "
+        "whatever the batch, and within float rounding across micro_batch sizes.",
+    )
+
+
 class WriteConfig(PoolConfig):
     batch_size: int = Field(8, ge=1, description="Images encoded and stored per call.")
     num_cpus: float = Field(0.5, gt=0, description="Logical CPUs reserved per writer actor.")

@@ -63,27 +63,40 @@ def is_local_path(source: str) -> bool:
     return source.startswith((".", "/", "~")) or Path(source).expanduser().exists()
 
 
-def check_model_available(stage: str, source: str) -> None:
+# The file that marks a checkpoint's root: a diffusers pipeline's, or a transformers model's (the
+# score stage's CLIP), or the aesthetic head's only file.
+PIPELINE = "model_index.json"
+TRANSFORMERS = "config.json"
+AESTHETIC_FILE = "aesthetic-model.pth"
+
+
+def check_model_available(stage: str, source: str, marker: str = PIPELINE) -> None:
     """Fail before any GPU work when a model's files are not on this machine (or its mirror)."""
     if source.startswith("s3://"):
-        if not mirror_has_checkpoint(source):
+        if not mirror_has_checkpoint(source, marker):
             raise ModelLoadError(
-                f"{stage}: no staged checkpoint at {source} (expected {source.rstrip('/')}/model_index.json). "
+                f"{stage}: no staged checkpoint at {source} (expected {source.rstrip('/')}/{marker}). "
                 f"Fix: stage it with `ifrender stage-models MANIFEST --to s3://BUCKET/PREFIX` and point "
                 f"{stage}.model at the printed location."
             )
         return
     path = Path(source).expanduser()
     if path.is_dir():
-        if not (path / "model_index.json").is_file():
-            raise ModelLoadError(staging_hint(stage, source) + f" ({path} has no model_index.json)")
+        if not (path / marker).is_file():
+            raise ModelLoadError(staging_hint(stage, source) + f" ({path} has no {marker})")
         return
     if is_local_path(source):
         raise ModelLoadError(staging_hint(stage, source) + f" ({path} is not a directory)")
+    if cached_file(source, marker) is None:
+        raise ModelLoadError(staging_hint(stage, source))
+
+
+def cached_file(repo: str, name: str) -> str | None:
+    """A hub repo's file in the Hugging Face cache, or None."""
     from huggingface_hub import try_to_load_from_cache
 
-    if not isinstance(try_to_load_from_cache(source, "model_index.json"), str):
-        raise ModelLoadError(staging_hint(stage, source))
+    found = try_to_load_from_cache(repo, name)
+    return found if isinstance(found, str) else None
 
 
 def pick_device(stage: str, device: str, num_gpus: float) -> torch.device:
@@ -110,16 +123,16 @@ def quiet_progress_bars() -> None:
     transformers_logging.disable_progress_bar()
 
 
-def local_source(source: str) -> str:
+def local_source(source: str, marker: str = PIPELINE) -> str:
     """An s3:// mirror is synced to this node's disk first (once per node); the rest load as given."""
     if source.startswith("s3://"):
-        return str(sync_mirror(source))
+        return str(sync_mirror(source, marker=marker))
     return source
 
 
-def _load(stage: str, cls: Any, source: str, **kwargs: Any) -> Any:
+def _load(stage: str, cls: Any, source: str, marker: str = PIPELINE, **kwargs: Any) -> Any:
     quiet_progress_bars()
-    source = local_source(source)
+    source = local_source(source, marker)
     try:
         return cls.from_pretrained(source, local_files_only=True, **kwargs)
     except (OSError, ValueError) as err:
@@ -231,6 +244,38 @@ def load_pipeline(stage: str, pipeline_cls: Any, cfg: Any, device: torch.device,
     return pipe
 
 
+def load_clip(cfg: Any, device: torch.device) -> tuple[Any, Any]:
+    """The score stage's CLIP model and its processor (tokenizer and image preprocessing)."""
+    from transformers import CLIPModel, CLIPProcessor
+
+    model = _load("score", CLIPModel, cfg.model, TRANSFORMERS, dtype=torch_dtype(cfg.dtype), variant=cfg.variant)
+    processor = _load("score", CLIPProcessor, cfg.model, TRANSFORMERS)
+    return model.to(device).eval(), processor
+
+
+def aesthetic_weights(source: str) -> str:
+    """The aesthetic head's file: in a directory, at an s3:// mirror (synced), or in the Hugging Face cache."""
+    if source.startswith("s3://"):
+        return str(sync_mirror(source, marker=AESTHETIC_FILE) / AESTHETIC_FILE)
+    path = Path(source).expanduser()
+    if is_local_path(source):
+        found = path / AESTHETIC_FILE
+        if not found.is_file():
+            raise ModelLoadError(
+                f"score.aesthetic_model: {path} has no {AESTHETIC_FILE}; expected LAION's aesthetic predictor v2 "
+                f"there. Fix: `hf download trl-lib/ddpo-aesthetic-predictor {AESTHETIC_FILE} --local-dir {source}`, "
+                f"or set score.enabled: false."
+            )
+        return str(found)
+    found = cached_file(source, AESTHETIC_FILE)
+    if found is None:
+        raise ModelLoadError(
+            f"score.aesthetic_model: {source}/{AESTHETIC_FILE} is not in the Hugging Face cache. Fix: stage it "
+            f"with `hf download {source} {AESTHETIC_FILE}`, or set score.aesthetic_model to a local copy."
+        )
+    return found
+
+
 def compile_cache_dir() -> Path:
     return Path(os.environ.get("IFRENDER_COMPILE_CACHE", cache_root() / "inductor"))
 
@@ -275,11 +320,11 @@ def model_cache_dir() -> Path:
     return Path(os.environ.get("IFRENDER_MODEL_CACHE", cache_root() / "models"))
 
 
-def mirror_has_checkpoint(uri: str) -> bool:
-    return read_bytes(join(uri, "model_index.json")) is not None
+def mirror_has_checkpoint(uri: str, marker: str = PIPELINE) -> bool:
+    return read_bytes(join(uri, marker)) is not None
 
 
-def sync_mirror(uri: str, cache: Path | None = None) -> Path:
+def sync_mirror(uri: str, cache: Path | None = None, marker: str = PIPELINE) -> Path:
     """Make a local copy of s3://bucket/prefix (a staged checkpoint) and return its directory.
     Actors on one node share the copy: a file lock lets one download while the others wait,
     and a stamp of (key, size, ETag) skips the download when the copy is current."""
@@ -299,9 +344,9 @@ def sync_mirror(uri: str, cache: Path | None = None) -> Path:
                 f"{uri}{name}: a key of the mirror that would be written outside {target}; expected keys of "
                 f"a staged checkpoint (model_index.json, unet/...). Fix: remove it from the mirror."
             )
-    if not any(name == "model_index.json" for name, _, _ in objects):
+    if not any(name == marker for name, _, _ in objects):
         raise StagingError(
-            f"{uri}: no staged checkpoint there (expected {uri.rstrip('/')}/model_index.json). "
+            f"{uri}: no staged checkpoint there (expected {uri.rstrip('/')}/{marker}). "
             f"Fix: stage it with `ifrender stage-models MANIFEST --to s3://BUCKET/PREFIX`."
         )
     stamp = target / ".ifrender-sync.json"

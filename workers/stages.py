@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 
-from workers.config import EncodeConfig, ModelStageConfig, Stage1Config, Stage2Config, UpscaleConfig
+from workers.config import EncodeConfig, ModelStageConfig, ScoreConfig, Stage1Config, Stage2Config, UpscaleConfig
 
 EMBEDS = ("prompt_embeds", "negative_prompt_embeds")
 INIT_IMAGES = ("image", "mask_image")  # img2img and inpainting rows' inputs, from the reader
@@ -56,19 +56,25 @@ STAGES = {
             (),
             ("upscale_image",),
         ),
+        # After the job's last image stage, whichever it is: it reads that stage's image (the only
+        # image column left in the batch by then) and adds scalar columns, no payload.
+        Stage("score", "score:ScoreWorker", ScoreConfig, ("prompt",), (), ()),
     )
 }
-# The cascade in order; one name per stage everywhere (manifest key, module, worker, columns).
+# Every model stage in order: the cascade, then the score stage; one name per stage everywhere
+# (manifest key, module, worker, columns).
 MODEL_STAGES = tuple(STAGES)
+SCORE = "score"
+IMAGE_STAGES = tuple(s for s in MODEL_STAGES if s not in ("encode", SCORE))  # each ends in <stage>_image
 
 
 WRITE = "write"  # the writer's pool: after the last model stage in every chain
 
 
-def chain_stages(last_stage: str = MODEL_STAGES[-1]) -> tuple[str, ...]:
+def chain_stages(stages: tuple[str, ...] = MODEL_STAGES) -> tuple[str, ...]:
     """Every stage of a job's chain in order, each with a pool of its own or a group's: its model
-    stages, then the writer."""
-    return (*stages_to(last_stage), WRITE)
+    stages (a job's `Manifest.stages()`), then the writer."""
+    return (*stages, WRITE)
 
 
 def group_name(stages: tuple[str, ...]) -> str:
@@ -76,20 +82,24 @@ def group_name(stages: tuple[str, ...]) -> str:
     return "+".join(stages)
 
 
-def stages_to(last_stage: str) -> tuple[str, ...]:
-    """The model stages a job with this last stage runs, in order."""
-    return MODEL_STAGES[: MODEL_STAGES.index(last_stage) + 1]
+def stages_to(last_stage: str, score: bool = False) -> tuple[str, ...]:
+    """The model stages a job with this last image stage runs, in order: the cascade up to it,
+    then the score stage if it scores."""
+    return MODEL_STAGES[: MODEL_STAGES.index(last_stage) + 1] + ((SCORE,) if score else ())
 
 
-def drops(last_stage: str) -> dict[str, tuple[str, ...]]:
-    """Per stage, the payload columns it drops: those no later stage reads and the writer does
-    not write (the last stage's image)."""
-    stages = stages_to(last_stage)
+def last_image_stage(stages: tuple[str, ...]) -> str:
+    return [s for s in stages if s in IMAGE_STAGES][-1]
+
+
+def drops(stages: tuple[str, ...]) -> dict[str, tuple[str, ...]]:
+    """Per stage of a job's `stages`, the payload columns it drops: those no later stage reads
+    and the writer does not write (the last image stage's image)."""
     present = list(INIT_IMAGES)
     out = {}
     for i, stage in enumerate(stages):
         later = {c for s in stages[i + 1 :] for c in STAGES[s].needs + STAGES[s].optional}
-        later.add(STAGES[last_stage].image_column)
+        later.add(STAGES[last_image_stage(stages)].image_column)
         present += STAGES[stage].produces
         out[stage] = tuple(c for c in present if c not in later)
         present = [c for c in present if c in later]

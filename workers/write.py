@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from workers.base import Batch, require_columns, to_uint8_hwc
+from workers.base import Batch, pixels, require_columns
 from workers.columns import ROW_COLUMNS, UNWRITTEN
 from workers.errors import row_error, storage_failure
 from workers.keys import image_dir
@@ -58,13 +58,6 @@ def perceptual_hash(data: bytes) -> str:
 
     with Image.open(io.BytesIO(data)) as img:
         return str(imagehash.phash(img.convert("RGB")))
-
-
-def pixels(image: np.ndarray) -> np.ndarray:
-    """One row's image as (H, W, 3) uint8: stage I / II rows are (3, H, W) in [-1, 1]."""
-    if image.ndim == 3 and image.shape[0] == 3 and image.dtype != np.uint8:
-        return to_uint8_hwc(image[None])[0]
-    return image
 
 
 class WriteWorker:

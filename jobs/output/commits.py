@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -247,6 +248,8 @@ def to_metadata(table: pa.Table, last_stage: str) -> pa.Table:
     for f in METADATA_SCHEMA:
         if f.name == "last_stage":
             col = pa.array([last_stage] * n, pa.string())
+        elif f.name == "clip_embedding" and f.name in table.column_names:
+            col = embeddings(table.column(f.name).to_pylist())
         elif f.name in table.column_names:
             col = table.column(f.name).combine_chunks()
             if f.name == "error":
@@ -263,6 +266,13 @@ def to_metadata(table: pa.Table, last_stage: str) -> pa.Table:
     if KEPT in table.column_names:
         found = found.append_column(KEPT, table.column(KEPT).combine_chunks().cast(pa.binary()))
     return found
+
+
+def embeddings(values: list[bytes | None]) -> pa.Array:
+    """The score stage's float16 embeddings, raw bytes per row between the actors, as a list
+    column; a row without one (not scored, or scored without embeddings) is null."""
+    halves = [np.frombuffer(v, dtype=np.float16) if v else None for v in values]
+    return pa.array(halves, type=pa.list_(pa.float16()))
 
 
 # ---- the commit ----------------------------------------------------------------------------

@@ -17,14 +17,16 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from workers.columns import METADATA_SCHEMA
+from workers.columns import METADATA_SCHEMA, SCORES
 from workers.errors import ManifestError
 from workers.stages import MODEL_STAGES
 from workers.storage import join, local_output, read_bytes
 
 # Per-row fields a WebDataset sample's KEY.json carries.
-SAMPLE_FIELDS = ("id", "row", "prompt", "negative_prompt", "seed", "width", "height", "sha256") + tuple(
-    f"{s}_{k}" for s in MODEL_STAGES for k in ("model", "params")
+SAMPLE_FIELDS = (
+    ("id", "row", "prompt", "negative_prompt", "seed", "width", "height", "sha256", "phash")
+    + SCORES
+    + tuple(f"{s}_{k}" for s in MODEL_STAGES for k in ("model", "params"))
 )
 # Output option -> the package it needs.
 PACKAGES = {"embed_images": "datasets", "webdataset": "webdataset"}

@@ -17,7 +17,7 @@ from jobs.manifest import Manifest
 from jobs.output.layout import JOB
 from workers.columns import NO_COLUMNS
 from workers.errors import ChangedInputError, ChangedManifestError
-from workers.stages import MODEL_STAGES
+from workers.stages import IMAGE_STAGES, MODEL_STAGES
 from workers.storage import create_exclusive, join, read_bytes, write_bytes
 
 # Settings that change no pixel and no row: free to differ between a run and its resume.
@@ -93,7 +93,8 @@ def is_job_record(data: bytes | None) -> bool:
     if "format" in record and (record.get("format") != FORMAT or not isinstance(record.get("version"), int)):
         return False
     fingerprint, manifest = record.get("fingerprint"), record.get("manifest")
-    sections = ("input", "output", *MODEL_STAGES)
+    # The sections every record has held; a stage added since (score) may be missing from an older one.
+    sections = ("input", "output", "encode", *IMAGE_STAGES)
     return (
         isinstance(fingerprint, dict)
         and isinstance(manifest, dict)

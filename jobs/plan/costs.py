@@ -12,12 +12,14 @@ from jobs.manifest import Manifest
 from workers.errors import PlanError
 
 # FLOPs per forward at batch 1 (FACTS: counted on the meta device), TFLOP.
-FORWARD_TFLOP = {"encode": 0.72, "stage1": 2.88, "stage2": 3.09, "upscale": 4.53}
+# score: CLIP ViT-L/14's image tower at 224 px (0.162) and text tower at 77 tokens (0.013), counted
+# the same way (jobs/plan/models.py clip_config("full")).
+FORWARD_TFLOP = {"encode": 0.72, "stage1": 2.88, "stage2": 3.09, "upscale": 4.53, "score": 0.175}
 VAE_DECODE_TFLOP = 18.98  # the x4 upscaler's VAE decode to 1024 px, once per image
 # Memory per actor, GB: fp16 weights (8-bit T5), plus activations per image in a batch.
-WEIGHTS_GB = {"encode": 10.0, "stage1": 8.6, "stage2": 2.5, "upscale": 1.7}
+WEIGHTS_GB = {"encode": 10.0, "stage1": 8.6, "stage2": 2.5, "upscale": 1.7, "score": 0.9}
 WEIGHTS_8BIT_GB = {"encode": 8.0}
-ACTIVATION_GB = {"encode": 0.02, "stage1": 0.4, "stage2": 0.6, "upscale": 2.5}
+ACTIVATION_GB = {"encode": 0.02, "stage1": 0.4, "stage2": 0.6, "upscale": 2.5, "score": 0.02}
 
 
 @dataclass
@@ -87,6 +89,8 @@ def flops_profile(manifest: Manifest, tflops: float = 800.0, utilisation: float 
         cfg = getattr(manifest, stage)
         if stage == "encode":
             tflop = FORWARD_TFLOP["encode"] * 2  # prompt and negative prompt
+        elif stage == "score":
+            tflop = FORWARD_TFLOP["score"]  # one image and its prompt, no steps
         else:
             cfg_factor = 2 if cfg.guidance_scale > 1 else 1  # classifier-free guidance doubles the batch
             tflop = FORWARD_TFLOP[stage] * _steps(cfg) * cfg_factor

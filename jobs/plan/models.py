@@ -17,7 +17,7 @@ from pathlib import Path
 CONFIGS = Path(__file__).parent / "configs"
 
 # Bumped whenever the tiny architectures change, so cached copies are rebuilt.
-TINY_VERSION = "5"
+TINY_VERSION = "6"
 
 # Reduced resolutions of the tiny widths: stage I at 16 px, stage II at 64 px, the x4 upscaler to 256 px.
 STAGE1_SIZE = 16
@@ -37,8 +37,14 @@ def repo_names(preset: str = "tiny") -> dict[str, str]:
     return {"stage1": f"IF-I-{preset}", "stage2": f"IF-II-{preset}", "upscale": f"x4-upscaler-{preset}"}
 
 
+# The score stage's checkpoints, tiny only: a CLIP in the transformers layout (openai/clip-vit-large-patch14's
+# stand-in) and LAION's aesthetic head on its embeddings (trl-lib/ddpo-aesthetic-predictor's).
+SCORE_REPOS = {"model": "clip-tiny", "aesthetic_model": "aesthetic-tiny"}
+
 # `tiny:NAME` in a manifest: the presets built on demand on a CPU (full size needs a GPU's time).
-ALL_REPOS = {name: preset for preset in ("tiny", "bench") for name in repo_names(preset).values()}
+ALL_REPOS = {name: preset for preset in ("tiny", "bench") for name in repo_names(preset).values()} | {
+    name: "tiny" for name in SCORE_REPOS.values()
+}
 CLIP_DIM = 32
 
 _CORPUS = """a photo of a red fox sitting in the snow at dawn
@@ -246,11 +252,13 @@ def build_models(root: str | Path, seed: int = 0, preset: str = "tiny") -> dict[
 
     root = Path(root)
     repos = {stage: root / name for stage, name in repo_names(preset).items()}
+    scorers = {field: root / name for field, name in SCORE_REPOS.items()} if preset == "tiny" else {}
     stamp = root / ("TINY_VERSION" if preset == "tiny" else f"TINY_VERSION.{preset}")
     if (
         stamp.exists()
         and stamp.read_text().strip() == TINY_VERSION
         and all((d / "model_index.json").exists() for d in repos.values())
+        and all(d.is_dir() for d in scorers.values())
     ):
         return repos
 
@@ -261,6 +269,8 @@ def build_models(root: str | Path, seed: int = 0, preset: str = "tiny") -> dict[
     torch.manual_seed(seed)
     _build_if(repos, preset)
     _build_upscaler(repos["upscale"], preset)
+    if scorers:
+        build_score_models(scorers["model"], scorers["aesthetic_model"])
     stamp.write_text(TINY_VERSION + "\n")
     return repos
 
@@ -317,3 +327,63 @@ def _build_upscaler(path: Path, preset: str) -> None:
         max_noise_level=350,
     )
     _save(upscale, path, preset)
+
+
+def clip_config(preset: str = "tiny"):
+    """CLIP ViT-L/14's config (full), or tiny widths with the same structure."""
+    from transformers import CLIPConfig
+
+    cfg = _config("clip-vit-large-patch14_config.json")
+    if preset != "full":
+        cfg["projection_dim"] = 16
+        cfg["text_config"].update(
+            hidden_size=CLIP_DIM, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2, projection_dim=16
+        )
+        cfg["vision_config"].update(
+            hidden_size=CLIP_DIM, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2, image_size=32,
+            patch_size=8, projection_dim=16,
+        )  # fmt: skip
+    return CLIPConfig(**cfg)
+
+
+def build_score_models(clip_dir: Path, aesthetic_dir: Path) -> None:
+    """The score stage's tiny checkpoints: a CLIP (model, tokenizer, image processor) saved as
+    transformers saves openai/clip-vit-large-patch14, and an aesthetic head saved as LAION's
+    release is (a state dict in aesthetic-model.pth). Random CLIP towers would give cosines around
+    zero, so clip_score (floored at 0) would be 0 for half the images: both towers end in one
+    shared bias through one shared projection, so scores are positive and still differ per image.
+    The head's last bias puts its scores near LAION's scale."""
+    import torch
+    from transformers import CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    from workers.models import AESTHETIC_FILE
+    from workers.score import AestheticHead
+
+    tokenizer = build_clip_tokenizer()
+    config = clip_config("tiny")
+    config.text_config.update(
+        dict(
+            vocab_size=len(tokenizer),
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    model = CLIPModel(config).eval()
+    with torch.no_grad():
+        model.text_projection.weight.copy_(model.visual_projection.weight)
+        shared = torch.randn(CLIP_DIM)
+        model.vision_model.post_layernorm.bias.copy_(shared)
+        model.text_model.final_layer_norm.bias.copy_(shared)
+    processor = CLIPProcessor(
+        image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+        tokenizer=tokenizer,
+    )
+    model.save_pretrained(clip_dir, safe_serialization=True)
+    processor.save_pretrained(clip_dir)
+    head = AestheticHead(config.projection_dim)
+    with torch.no_grad():
+        head.layers[-1].bias.fill_(5.0)
+        head.layers[-1].weight.mul_(300.0)  # a spread of a few tenths, so the histograms show a shape
+    aesthetic_dir.mkdir(parents=True, exist_ok=True)
+    torch.save(head.state_dict(), aesthetic_dir / AESTHETIC_FILE)

@@ -54,7 +54,7 @@ def build_dataset(
     """The chain for `work`; `placed` holds the pools' placement group arguments
     (jobs.run.pools.reserve); `columns` the input's (what the read keeps beside each row)."""
     placed = placed or {}
-    dropped = drops(manifest.last_stage)
+    dropped = drops(manifest.stages())
     # 1-2. The shards' rows, in blocks.
     ds, rows = read_dataset(manifest, work, columns)
 

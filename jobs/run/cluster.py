@@ -143,7 +143,7 @@ def start_tracker(manifest: Manifest):
         max_restarts=-1,  # lost with its node only; a restart starts its counts again
         scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=True),
     )
-    tracker = tracker.remote(manifest.name, list(chain_stages(manifest.last_stage)))
+    tracker = tracker.remote(manifest.name, list(chain_stages(manifest.stages())))
     ray.get(tracker.snapshot.remote())  # ready before any stage looks it up
     return tracker
 

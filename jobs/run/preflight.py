@@ -18,6 +18,7 @@ from jobs.plan.packing import packs
 from jobs.run.pools import cluster_address, job_pools, local_cpus, local_size
 from workers.errors import ModelLoadError, StorageError
 from workers.models import cache_root, check_model_available
+from workers.stages import SCORE
 from workers.storage import join, list_prefix, read_bytes
 
 
@@ -25,20 +26,63 @@ def tiny_models_dir() -> Path:
     return cache_root() / "tiny-models"
 
 
+def model_fields(manifest: Manifest) -> list[tuple[str, str, str]]:
+    """(stage, field, marker) of every checkpoint the job's stages load: each stage's `model`, and
+    the score stage's aesthetic head. The marker is the file that shows the checkpoint is there."""
+    from workers.models import AESTHETIC_FILE, PIPELINE, TRANSFORMERS
+
+    out = []
+    for stage in manifest.stages():
+        if stage == SCORE:
+            out += [(stage, "model", TRANSFORMERS), (stage, "aesthetic_model", AESTHETIC_FILE)]
+        else:
+            out.append((stage, "model", PIPELINE))
+    return out
+
+
+def tiny_name(stage: str, field: str, model: str) -> str | None:
+    """The preset name of a `tiny:NAME` reference (None for any other), checked."""
+    from jobs.plan.models import ALL_REPOS
+
+    if not model.startswith("tiny:"):
+        return None
+    name = model[len("tiny:") :]
+    if name not in ALL_REPOS:
+        raise ValueError(f"{stage}.{field}: unknown tiny model '{name}'; expected one of {sorted(ALL_REPOS)}")
+    return name
+
+
 def resolve_tiny(manifest: Manifest) -> Manifest:
     """Turn `tiny:NAME` references into built local directories."""
     from jobs.plan.models import ALL_REPOS, build_models
 
-    updates = {}
-    for stage in manifest.stages():
-        cfg = getattr(manifest, stage)
-        if cfg.model.startswith("tiny:"):
-            name = cfg.model[len("tiny:") :]
-            if name not in ALL_REPOS:
-                raise ValueError(f"{stage}.model: unknown tiny model '{name}'; expected one of {sorted(ALL_REPOS)}")
+    updates: dict[str, dict] = {}
+    for stage, field, _ in model_fields(manifest):
+        name = tiny_name(stage, field, getattr(getattr(manifest, stage), field))
+        if name:
             build_models(tiny_models_dir(), preset=ALL_REPOS[name])
-            updates[stage] = cfg.model_copy(update={"model": str(tiny_models_dir() / name)})
-    return manifest.model_copy(update=updates)
+            updates.setdefault(stage, {})[field] = str(tiny_models_dir() / name)
+    return manifest.model_copy(update={s: getattr(manifest, s).model_copy(update=u) for s, u in updates.items()})
+
+
+def resolve_score(manifest: Manifest) -> Manifest:
+    """score.enabled `auto` becomes true where both of its checkpoints are on this machine, at
+    their mirror, or tiny names (built by the run), else false; `true` stays, and the model check
+    then names what is missing."""
+    cfg = manifest.score
+    if cfg.enabled != "auto":
+        return manifest
+    from workers.models import AESTHETIC_FILE, TRANSFORMERS
+
+    try:
+        for field, marker in (("model", TRANSFORMERS), ("aesthetic_model", AESTHETIC_FILE)):
+            source = getattr(cfg, field)
+            if not tiny_name(SCORE, field, source):
+                check_model_available(f"{SCORE}.{field}", source, marker)
+        found = True
+    except (ModelLoadError, StorageError):
+        found = False
+    return manifest.model_copy(update={"score": cfg.model_copy(update={"enabled": found})})
 
 
 def resolve_safety(manifest: Manifest) -> Manifest:
@@ -67,13 +111,17 @@ def resolve_safety(manifest: Manifest) -> Manifest:
 
 def resolve_models(manifest: Manifest) -> Manifest:
     """Build tiny models where named; check every model is on disk or on its S3 mirror."""
-    manifest = resolve_safety(resolve_tiny(manifest))
-    for stage in manifest.stages():
-        model = getattr(manifest, stage).model
-        # On a cluster the workers, not the driver, hold weights; a mirror is checked from anywhere.
-        if not cluster_address(manifest) or model.startswith("s3://"):
-            check_model_available(stage, model)
+    manifest = resolve_safety(resolve_tiny(resolve_score(manifest)))
+    check_models(manifest)
     return manifest
+
+
+def check_models(manifest: Manifest) -> None:
+    for stage, field, marker in model_fields(manifest):
+        model = getattr(getattr(manifest, stage), field)
+        # On a cluster the workers, not the driver, hold weights; a mirror is checked from anywhere.
+        if not tiny_name(stage, field, model) and (not cluster_address(manifest) or model.startswith("s3://")):
+            check_model_available(stage if field == "model" else f"{stage}.{field}", model, marker)
 
 
 def ready_to_render(manifest: Manifest) -> Manifest:
@@ -181,8 +229,6 @@ def checklist(manifest: Manifest, plan, overwrite: bool = False, allow_changed: 
     starting Ray or loading a model (`run` builds tiny models, so a known tiny name passes).
     Returns (check, "ok: what was found" or "FAILED: the problem") per check; each runs whatever
     the others found. `run` would start rendering when none failed."""
-    from jobs.plan.models import ALL_REPOS
-
     results: list[tuple[str, str]] = []
 
     def check(name: str, fn) -> None:
@@ -210,16 +256,12 @@ def checklist(manifest: Manifest, plan, overwrite: bool = False, allow_changed: 
 
     def models() -> str:
         resolve_safety(manifest)
-        for stage in manifest.stages():
-            model = getattr(manifest, stage).model
-            if model.startswith("tiny:"):
-                if model[len("tiny:") :] not in ALL_REPOS:
-                    raise ValueError(
-                        f"{stage}.model: unknown tiny model {model!r}; expected one of {sorted(ALL_REPOS)}"
-                    )
-            elif not cluster_address(manifest) or model.startswith("s3://"):
-                check_model_available(stage, model)
-        return ", ".join(f"{s} {getattr(manifest, s).model}" for s in manifest.stages())
+        resolved = resolve_score(manifest)
+        check_models(resolved)
+        found = ", ".join(f"{s} {getattr(resolved, s).model}" for s in resolved.stages())
+        if manifest.score.enabled == "auto" and not resolved.score.enabled:
+            found += f"; no score stage (score.enabled auto: {manifest.score.model} or its aesthetic head not here)"
+        return found
 
     def output() -> str:
         doomed = check_output(manifest, overwrite)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from workers.stages import STAGES, drops
+from workers.stages import STAGES, drops, stages_to
 
 # The size of each payload column a stage produces, per row at full size.
 SHAPES = {
@@ -80,7 +80,7 @@ class SimulatedPool:
         efficiency: float = 1.0,
     ) -> None:
         self.stages = stages
-        self.drop = drops(last_stage)
+        self.drop = drops(stages_to(last_stage))
         self.seconds = {s: seconds_per_image[s] * time_scale for s in stages}
         self.gpu = TimeSlicedGPU(gpu_root, efficiency)
         self.pid = os.getpid()  # names the actor in the results: busy fraction per actor

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -45,8 +46,11 @@ def test_set_overrides_typed_values():
     )
     assert manifest.stage1.batch_size == 8
     assert manifest.stage1.timesteps == "smart27"
-    assert manifest.stages() == ("encode", "stage1", "stage2")
+    assert manifest.stages() == ("encode", "stage1", "stage2", "score")  # local-tiny scores its last images
     assert manifest.ray.address == "auto"
+    assert load_manifest(None, ["last_stage=stage1", "score.enabled=false"]).stages() == ("encode", "stage1")
+    # auto is the preflight's to decide (it sees the weights); until then no score stage is planned
+    assert load_manifest(None, ["score.enabled=auto"]).stages() == ("encode", "stage1", "stage2", "upscale")
 
 
 @pytest.mark.parametrize("assignment", ["stage1.batch_size", "=3", "seed.x=1"])
@@ -144,6 +148,19 @@ def test_a_job_record_from_before_encode_lost_its_unused_settings_still_loads(tm
     assert loaded.encode.model == manifest["encode"]["model"] and not hasattr(loaded.encode, "offload")
 
 
+def test_a_job_record_from_before_the_score_stage_is_still_ifrenders_and_resumes(tmp_path):
+    from jobs.output.job_record import FORMAT, VERSION, fingerprint, is_job_record, recorded_manifest
+
+    manifest = load_manifest(None, [f"output.path={tmp_path}", "score.enabled=auto"])
+    old = {"manifest": manifest.model_dump(mode="json"), "fingerprint": fingerprint(manifest)}
+    for part in old.values():
+        del part["score"]
+    assert is_job_record(json.dumps(old | {"format": FORMAT, "version": VERSION}).encode())
+    from workers.config import ScoreConfig
+
+    assert recorded_manifest(old).score == ScoreConfig()  # read back at today's default
+
+
 def test_layouts_are_named_and_their_pools_listed_in_cascade_order():
     from jobs.plan.layouts import with_groups
 
@@ -152,13 +169,16 @@ def test_layouts_are_named_and_their_pools_listed_in_cascade_order():
     replicas = with_groups(manifest, [{"stages": list(manifest.stages()), "pool_size": 3}])
     assert replicas.layout == "replicas"
     assert {n: (s, p.pool_size) for n, (s, p) in replicas.model_pools().items()} == {
-        "encode+stage1+stage2+upscale": (manifest.stages(), 3)
+        "encode+stage1+stage2+upscale+score": (manifest.stages(), 3)
     }
     # a grouped stage's worker takes the group's pool settings and keeps its own micro_batch
     assert replicas.stage_config("stage2").pool_size == 3
     assert replicas.stage_config("stage2").micro_batch == manifest.stage2.micro_batch
     fused = with_groups(manifest, [{"stages": ["stage2", "upscale"], "num_gpus": 0}])
-    assert fused.layout == "fused" and list(fused.model_pools()) == ["encode", "stage1", "stage2+upscale"]
+    assert fused.layout == "fused" and list(fused.model_pools()) == ["encode", "stage1", "stage2+upscale", "score"]
+    # the score stage fuses with the last image stage like any neighbour, whichever that is
+    scored = with_groups(load_manifest(None, ["last_stage=stage2"]), [{"stages": ["stage2", "score"]}])
+    assert list(scored.model_pools()) == ["encode", "stage1", "stage2+score"]
 
 
 @pytest.mark.parametrize(
@@ -169,6 +189,7 @@ def test_layouts_are_named_and_their_pools_listed_in_cascade_order():
         ("[{stages: [stage2, upscale]}]", "not run by this job (last_stage=stage2)"),
         ("[{stages: [stage1]}]", "at least 2 items"),
         ("[{stages: [stage1, stage9]}]", "groups.0.stages.1"),
+        ("[{stages: [stage2, score]}]", "not consecutive stages"),  # upscale sits between them
     ],
 )
 def test_a_bad_group_is_refused_naming_it(tmp_path, groups, expected):

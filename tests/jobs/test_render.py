@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
+import re
 
 import boto3
 import numpy as np
@@ -20,6 +22,7 @@ from tests.helpers import (
     GOOD,
     LINES,
     OK_COUNT,
+    SCORED,
     SIGNED,
     check_complete,
     png,
@@ -283,7 +286,7 @@ def test_mixed_dataset_end_to_end_with_retry_and_contact_sheets(ray_local, tmp_p
     prompts = tmp_path / "rows.jsonl"
     prompts.write_text("\n".join(json.dumps(r) for r in records) + "\n")
     out = tmp_path / "out"
-    manifest = tiny_manifest(f"input.path={prompts}", "input.shard_size=3", *SIGNED, output=str(out))
+    manifest = tiny_manifest(f"input.path={prompts}", "input.shard_size=3", *SIGNED, *SCORED, output=str(out))
     summary = run(manifest, progress=False)
     assert (summary.rows, summary.ok, summary.error) == (6, 4, 2)
     assert summary.encode_texts - round(summary.encodes) >= 3  # "" once per actor, "a fox" shared
@@ -325,6 +328,17 @@ def test_mixed_dataset_end_to_end_with_retry_and_contact_sheets(ray_local, tmp_p
         )
         assert found["validation_state"] == "Valid" and found["active_manifest"] == row["c2pa"], row["id"]
         assert hashlib.sha256((out / row["image_key"]).read_bytes()).hexdigest() == row["sha256"]
+    # Every ok row of every mode, first attempt and retry, is scored; a failed row has no scores.
+    for row in after.values():
+        scores = [row[s] for s in ("clip_score", "aesthetic_score", "nsfw_score", "watermark_score")]
+        if row["status"] == "ok":
+            assert all(v is not None and math.isfinite(v) for v in scores), row
+            assert (
+                re.fullmatch(r"[0-9a-f]{16}", row["phash"]) and json.loads(row["score_params"])["embeddings"] is False
+            )
+        else:
+            assert scores == [None] * 4 and row["phash"] is None
+    assert after["late"]["clip_score"] is not None and after["text-0"]["clip_score"] == meta["text-0"]["clip_score"]
 
 
 @pytest.mark.slow

@@ -56,6 +56,10 @@ def _mistakes(tmp_path) -> dict[str, tuple[list[str], str]]:
             "seeds.csv row 3: seed",
         ),
         "a model not on disk": (_sets(tmp_path, **{"stage2.model": tmp_path / "IF-II"}), "models: FAILED: stage2"),
+        "a score head not on disk": (
+            _sets(tmp_path, **{"score.aesthetic_model": tmp_path / "aesthetic"}),
+            "models: FAILED: score.aesthetic_model: could not load model",
+        ),
         "a foreign output folder": (_sets(tmp_path, **{"output.path": foreign}), "output: FAILED"),
         "pools that do not fit": (_sets(tmp_path, **{"stage1.num_gpus": 1, "ray.num_gpus": 0}), "pools: FAILED"),
     }
@@ -98,6 +102,16 @@ def test_the_shipped_local_manifests_pass(name, tmp_path):
     for check in ("input", "rows", "models", "output", "pools"):
         assert f"{check}: ok" in result.stderr
     assert "would start rendering" in result.stderr
+
+
+def test_score_auto_without_its_weights_plans_no_score_stage(tmp_path):
+    """The shipped default CLIP is not in this machine's cache: auto turns the stage off, and says so."""
+    result = ifrender(
+        "validate", *_sets(tmp_path, **{"score.enabled": "auto", "score.model": "openai/clip-vit-large-patch14"})
+    )
+    assert result.returncode == 0, result.stderr
+    assert "no score stage (score.enabled auto: openai/clip-vit-large-patch14" in result.stderr
+    assert "score 1 x" not in result.stderr  # nor a pool for it
 
 
 def test_validate_imports_neither_ray_nor_torch(tmp_path):

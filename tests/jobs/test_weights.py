@@ -62,7 +62,11 @@ def test_stage_to_a_directory_takes_only_what_each_stage_loads(tmp_path, tiny_ma
     )
     staged = stage_models(manifest, str(tmp_path / "models"))
     if_i = tmp_path / "models" / "IF-I-tiny"
-    assert staged == {"encode": str(if_i), "stage1": str(if_i), "stage2": str(tmp_path / "models" / "IF-II-tiny")}
+    assert staged == {
+        "encode.model": str(if_i),
+        "stage1.model": str(if_i),
+        "stage2.model": str(tmp_path / "models" / "IF-II-tiny"),
+    }
     files = sorted(str(p.relative_to(if_i)) for p in if_i.rglob("*") if p.is_file())
     # T5 in its fp16 variant (quantised to 8 bit at load), the UNet in plain weights, nothing else.
     assert "text_encoder/model.fp16.safetensors" in files and "text_encoder/model.safetensors" not in files
@@ -79,28 +83,28 @@ def test_stage_to_s3_sync_back_and_render_offline(ray_local, s3_server, tiny_roo
     overrides = [f"input.path={prompts}", "last_stage=stage2", "stage1.variant=fp16", "stage1.dtype=fp32"]
     base = tiny_manifest(*overrides, output=str(tmp_path / "o"))
     staged = stage_models(base, "s3://model-mirror/weights")
-    assert staged["stage1"] == "s3://model-mirror/weights/IF-I-tiny"
+    assert staged["stage1.model"] == "s3://model-mirror/weights/IF-I-tiny"
     keys = [o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket="model-mirror")["Contents"]]
     assert "weights/IF-I-tiny/unet/diffusion_pytorch_model.fp16.safetensors" in keys
     assert "weights/IF-I-tiny/unet/diffusion_pytorch_model.safetensors" not in keys
 
     # Sync: a first call downloads, a second finds the stamp current and touches nothing.
-    local = sync_mirror(staged["stage2"], tmp_path / "cache")
+    local = sync_mirror(staged["stage2.model"], tmp_path / "cache")
     assert (local / "model_index.json").read_bytes() == (tiny_root / "IF-II-tiny" / "model_index.json").read_bytes()
     weights = local / "unet" / "diffusion_pytorch_model.safetensors"
     mtime = weights.stat().st_mtime_ns
-    assert sync_mirror(staged["stage2"], tmp_path / "cache") == local and weights.stat().st_mtime_ns == mtime
+    assert sync_mirror(staged["stage2.model"], tmp_path / "cache") == local and weights.stat().st_mtime_ns == mtime
     # A corrupted local file (same size, other bytes) is found by its ETag and fetched again.
     (local / ".ifrender-sync.json").unlink()
     weights.write_bytes(b"\0" * weights.stat().st_size)
-    sync_mirror(staged["stage2"], tmp_path / "cache")
+    sync_mirror(staged["stage2.model"], tmp_path / "cache")
     assert (
         weights.read_bytes() == (tiny_root / "IF-II-tiny" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
     )
 
     # Render with every model read from the mirror; workers sync it at start, offline.
     assert os.environ["HF_HUB_OFFLINE"] == "1"
-    mirrored = [f"{stage}.model={uri}" for stage, uri in staged.items()]
+    mirrored = [f"{field}={uri}" for field, uri in staged.items()]
     summary = run(tiny_manifest(*overrides, *mirrored, output=str(tmp_path / "o")), progress=False)
     assert summary.rows == 2 and summary.ok == 2, summary.errors
 
@@ -117,6 +121,17 @@ def test_stage_models_command_prints_the_settings_to_render_from_the_copy(tmp_pa
     assert result.returncode == 0, result.stderr
     assert f"--set encode.model={tmp_path / 'm' / 'IF-I-tiny'}" in result.stdout
     assert json.loads((tmp_path / "m" / "IF-I-tiny" / "model_index.json").read_text())["_class_name"] == "IFPipeline"
+    # local-tiny scores: CLIP's files (a transformers repo's root) and the aesthetic head's one file
+    assert f"--set score.model={tmp_path / 'm' / 'clip-tiny'}" in result.stdout
+    assert f"--set score.aesthetic_model={tmp_path / 'm' / 'aesthetic-tiny'}" in result.stdout
+    clip = sorted(p.name for p in (tmp_path / "m" / "clip-tiny").iterdir())
+    assert "config.json" in clip and "model.safetensors" in clip and "tokenizer.json" in clip
+    assert sorted(p.name for p in (tmp_path / "m" / "aesthetic-tiny").iterdir()) == ["aesthetic-model.pth"]
+    # and validate finds every checkpoint in the copies
+    sets = [a for s in result.stdout.splitlines()[-1].split("--set ")[1:] for a in ("--set", s.strip())]
+    check = ifrender("validate", "--set", "last_stage=stage1", *sets)
+    models = next(line for line in check.stderr.splitlines() if line.startswith("models:"))  # the checks' lines
+    assert models.startswith("models: ok") and f"score {tmp_path / 'm' / 'clip-tiny'}" in models, check.stderr
 
 
 def test_a_mirror_sync_skips_folder_markers_and_refuses_keys_that_escape_the_cache(s3_server, tmp_path):
