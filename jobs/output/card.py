@@ -21,6 +21,7 @@ import yaml
 from jobs.manifest import Manifest
 from jobs.output.layout import CARD, CARD_FILES, DATA_GLOB, JOB_SHEET, Derived
 from workers.columns import SCORES
+from workers.stages import SCORE
 from workers.storage import join, read_bytes, resolve, write_bytes
 
 log = logging.getLogger(__name__)
@@ -117,6 +118,20 @@ def card_text(manifest: Manifest, derived: Derived, index: dict[str, Any] | None
         for stage in manifest.stages()
     )
     embedded = "; the `image` column holds its bytes" if derived.embed_images else ""
+    scored, score_filter, best = "", "", "id"
+    if SCORE in manifest.stages():
+        clip = text(manifest.score.model)
+        scored = (
+            f"`clip_score` (CLIPScore of image and prompt with `{clip}`, 0-100), `aesthetic_score` (LAION's "
+            f"aesthetic predictor v2, about 1-10), "
+            + ("`clip_embedding` (the image's unit CLIP embedding, float16), " if manifest.score.embeddings else "")
+        )
+        score_filter = (
+            "\n      AND clip_score >= 20  -- matches its prompt (CLIP ViT-L/14: matching pairs mostly score 25-35)"
+            "\n      AND aesthetic_score >= 5  -- LAION's predictor: 5 is its usual cut for pleasing images"
+        )
+        best = "aesthetic_score DESC, id"  # of near-duplicates, the best rated
+
     sample = f"\n![contact sheet of the committed shards]({JOB_SHEET})\n" if derived.contact_sheets and index else ""
     histograms = f"\n![histograms of the scores]({HISTOGRAMS})\n" if scores else ""
     return f"""---
@@ -138,7 +153,7 @@ watermark is in each one where `watermarked` is true. {licence_line}
 `data/` holds one Parquet file per committed shard, replaced whole when a shard is retried, so any
 reader of `data/*.parquet` sees each committed row once. Each row's `image_key` is its image file,
 relative to this folder{embedded}; `status` is `ok` or `error` (with the `error` message), and the
-row carries its prompt, seed, the settings each stage ran with, `nsfw_score` and `watermark_score`
+row carries its prompt, seed, the settings each stage ran with, {scored}`nsfw_score` and `watermark_score`
 (the values IF's safety checker thresholds), `phash` (a 64-bit perceptual hash) and `sha256`.
 {sample}{histograms}
 ## Load
@@ -155,8 +170,8 @@ import duckdb
 
 keep = duckdb.sql(\"\"\"
     SELECT * FROM read_parquet('data/*.parquet')
-    WHERE status = 'ok' AND nsfw_score < 0.5 AND watermark_score < 0.5
-    QUALIFY row_number() OVER (PARTITION BY phash ORDER BY id) = 1  -- one image per perceptual hash
+    WHERE status = 'ok' AND nsfw_score < 0.5 AND watermark_score < 0.5{score_filter}
+    QUALIFY row_number() OVER (PARTITION BY phash ORDER BY {best}) = 1  -- one image per perceptual hash
 \"\"\").df()
 ```
 
@@ -223,13 +238,14 @@ def _draw_histograms(out: str, index: dict[str, Any]) -> bool:
         # Only the score columns are read: a shard's file may hold its images too (output.embed_images).
         fs, path = resolve(join(out, shard["data"]))
         try:
-            table = pq.read_table(path, columns=["status", *SCORES], filesystem=fs)
+            names = pq.read_schema(path, filesystem=fs).names  # a shard from before a score existed lacks it
+            table = pq.read_table(path, columns=["status", *(s for s in SCORES if s in names)], filesystem=fs)
         except (OSError, pa.ArrowException) as err:  # replaced by a retry's commit meanwhile: drawn next time
             log.info("card histograms: %s not read (%s)", shard["data"], err)
             continue
         for row in table.to_pylist():
             for s in SCORES:
-                if row["status"] == "ok" and row[s] is not None and row[s] == row[s]:
+                if row["status"] == "ok" and row.get(s) is not None and row[s] == row[s]:
                     values[s].append(row[s])
     if not any(values.values()):
         return False

@@ -382,8 +382,15 @@ def build_score_models(clip_dir: Path, aesthetic_dir: Path) -> None:
     model.save_pretrained(clip_dir, safe_serialization=True)
     processor.save_pretrained(clip_dir)
     head = AestheticHead(config.projection_dim)
-    with torch.no_grad():
-        head.layers[-1].bias.fill_(5.0)
-        head.layers[-1].weight.mul_(300.0)  # a spread of a few tenths, so the histograms show a shape
+    with torch.no_grad():  # centred on 5 with a spread of 0.5 over pictures' embeddings, as LAION's scale
+        pictures = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8)
+        embeds = model.get_image_features(
+            pixel_values=processor(images=list(pictures), return_tensors="pt")["pixel_values"]
+        ).pooler_output
+        raw = head(embeds / embeds.norm(dim=-1, keepdim=True))
+        scale = 0.5 / raw.std()
+        last = head.layers[-1]
+        last.weight.mul_(scale)
+        last.bias.copy_(scale * (last.bias - raw.mean()) + 5.0)
     aesthetic_dir.mkdir(parents=True, exist_ok=True)
     torch.save(head.state_dict(), aesthetic_dir / AESTHETIC_FILE)

@@ -4,6 +4,9 @@ the manifest or the rows as markup."""
 
 from __future__ import annotations
 
+import math
+from contextlib import chdir
+
 import pytest
 from huggingface_hub import DatasetCard
 from PIL import Image
@@ -28,9 +31,64 @@ def test_the_shared_renders_card_parses_and_shows_its_scores(local_run):
     assert "nsfw_score < 0.5" in card.text and "PARTITION BY phash" in card.text
     assert str(local_run.out) not in card.content  # no absolute path: the card travels with the folder
     # What the card's filter recipe reads is in every ok row.
-    rows = [r for r in read_output(str(local_run.out))[0] if r["status"] == "ok"]
+    every = read_output(str(local_run.out))[0]
+    rows = [r for r in every if r["status"] == "ok"]
     assert rows and all(len(r["phash"]) == 16 and int(r["phash"], 16) >= 0 for r in rows)
-    assert all(r["nsfw_score"] is not None and r["watermark_score"] is not None for r in rows)
+    scores = ("clip_score", "aesthetic_score", "nsfw_score", "watermark_score")
+    assert all(math.isfinite(r[s]) for r in rows for s in scores)
+    assert all(len(r["clip_embedding"]) == 16 for r in rows)  # score.embeddings: the tiny CLIP's 16 dimensions
+    assert all(r[s] is None for r in every if r["status"] != "ok" for s in (*scores, "clip_embedding"))
+    assert "`clip_score` (CLIPScore" in card.text and "`clip_embedding`" in card.text
+
+
+@pytest.mark.slow
+def test_the_cards_filter_recipe_keeps_what_it_says(local_run, tmp_path):
+    """The card's DuckDB recipe, run as a reader would in an output folder, keeps exactly the ok
+    rows above the score cuts it names and below the checker's thresholds, the best rated per
+    phash: on rows made to sit on each side of each cut, and on the shared render's own rows."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    card = DatasetCard.load(local_run.out / CARD).text
+    recipe = card.split("## Filter")[1].split("```python")[1].split("```")[0]
+
+    def keep(folder) -> list[str]:
+        found: dict = {}
+        with chdir(folder):
+            exec(recipe, found)  # noqa: S102 - the card's own code, as a reader runs it
+        return sorted(found["keep"]["id"])
+
+    def expected(rows) -> list[str]:
+        passing = [
+            r
+            for r in rows
+            if r["status"] == "ok"
+            and r["clip_score"] >= 20
+            and r["aesthetic_score"] >= 5
+            and r["nsfw_score"] < 0.5
+            and r["watermark_score"] < 0.5
+        ]
+        best: dict = {}
+        for r in sorted(passing, key=lambda r: (-r["aesthetic_score"], r["id"])):
+            best.setdefault(r["phash"], r["id"])
+        return sorted(best.values())
+
+    base = {"status": "ok", "clip_score": 30.0, "aesthetic_score": 6.0, "nsfw_score": -9.0, "watermark_score": -9.0}
+    made = [
+        base | {"id": "keep", "phash": "a"},
+        base | {"id": "twin-worse", "phash": "b", "aesthetic_score": 5.5},
+        base | {"id": "twin-better", "phash": "b", "aesthetic_score": 7.0},
+        base | {"id": "off-prompt", "phash": "c", "clip_score": 19.9},
+        base | {"id": "plain", "phash": "d", "aesthetic_score": 4.9},
+        base | {"id": "nsfw", "phash": "e", "nsfw_score": 0.6},
+        base | {"id": "marked", "phash": "f", "watermark_score": 0.7},
+        base | {"id": "failed", "phash": "g", "status": "error"},
+    ]
+    (tmp_path / "data").mkdir()
+    pq.write_table(pa.Table.from_pylist(made), tmp_path / "data" / "000000.parquet")
+    assert keep(tmp_path) == expected(made) == ["keep", "twin-better"]
+    rendered = read_output(str(local_run.out))[0]
+    assert keep(local_run.out) == expected(rendered)
 
 
 def test_names_are_escaped_and_real_weights_name_their_licences(tmp_path):
