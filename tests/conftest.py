@@ -12,7 +12,7 @@ import pytest
 
 from jobs.manifest import DEFAULT_MANIFEST, load_manifest
 from tests.harness.credentials import CERT_ENV, KEY_ENV, signing_chain
-from tests.helpers import EVERY_FORMAT, LINES, SCORED, free_port
+from tests.helpers import LINES, SHARED, free_port
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -108,7 +108,7 @@ def local_run(ray_local, prompts, tmp_path_factory, tiny_manifest):
     from jobs.render import run
 
     out = tmp_path_factory.mktemp("local") / "out"
-    manifest = tiny_manifest(f"input.path={prompts}", *SCORED, "score.embeddings=true", *EVERY_FORMAT, output=str(out))
+    manifest = tiny_manifest(f"input.path={prompts}", *SHARED, output=str(out))
     summary = run(manifest, progress=False)
     return SimpleNamespace(
         out=out,

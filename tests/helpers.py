@@ -223,6 +223,8 @@ SIGNED = ("output.c2pa.sign_cert=env:IFRENDER_TEST_C2PA_CERT", "output.c2pa.priv
 # Not signed: a signed file's bytes differ per render (its manifest's label and time), and the
 # shared render's digests are compared with other layouts' bit for bit. The mixed-modes render signs.
 EVERY_FORMAT = ("input.shard_size=3", "output.embed_images=true", "output.webdataset=true", "contact_sheets=true")
+# The shared render's settings (tests/conftest.py local_run): scored with embeddings, every format.
+SHARED = (*SCORED, "score.embeddings=true", *EVERY_FORMAT)
 
 
 def check_complete(rows, images, size):

@@ -18,11 +18,11 @@ from jobs.output.commits import list_commits
 from jobs.plan.layouts import with_groups
 from jobs.render import run
 from tests.helpers import (
-    EVERY_FORMAT,
     GOOD,
     LINES,
     OK_COUNT,
     SCORED,
+    SHARED,
     SIGNED,
     check_complete,
     png,
@@ -155,7 +155,7 @@ def test_rerun_renders_nothing_and_changes_nothing(local_run, prompts, tiny_mani
     out = local_run.out
     before = read_output(str(out))
     # pools and batch sizes may differ on a resume: they change no pixel
-    manifest = tiny_manifest(f"input.path={prompts}", *EVERY_FORMAT, "stage1.batch_size=1", output=str(out))
+    manifest = tiny_manifest(f"input.path={prompts}", *SHARED, "stage1.batch_size=1", output=str(out))
     summary = run(manifest, progress=False)
     assert (summary.rows, summary.skipped_shards, summary.output_rows) == (0, 3, len(LINES))
     assert read_output(str(out)) == before
@@ -164,7 +164,7 @@ def test_rerun_renders_nothing_and_changes_nothing(local_run, prompts, tiny_mani
 @pytest.mark.slow
 def test_changed_manifest_is_refused_naming_the_change(local_run, prompts, tiny_manifest):
     out = local_run.out
-    manifest = tiny_manifest(f"input.path={prompts}", *EVERY_FORMAT, "stage1.num_inference_steps=3", output=str(out))
+    manifest = tiny_manifest(f"input.path={prompts}", *SHARED, "stage1.num_inference_steps=3", output=str(out))
     with pytest.raises(ChangedManifestError, match="stage1.num_inference_steps: 2 -> 3.*--allow-changed"):
         run(manifest, progress=False)
 

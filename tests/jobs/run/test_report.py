@@ -17,6 +17,7 @@ from PIL import Image
 
 from jobs.run.report_job import EXTREMES
 from tests.helpers import LINES, OK_COUNT, read_output
+from workers.columns import SCORES
 
 pytestmark = pytest.mark.slow
 WIDTH = 1280  # the browser window the page is laid out in
@@ -60,6 +61,7 @@ def test_the_run_report_opens_in_a_browser_with_its_plots_and_sheets(local_run, 
         assert f'href="{row["image_key"]}"' in text
     assert 'href="data/"' in text
     assert "lowest nsfw_score" in text and "highest watermark_score" in text
+    assert "lowest clip_score" in text and "highest aesthetic_score" in text
 
     # The DOM dump and the screenshot lay the page out at one width: the boxes measured are where the pixels are.
     dom = browse(str(page), "--virtual-time-budget=5000", f"--window-size={WIDTH},1000", "--dump-dom")
@@ -68,7 +70,7 @@ def test_the_run_report_opens_in_a_browser_with_its_plots_and_sheets(local_run, 
     attrs = dict(re.findall(r'data-(\w+)="([^"]*)"', body))
     # throughput, busy timeline, the sample, the scores' histograms and each score's lowest and
     # highest images (all of them, for fewer than 2 x EXTREMES rows), a sheet per shard
-    extremes = 2 * min(len(ok_rows), 2 * EXTREMES)
+    extremes = len(SCORES) * min(len(ok_rows), 2 * EXTREMES)
     assert int(attrs["images"]) == 3 + len(ok_rows) + extremes + summary.committed_shards, attrs
     assert attrs["broken"] == "", f"pictures that did not decode: {attrs['broken']}"
     boxes = json.loads(attrs["boxes"].replace("&quot;", '"'))
