@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from workers.base import Batch, StageWorker, per_row, row_generators, to_numpy
+from workers.guidance import guidance_interval
 from workers.models import Schedulers, load_pipeline, preset_timesteps, recorded_settings
 from workers.overrides import effective_settings, row_mode
 from workers.safety import Safety
@@ -106,7 +107,8 @@ class IFStageWorker(StageWorker):
         kwargs |= self.inputs(batch, rows, settings) | self.mode_inputs(batch, rows, settings)
         pipe = self.pipes[settings["mode"]]
         pipe.scheduler = self.schedulers[settings["scheduler"]]
-        images = pipe(**kwargs).images
+        with guidance_interval(pipe, settings["guidance_interval"], settings["guidance_scale"] > 1):
+            images = pipe(**kwargs).images
         # Handed on in the stage's dtype (fp16 stays fp16: half the object store traffic of fp32,
         # and the next stage computes in its own dtype anyway); numpy has no bf16, so bf16 goes as fp32.
         values = {self.column: to_numpy(images).astype(self.handover, copy=False)}

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from workers.base import Batch, StageWorker, row_generators
+from workers.guidance import guidance_interval
 from workers.if_stage import row_overrides
 from workers.models import Schedulers, load_pipeline, recorded_settings
 from workers.overrides import effective_settings
@@ -57,7 +58,13 @@ class UpscaleWorker(StageWorker):
         self.check_size(settings)
         low_res = self.tensor(batch, "stage2_image", rows)
         self.pipe.scheduler = self.schedulers[settings["scheduler"]]
-        images = self.pipe(
+        with guidance_interval(self.pipe, settings["guidance_interval"], settings["guidance_scale"] > 1):
+            images = self._upscale(batch, rows, settings, low_res)
+        values = {"upscale_image": self.decode(images)}
+        return self.safety.finish(values, "upscale_image") if self.safety else values
+
+    def _upscale(self, batch: Batch, rows: np.ndarray, settings: dict[str, Any], low_res: torch.Tensor) -> torch.Tensor:
+        return self.pipe(
             prompt=[str(p) for p in batch["prompt"][rows]],
             negative_prompt=[str(p or "") for p in batch["negative_prompt"][rows]],
             # The upscaler picks its input scaling from the whole batch's minimum, so one image's
@@ -70,8 +77,6 @@ class UpscaleWorker(StageWorker):
             num_images_per_prompt=1,  # more than one mispairs prompts and images in diffusers 0.42
             output_type="latent",
         ).images
-        values = {"upscale_image": self.decode(images)}
-        return self.safety.finish(values, "upscale_image") if self.safety else values
 
     def decode(self, latents: torch.Tensor) -> np.ndarray:
         """Latents to (B, H, W, 3) uint8 images, converted on the device so only bytes cross to
