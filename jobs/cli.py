@@ -119,6 +119,18 @@ def _tiny_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cost_line(manifest, per_gpu: float) -> str:
+    """What one image costs at the manifest's settings, and what a GPU gives at the plan."""
+    from jobs.plan.costs import image_tflop
+
+    tflop = image_tflop(manifest)
+    parts = ", ".join(f"{s} {t:,.1f}" for s, t in tflop.items())
+    return (
+        f"cost: {sum(tflop.values()):,.1f} TFLOP per image at the full-size models ({parts}); "
+        f"{per_gpu:,.0f} images/hour per GPU"
+    )
+
+
 def _plan(args: argparse.Namespace) -> int:
     from jobs.plan.costs import Profile, flops_profile
     from jobs.plan.search import choose, naive, plan_layouts, why
@@ -143,6 +155,7 @@ def _plan(args: argparse.Namespace) -> int:
         f"  one pool per stage with equal shares: {base.images_per_hour:,.0f} images/hour "
         f"(the plan is {chosen.images_per_second / base.images_per_second:.2f}x)"
     )
+    print(cost_line(manifest, chosen.images_per_hour / args.gpus))
     print("in the manifest (a grouped stage's own pool settings go):\n" + chosen.yaml())
     if args.save:
         from dataclasses import asdict

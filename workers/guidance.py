@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # torch where a step runs: the planner counts guided steps without it
+    import torch
 
 FULL = (0.0, 1.0)  # guidance on every step: the pipelines as they are, bit for bit
 
@@ -43,6 +44,8 @@ class IntervalUNet:
         return getattr(self.unet, name)
 
     def _plan(self, timestep: Any) -> list[bool]:
+        import torch
+
         timesteps = self.scheduler.timesteps
         t = timestep.flatten()[0] if isinstance(timestep, torch.Tensor) else timestep
         found = (timesteps.to(torch.as_tensor(t).device) == t).nonzero()
@@ -55,6 +58,8 @@ class IntervalUNet:
         step, self.calls = self.calls, self.calls + 1
         if step >= len(self.guided) or self.guided[step]:
             return self.unet(sample, timestep, *args, **kwargs)
+        import torch
+
         half = sample.shape[0] // 2
 
         def cond(value: Any) -> Any:  # a per-row input of the doubled batch: its conditional half

@@ -3,6 +3,7 @@ and the profile the planner, the profiler and the bench share."""
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import asdict, dataclass
@@ -73,12 +74,42 @@ def step_costs(seconds_per_call: dict[int, float]) -> tuple[float, float]:
     return t1 - n1 * per_step, per_step
 
 
-def _steps(cfg) -> int:
-    if getattr(cfg, "timesteps", None):
+def stage_tflop(stage: str, settings: dict) -> float:
+    """One image's TFLOP in a stage at the full-size models, from its settings: a stage config's
+    fields, or a row's recorded `<stage>_params` (what it actually ran: steps or preset, strength,
+    guidance scale and interval)."""
+    from workers.guidance import FULL, guided_fraction
+
+    if stage == "encode":
+        return FORWARD_TFLOP["encode"] * 2  # prompt and negative prompt
+    if stage == "score":
+        return FORWARD_TFLOP["score"]  # one image and its prompt, no steps
+    if settings.get("timesteps"):
         from workers.models import preset_timesteps
 
-        return len(preset_timesteps(cfg.timesteps))
-    return cfg.num_inference_steps
+        steps = len(preset_timesteps(settings["timesteps"]))
+    else:
+        steps = settings["num_inference_steps"]
+    if settings.get("mode", "text2img") != "text2img" and settings.get("strength") is not None:
+        steps = min(int(steps * settings["strength"]), steps)  # img2img starts part-way, as diffusers does
+    # Classifier-free guidance doubles the batch on the steps it runs.
+    guided = (
+        guided_fraction(steps, tuple(settings.get("guidance_interval", FULL))) if settings["guidance_scale"] > 1 else 0
+    )
+    tflop = FORWARD_TFLOP[stage] * steps * (1 + guided)
+    return tflop + (VAE_DECODE_TFLOP if stage == "upscale" else 0.0)
+
+
+@functools.lru_cache(maxsize=4096)
+def recorded_tflop(stage: str, params: str) -> float:
+    """One row's TFLOP in a stage, from the `<stage>_params` JSON it recorded (rows that ran
+    alike share one string, so a run's rows cost a few parses)."""
+    return stage_tflop(stage, json.loads(params))
+
+
+def image_tflop(manifest: Manifest) -> dict[str, float]:
+    """Per stage of the job, one text-to-image row's TFLOP at the manifest's settings."""
+    return {s: stage_tflop(s, getattr(manifest, s).model_dump()) for s in manifest.stages()}
 
 
 def flops_profile(manifest: Manifest, tflops: float = 800.0, utilisation: float = 0.4, device: str = "H100") -> Profile:
@@ -87,15 +118,7 @@ def flops_profile(manifest: Manifest, tflops: float = 800.0, utilisation: float 
     stages = {}
     for stage in manifest.stages():
         cfg = getattr(manifest, stage)
-        if stage == "encode":
-            tflop = FORWARD_TFLOP["encode"] * 2  # prompt and negative prompt
-        elif stage == "score":
-            tflop = FORWARD_TFLOP["score"]  # one image and its prompt, no steps
-        else:
-            cfg_factor = 2 if cfg.guidance_scale > 1 else 1  # classifier-free guidance doubles the batch
-            tflop = FORWARD_TFLOP[stage] * _steps(cfg) * cfg_factor
-            if stage == "upscale":
-                tflop += VAE_DECODE_TFLOP
+        tflop = stage_tflop(stage, cfg.model_dump())
         weights = WEIGHTS_8BIT_GB["encode"] if stage == "encode" and cfg.load_in_8bit else WEIGHTS_GB[stage]
         # Memory follows the rows of one model call (micro_batch), whatever the layout's batches.
         stages[stage] = StageProfile(

@@ -150,6 +150,11 @@ class RunReport(Observer):
             ("rows", f"{summary.rows} this run: {summary.ok} ok, {summary.error} error"),
             ("prompts cut at T5's 77 tokens", f"{summary.truncated} (prompt_truncated)"),
             (
+                "compute per image",
+                f"{summary.tflop / summary.ok if summary.ok else 0:,.1f} TFLOP at the full-size models' FLOP counts, "
+                "as the rows ran (steps, strength, guidance interval)",
+            ),
+            (
                 "shards",
                 f"{summary.committed_shards} committed this run, {summary.skipped_shards} before, "
                 f"{summary.uncommitted_shards} left incomplete",

@@ -53,6 +53,8 @@ class Summary(Observer):
     stalled: str = ""  # why the no-progress check ended the run
     stopped: str = ""  # why the run stopped early with work left (--stop-after)
     truncated: int = 0  # rows whose prompt was longer than T5's window (prompt_truncated)
+    tflop: float = 0.0  # the ok rows' compute at the full-size models, as each ran (jobs/plan/costs.py)
+    tflop_per_image: float = 0.0
     not_retryable: int = 0  # with --retry-errors: failed rows another try would fail the same way
     not_retryable_examples: list[str] = field(default_factory=list)  # a few of them: id, source, error
 
@@ -109,6 +111,7 @@ class Summary(Observer):
                 self.stage_seconds[stage] = self.stage_seconds.get(stage, 0.0) + pc.sum(table.column(col)).as_py()
         if "prompt_truncated" in table.column_names:
             self.truncated += sum(bool(t) for t in table.column("prompt_truncated").to_pylist())
+        self.tflop += spent(table.to_pylist())
         for e in table.column("error").to_pylist():
             if e:
                 key = e[:160]
@@ -120,6 +123,7 @@ class Summary(Observer):
         ok = sum(r["status"] == "ok" for r in rows)
         self.ok -= ok
         self.truncated -= sum(bool(r.get("prompt_truncated")) for r in rows)
+        self.tflop -= spent(rows)
         self.error -= len(rows) - ok
 
     def add_stage_counters(self, block: pa.Table, stages: tuple[str, ...]) -> None:
@@ -138,6 +142,8 @@ class Summary(Observer):
         self.images_per_second = round(self.ok / elapsed, 4) if elapsed else 0.0
         self.stage_seconds = {k: round(v, 3) for k, v in self.stage_seconds.items()}
         self.stage_seconds_per_image = {k: round(v / self.ok, 4) for k, v in self.stage_seconds.items() if self.ok}
+        self.tflop = round(self.tflop, 1)
+        self.tflop_per_image = round(self.tflop / self.ok, 1) if self.ok else 0.0
         self.errors = dict(sorted(self.errors.items(), key=lambda kv: -kv[1])[:10])
 
     def text(self) -> str:
@@ -155,6 +161,8 @@ class Summary(Observer):
             f"{self.encode_texts - round(self.encodes)} saved by deduplication",
             "  busy seconds per image by stage: "
             + ", ".join(f"{k} {v:.3f}" for k, v in self.stage_seconds_per_image.items()),
+            f"  compute per image: {self.tflop_per_image:,.1f} TFLOP at the full-size models' FLOP counts, as the "
+            "rows ran (their steps, strength, guidance and interval)",
         ]
         if any(self.peak_gpu_gb.values()):
             lines.append(
@@ -234,6 +242,20 @@ class Summary(Observer):
             f"  contact sheet: {join(out, JOB_SHEET)}",
             f"  read it:       {read}",
         ]
+
+
+def spent(rows: list[dict]) -> float:
+    """The ok rows' TFLOP at the full-size models, from the settings each stage recorded."""
+    from jobs.plan.costs import recorded_tflop
+    from workers.stages import MODEL_STAGES
+
+    return sum(
+        recorded_tflop(stage, row[f"{stage}_params"])
+        for row in rows
+        if row.get("status") == "ok"
+        for stage in MODEL_STAGES
+        if row.get(f"{stage}_params")
+    )
 
 
 def shown(path: str) -> str:
