@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
+from jobs.machine_load import OtherLoad, verdict
 from jobs.manifest import Manifest
 from jobs.output.layout import INDEX
 from workers.sizes import JobSize
@@ -268,11 +269,15 @@ def bench(manifest: Manifest, images: int, workdir: Path) -> dict:
         }
     )
     manifest = resolve_models(manifest)
+    load = OtherLoad().start()  # each way's share of the machine, to tell a true pick from a busy neighbour
+    marks = {"start": time.monotonic()}
     log.info("bench: %d images, (a) Ray pipeline", images)
     pipeline, done = run_pipeline(manifest)
+    marks["pipeline"] = time.monotonic()
     slots = os.cpu_count() or 1
     log.info("bench: (b) replicas, %d copies of the cascade", slots)
     replicas, replica_rows = run_pipeline(replicas_of(manifest, slots))
+    marks["replicas"] = time.monotonic()
     log.info("bench: (c) sequential, one process")
     items = shard_items(plan_shards(manifest.input))
     batches = [
@@ -286,6 +291,7 @@ def bench(manifest: Manifest, images: int, workdir: Path) -> dict:
     ]
     rows = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
     sequential, digests = run_sequential(manifest, rows, str(workdir / "sequential"))
+    marks["sequential"] = time.monotonic()
     # Both ways must render the same images, or the comparison means nothing. Not bit for bit:
     # the actors run torch on 1 thread, the single process on all cores, and CPU kernels round
     # differently with the thread count (measured: 1/255 on under 0.1% of pixels).
@@ -307,11 +313,15 @@ def bench(manifest: Manifest, images: int, workdir: Path) -> dict:
     if chosen.layout == "fused":  # the pick is measured too, whatever it is
         log.info("bench: (d) the planner's pick, fused")
         ways["fused"], _ = run_pipeline(on_cpus(manifest, chosen))
+        marks["fused"] = time.monotonic()
+    load.stop()
+    names = list(marks)
+    other = {way: round(load.cores(marks[names[i - 1]], marks[way]), 3) for i, way in enumerate(names) if i}
     rates = {k: v["images_per_second"] for k, v in ways.items()}
     return {
         "manifest": manifest.name,
         "images": images,
-        "machine": {"cpus": slots, "torch_threads": torch.get_num_threads()},
+        "machine": {"cpus": slots, "torch_threads": torch.get_num_threads(), "other_process_cores": other},
         **ways,
         "images_per_second": rates,
         "ratio": round(rates["pipeline"] / rates["sequential"], 3),
@@ -322,6 +332,7 @@ def bench(manifest: Manifest, images: int, workdir: Path) -> dict:
         },
         "planner": {
             "chosen": chosen.layout,
+            "unreliable": verdict(other),  # why the measurements cannot check the pick, or None
             "why": why(profile, layouts, chosen),
             "predicted_images_per_second": {
                 k: round(p.images_per_second, 3) for k, p in layouts.items() if not isinstance(p, str)
@@ -343,8 +354,12 @@ def report(result: dict) -> str:
         f"{rates['replicas']:.3f} images/s   sequential (one process): {rates['sequential']:.3f} images/s",
         f"  ratios: replicas/pipeline {ratios['replicas/pipeline']:.2f}x, replicas/sequential "
         f"{ratios['replicas/sequential']:.2f}x, pipeline/sequential {ratios['pipeline/sequential']:.2f}x",
-        f"  the planner picks {chosen} for this machine (measured {rates[chosen]:.3f} images/s; the best "
-        f"of the others {max(v for k, v in rates.items() if k != chosen):.3f}):",
+        (
+            f"  NO PICK: {result['planner']['unreliable']}"
+            if result["planner"].get("unreliable")
+            else f"  the planner picks {chosen} for this machine (measured {rates[chosen]:.3f} images/s; the best "
+            f"of the others {max(v for k, v in rates.items() if k != chosen):.3f}):"
+        ),
         *result["planner"]["why"],
         f"  same images: replicas and pipeline bit for bit: {result['replicas_bit_identical']}; sequential "
         f"{result['images_compared']}/{result['images']} compared, max pixel difference {result['max_pixel_diff']}/255",

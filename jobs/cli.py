@@ -119,20 +119,8 @@ def _tiny_models(args: argparse.Namespace) -> int:
     return 0
 
 
-def cost_line(manifest, per_gpu: float) -> str:
-    """What one image costs at the manifest's settings, and what a GPU gives at the plan."""
-    from jobs.plan.costs import image_tflop
-
-    tflop = image_tflop(manifest)
-    parts = ", ".join(f"{s} {t:,.1f}" for s, t in tflop.items())
-    return (
-        f"cost: {sum(tflop.values()):,.1f} TFLOP per image at the full-size models ({parts}); "
-        f"{per_gpu:,.0f} images/hour per GPU"
-    )
-
-
 def _plan(args: argparse.Namespace) -> int:
-    from jobs.plan.costs import Profile, flops_profile
+    from jobs.plan.costs import Profile, cost_line, flops_profile
     from jobs.plan.search import choose, naive, plan_layouts, why
 
     manifest = load_manifest(args.manifest, args.set)

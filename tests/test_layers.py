@@ -28,6 +28,7 @@ ALLOWED = {
     "jobs.manifest_yaml": set(),
     "jobs.manifest_io": set(),
     "jobs.manifest_help": set(),
+    "jobs.machine_load": set(),  # the bench's load monitor: the machine, nothing of ifrender's
     "jobs.manifest": {"jobs.manifest_yaml", "jobs.manifest_io", "jobs.manifest_help"},
     "jobs.input": {"jobs.manifest", "jobs.input"},
     "jobs.plan": {"jobs.manifest", "jobs.plan"},

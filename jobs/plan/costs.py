@@ -128,3 +128,13 @@ def flops_profile(manifest: Manifest, tflops: float = 800.0, utilisation: float 
         )
     source = f"FLOP counts at {utilisation:.0%} of {tflops:g} TFLOP/s"
     return Profile(source, device, stages)
+
+
+def cost_line(manifest: Manifest, per_gpu: float) -> str:
+    """What one image costs at the manifest's settings, and what a GPU gives at the plan."""
+    tflop = image_tflop(manifest)
+    parts = ", ".join(f"{s} {t:,.1f}" for s, t in tflop.items())
+    return (
+        f"cost: {sum(tflop.values()):,.1f} TFLOP per image at the full-size models ({parts}); "
+        f"{per_gpu:,.0f} images/hour per GPU"
+    )

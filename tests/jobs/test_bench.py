@@ -59,6 +59,7 @@ def test_simulation_runs_every_image_through_stand_ins(tmp_path):
 @pytest.mark.slow
 def test_bench_renders_the_same_images_three_ways_and_checks_the_planners_pick(ray_local, tmp_path, tiny_manifest):
     from jobs.bench import bench, report
+    from jobs.machine_load import verdict
 
     m = tiny_manifest("last_stage=stage2", "stage1.batch_size=2", "stage2.batch_size=2", output=str(tmp_path / "o"))
     result = bench(m, 6, tmp_path / "bench")
@@ -78,8 +79,16 @@ def test_bench_renders_the_same_images_three_ways_and_checks_the_planners_pick(r
     assert set(result["pipeline"]["gap_s"]) == {"encode->stage1", "stage1->stage2"}
     text = report(result)
     assert re.search(r"pipeline: [\d.]+ images/s +replicas .*: [\d.]+ images/s +sequential \(one process\)", text)
-    assert "ratios: replicas/pipeline" in text and f"the planner picks {result['planner']['chosen']}" in text
-    assert "replicas and pipeline bit for bit: True" in text
+    assert "ratios: replicas/pipeline" in text and "replicas and pipeline bit for bit: True" in text
+    # Each way's share taken by other processes is recorded; the pick is reported only on a quiet machine.
+    assert set(result["machine"]["other_process_cores"]) == set(rates)
+    picked = f"the planner picks {result['planner']['chosen']}"
+    if result["planner"]["unreliable"]:
+        assert "NO PICK: other processes used" in text and picked not in text
+    else:
+        assert picked in text and "NO PICK" not in text
+    busy = result | {"planner": result["planner"] | {"unreliable": verdict({"pipeline": 0.0, "replicas": 1.1})}}
+    assert "NO PICK: other processes used up to 1.10 cores" in report(busy) and picked not in report(busy)
 
 
 def test_bench_wants_more_images_than_one_batch(tmp_path):
