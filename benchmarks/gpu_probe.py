@@ -5,15 +5,17 @@ random weights, no CPU initialisation, no checkpoint files to fetch. Each sectio
 numbers to OUT/gpu-probe.json as soon as it ends, so a call cut short keeps what it measured:
 
   ceilings    the device's matmul (bf16, fp16) and device-to-device copy rates
-  unets       each UNet's ms per denoising step (guidance doubles the batch) and MFU across batch
-              sizes, NCHW against channels_last
+  unets       each UNet's ms per denoising step (guidance doubles the batch), and per step outside
+              a guidance interval (the conditional half alone), and MFU across batch sizes, NCHW
+              against channels_last
   vae         the upscaler's 1024 px decode in fp32, bf16 and fp16 (finite or not), per attention
               backend, with peak memory
   t5          T5-XXL encoding of a 77-token batch
   host        the host's cost per scheduler step: noise drawn on the CPU per row, as the stages
               do, against none
   workers     the real stage workers (workers/) end to end at two step counts: fixed cost and cost
-              per step, so seconds per image at the manifest's steps; checkpoints saved to local disk
+              per step, so seconds per image at the manifest's steps, and at guidance_interval
+              [0, 0.5] side by side; checkpoints saved to local disk
   sharing     two processes on one GPU, each alone and both together: the GPU time-sliced or shared
   profile     the measured profile for `ifrender plan --profile` and the simulation
 
@@ -172,15 +174,21 @@ def unets(s: Setup, matmul_tflops: float | None) -> dict:
                 inputs = unet_inputs(unet, stage, 2 * b, s)  # classifier-free guidance: 2 rows per image
                 if layout == "channels_last":
                     inputs["sample"] = inputs["sample"].to(memory_format=torch.channels_last)
+                # A step outside the guidance interval runs the conditional half only: b rows.
+                half = unet_inputs(unet, stage, b, s)
+                if layout == "channels_last":
+                    half["sample"] = half["sample"].to(memory_format=torch.channels_last)
                 reset_peak(s.device)
                 with torch.inference_mode():
                     seconds = timed(lambda inputs=inputs, unet=unet: unet(**inputs), s.device, s.repeats)
+                    unguided = timed(lambda inputs=half, unet=unet: unet(**inputs), s.device, s.repeats)
                 achieved = FORWARD_TFLOP[stage] * 2 * b / seconds  # full-size FLOPs: a dry run's are not
                 rows.append(
                     {
                         "layout": layout,
                         "batch": b,
                         "ms_per_step": round(seconds * 1000, 2),
+                        "ms_per_unguided_step": round(unguided * 1000, 2),
                         "tflops": round(achieved, 1),
                         "mfu_of_matmul": round(achieved / matmul_tflops, 3) if matmul_tflops else None,
                         "peak_gb": peak_gb(s.device),
@@ -378,8 +386,17 @@ def workers(s: Setup, root: Path) -> dict:
             assert (result["status"] == "ok").all(), result["error"]
             times[steps] = seconds
             del worker
+        # The same call at the most steps with guidance on the first half of the schedule only.
+        steps = max(s.steps)
+        cfg = config_cls(model=str(paths[stage]), micro_batch=micro[stage], batch_size=micro[stage], num_inference_steps=steps, guidance_interval=(0.0, 0.5), **common)  # fmt: skip
+        worker = worker_cls(cfg)
+        worker(rows)
+        interval_s = timed(lambda w=worker, r=rows: w(r), s.device, max(1, s.repeats // 5), warmup=0)
+        del worker
         fixed, per_step = step_costs(times)
         out[stage] = {
+            "half_interval_seconds_per_call": round(interval_s, 3),
+            "half_interval_saving": round(times[steps] / interval_s, 3),
             "micro_batch": micro[stage],
             "load_s": round(load_s, 1),
             "seconds_per_call": {str(k): round(v, 3) for k, v in times.items()},
@@ -451,7 +468,7 @@ def measured_profile(probe: Probe, out: Path) -> dict:
     """Seconds per image at the default steps from the workers' fixed and per-step costs, T5 from
     its section, memory from the peaks: a profile for `ifrender plan --profile`."""
     from jobs.manifest import MANIFESTS_DIR, load_manifest
-    from jobs.plan.costs import Profile, StageProfile, _steps
+    from jobs.plan.costs import Profile, StageProfile, schedule_steps
 
     sections = probe.results["sections"]
     w, enc = sections["workers"], sections["t5"]
@@ -463,7 +480,7 @@ def measured_profile(probe: Probe, out: Path) -> dict:
     )
     for stage in UNETS:
         m = w[stage]
-        steps = _steps(getattr(manifest, stage))
+        steps = schedule_steps(getattr(manifest, stage).model_dump())
         per_call = m["fixed_s_per_call"] + steps * m["per_step_s_per_call"]
         stages[stage] = StageProfile(per_call / m["micro_batch"], max(m["peak_gb"], 0.1), m["micro_batch"])
     efficiency = sections.get("sharing", {}).get("timeslice_efficiency", 1.0)

@@ -74,6 +74,15 @@ def step_costs(seconds_per_call: dict[int, float]) -> tuple[float, float]:
     return t1 - n1 * per_step, per_step
 
 
+def schedule_steps(settings: dict) -> int:
+    """A UNet stage's denoising steps: its timestep preset's length, or num_inference_steps."""
+    if settings.get("timesteps"):
+        from workers.models import preset_timesteps
+
+        return len(preset_timesteps(settings["timesteps"]))
+    return settings["num_inference_steps"]
+
+
 def stage_tflop(stage: str, settings: dict) -> float:
     """One image's TFLOP in a stage at the full-size models, from its settings: a stage config's
     fields, or a row's recorded `<stage>_params` (what it actually ran: steps or preset, strength,
@@ -84,12 +93,7 @@ def stage_tflop(stage: str, settings: dict) -> float:
         return FORWARD_TFLOP["encode"] * 2  # prompt and negative prompt
     if stage == "score":
         return FORWARD_TFLOP["score"]  # one image and its prompt, no steps
-    if settings.get("timesteps"):
-        from workers.models import preset_timesteps
-
-        steps = len(preset_timesteps(settings["timesteps"]))
-    else:
-        steps = settings["num_inference_steps"]
+    steps = schedule_steps(settings)
     if settings.get("mode", "text2img") != "text2img" and settings.get("strength") is not None:
         steps = min(int(steps * settings["strength"]), steps)  # img2img starts part-way, as diffusers does
     # Classifier-free guidance doubles the batch on the steps it runs.

@@ -154,8 +154,10 @@ def test_the_gpu_probe_runs_every_section_without_ray_and_writes_a_profile_the_p
         ("bf16", True),
         ("fp16", True),
     }
+    assert all(r["ms_per_unguided_step"] > 0 for r in unets["stage2"])  # a step outside the guidance interval
     for stage in ("stage1", "stage2", "upscale"):  # two step counts each, through the real workers
         assert set(sections["workers"][stage]["seconds_per_call"]) == {"2", "3"}
+        assert sections["workers"][stage]["half_interval_seconds_per_call"] > 0  # and a half interval
     assert sections["sharing"]["alone_steps_per_s"] > 0 and len(sections["sharing"]["together_steps_per_s"]) == 2
     profile = Profile.load(tmp_path / "gpu-profile.json")
     assert set(profile.stages) == {"encode", "stage1", "stage2", "upscale"}
