@@ -288,9 +288,12 @@ def why(profile: Profile, layouts: dict[str, Plan | str], chosen: Plan) -> list[
 
 def naive(profile: Profile, gpus: int, gpu_memory_gb: float, mps: bool = False) -> Plan:
     """One pool per stage with an equal share of the GPUs: whole GPUs per actor when there are
-    enough, an equal fraction each otherwise."""
+    enough, an equal fraction each otherwise (1 / the stages per GPU, so the shares pack: five
+    stages on two GPUs get a third each, not 0.4)."""
     stages = [s for s in MODEL_STAGES if s in profile.stages]
     per_stage = gpus / len(stages)
+    if per_stage < 1:  # a share that packs: as many stages on each GPU as it takes to seat them all
+        per_stage = 1 / math.ceil(len(stages) / gpus)
     alloc = {}
     for stage in stages:
         batch = profile.stages[stage].batch_size
