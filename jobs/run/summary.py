@@ -227,9 +227,11 @@ class Summary(Observer):
     def where(self) -> list[str]:
         out = shown(self.output)
         data = join(out, "data")
+        scores = ", 'clip_score', 'aesthetic_score'" if "score" in self.stage_seconds else ""  # the score stage ran
         read = (
             f'python -c "import pyarrow.dataset as ds; '
-            f"print(ds.dataset('{data}').to_table(columns=['id', 'prompt', 'status', 'image_key']).to_pandas())\""
+            f"print(ds.dataset('{data}').to_table(columns=['id', 'prompt', 'status'{scores}, 'image_key'])"
+            f'.to_pandas())"'
         )
         stopped = " (stopped early: run the same command again for the rest)" if self.uncommitted_shards else ""
         return [

@@ -7,6 +7,8 @@ import io
 import json
 import math
 import re
+import subprocess
+import sys
 
 import boto3
 import numpy as np
@@ -56,6 +58,19 @@ def test_local_run_renders_every_good_row_and_reports_bad_ones(local_run):
     job = json.loads((out / "job.json").read_text())
     assert job["manifest"]["stage1"]["num_inference_steps"] == 2
     assert json.loads(local_run.summary_json)["ok"] == OK_COUNT
+    # The summary's last line is a command that reads the output, the scores included (the stage ran).
+    read = local_run.summary.where()[-1].split("read it:", 1)[1].strip()
+    assert "'clip_score', 'aesthetic_score'" in read
+    shown = subprocess.run(
+        ["sh", "-c", read.replace("python ", f"{sys.executable} ", 1)], capture_output=True, text=True
+    )
+    assert shown.returncode == 0 and "clip_score" in shown.stdout and "000000000" in shown.stdout, shown.stderr
+    # and the compute the rows spent, from their recorded settings: 2 steps each, guided throughout
+    from jobs.plan.costs import FORWARD_TFLOP as F
+    from jobs.plan.costs import VAE_DECODE_TFLOP
+
+    spent = 2 * 2 * (F["stage1"] + F["stage2"] + F["upscale"]) + VAE_DECODE_TFLOP + 2 * F["encode"] + F["score"]
+    assert summary.tflop_per_image == pytest.approx(spent, abs=0.1)
 
 
 @pytest.mark.slow
