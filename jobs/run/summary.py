@@ -231,7 +231,7 @@ class Summary(Observer):
         read = (
             f'python -c "import pyarrow.dataset as ds; '
             f"print(ds.dataset('{data}').to_table(columns=['id', 'prompt', 'status'{scores}, 'image_key'])"
-            f'.to_pandas())"'
+            f'.to_pandas().to_string(max_rows=20))"'
         )
         stopped = " (stopped early: run the same command again for the rest)" if self.uncommitted_shards else ""
         return [
