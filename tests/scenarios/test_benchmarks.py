@@ -1,10 +1,12 @@
-"""The benchmark scripts run end to end as a user runs them, each in its own process: the
+"""The benchmarks run end to end as a user runs them: `ifrender bench`'s three ways, the
 simulation of a GPU cluster with stand-ins, and the GPU probe's dry run on the tiny models (their
 numbers are the benchmarks', not the tests'). A minute or two each: the second tier."""
 
 from __future__ import annotations
 
 import json
+import os
+import re
 
 import pytest
 
@@ -101,3 +103,38 @@ def test_the_gpu_probe_runs_every_section_without_ray_and_writes_a_profile_the_p
     assert set(profile.stages) == {"encode", "stage1", "stage2", "upscale"}
     assert 0 < profile.timeslice_efficiency <= 1
     assert plan(profile, 8, 80).images_per_second > 0
+
+
+@pytest.mark.slow
+def test_bench_renders_the_same_images_three_ways_and_checks_the_planners_pick(ray_local, tmp_path, tiny_manifest):
+    from jobs.bench import bench, report
+    from jobs.machine_load import verdict
+
+    m = tiny_manifest("last_stage=stage2", "stage1.batch_size=2", "stage2.batch_size=2", output=str(tmp_path / "o"))
+    result = bench(m, 6, tmp_path / "bench")
+    assert result["pipeline"]["images"] == result["replicas"]["images"] == result["sequential"]["images"] == 6
+    assert result["replicas"]["layout"] == "replicas" and result["replicas"]["pools"] == {
+        "encode+stage1+stage2": os.cpu_count()
+    }
+    # Same rows, seeds, steps and compute shapes: replicas give the pipeline's bytes; the
+    # sequential process on all cores the same images up to thread-count rounding.
+    assert result["replicas_bit_identical"] is True
+    assert result["images_compared"] == 6 and result["max_pixel_diff"] <= 2
+    rates = result["images_per_second"]
+    assert set(rates) >= {"pipeline", "replicas", "sequential"} and all(v > 0 for v in rates.values())
+    assert result["ratios"]["replicas/pipeline"] == pytest.approx(rates["replicas"] / rates["pipeline"], rel=1e-2)
+    assert result["planner"]["chosen"] in rates  # the pick is always measured
+    assert set(result["pipeline"]["busy_fraction"]) == {"encode", "stage1", "stage2"}
+    assert set(result["pipeline"]["gap_s"]) == {"encode->stage1", "stage1->stage2"}
+    text = report(result)
+    assert re.search(r"pipeline: [\d.]+ images/s +replicas .*: [\d.]+ images/s +sequential \(one process\)", text)
+    assert "ratios: replicas/pipeline" in text and "replicas and pipeline bit for bit: True" in text
+    # Each way's share taken by other processes is recorded; the pick is reported only on a quiet machine.
+    assert set(result["machine"]["other_process_cores"]) == set(rates)
+    picked = f"the planner picks {result['planner']['chosen']}"
+    if result["planner"]["unreliable"]:
+        assert "NO PICK: other processes used" in text and picked not in text
+    else:
+        assert picked in text and "NO PICK" not in text
+    busy = result | {"planner": result["planner"] | {"unreliable": verdict({"pipeline": 0.0, "replicas": 1.1})}}
+    assert "NO PICK: other processes used up to 1.10 cores" in report(busy) and picked not in report(busy)
