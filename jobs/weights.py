@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 
 from jobs.manifest import Manifest
+from jobs.run.preflight import model_fields
 from workers.errors import StagingError
 from workers.models import AESTHETIC_FILE, PIPELINE, TRANSFORMERS, is_local_path
 from workers.stages import SCORE
@@ -145,10 +146,7 @@ def stage_models(manifest: Manifest, dest: str, token: str | None = None) -> dic
             for f in files:
                 _put(root / f, f"{target}/{f}" if is_s3(target) else str(Path(target) / f))
         copied[source] = target
-    fields = [(s, "model") for s in manifest.stages()] + (
-        [(SCORE, "aesthetic_model")] if SCORE in manifest.stages() else []
-    )
-    return {f"{s}.{f}": copied[getattr(getattr(manifest, s), f)] for s, f in fields}
+    return {f"{s}.{f}": copied[getattr(getattr(manifest, s), f)] for s, f, _ in model_fields(manifest)}
 
 
 def _put(src: Path, uri: str) -> None:

@@ -53,9 +53,10 @@ class AestheticHead(torch.nn.Module):
 def newest_image(batch: Batch) -> str:
     """The batch's image column of the latest stage: the job's last image stage's, by the time
     the score stage runs (the stages before drop theirs)."""
-    found = [STAGES[s].image_column for s in IMAGE_STAGES if STAGES[s].image_column in batch]
+    columns = [STAGES[s].image_column for s in IMAGE_STAGES]
+    found = [c for c in columns if c in batch]
     if not found:
-        raise KeyError(f"score: the batch has no image column (expected one of {[f'{s}_image' for s in IMAGE_STAGES]})")
+        raise KeyError(f"score: the batch has no image column (expected one of {columns})")
     return found[-1]
 
 
@@ -70,7 +71,6 @@ class ScoreWorker(StageWorker):
         self.clip, self.processor = load_clip(cfg, self.device)
         self.head = AestheticHead.load(aesthetic_weights(cfg.aesthetic_model)).to(self.device)
         self.max_tokens = self.clip.config.text_config.max_position_embeddings
-        self.dim = self.clip.config.projection_dim
 
     def __call__(self, batch: Batch) -> Batch:
         self.image_column = newest_image(batch)

@@ -17,7 +17,7 @@ from jobs.output.probe import check_output_writable
 from jobs.plan.packing import packs
 from jobs.run.pools import cluster_address, job_pools, local_cpus, local_size
 from workers.errors import ModelLoadError, StorageError
-from workers.models import cache_root, check_model_available
+from workers.models import AESTHETIC_FILE, PIPELINE, TRANSFORMERS, cache_root, check_model_available
 from workers.stages import SCORE
 from workers.storage import join, list_prefix, read_bytes
 
@@ -26,17 +26,17 @@ def tiny_models_dir() -> Path:
     return cache_root() / "tiny-models"
 
 
+# The score stage's two checkpoints: (field, the file that shows it is there).
+SCORE_CHECKPOINTS = (("model", TRANSFORMERS), ("aesthetic_model", AESTHETIC_FILE))
+
+
 def model_fields(manifest: Manifest) -> list[tuple[str, str, str]]:
     """(stage, field, marker) of every checkpoint the job's stages load: each stage's `model`, and
     the score stage's aesthetic head. The marker is the file that shows the checkpoint is there."""
-    from workers.models import AESTHETIC_FILE, PIPELINE, TRANSFORMERS
-
     out = []
     for stage in manifest.stages():
-        if stage == SCORE:
-            out += [(stage, "model", TRANSFORMERS), (stage, "aesthetic_model", AESTHETIC_FILE)]
-        else:
-            out.append((stage, "model", PIPELINE))
+        fields = SCORE_CHECKPOINTS if stage == SCORE else (("model", PIPELINE),)
+        out += [(stage, field, marker) for field, marker in fields]
     return out
 
 
@@ -72,10 +72,8 @@ def resolve_score(manifest: Manifest) -> Manifest:
     cfg = manifest.score
     if cfg.enabled != "auto":
         return manifest
-    from workers.models import AESTHETIC_FILE, TRANSFORMERS
-
     try:
-        for field, marker in (("model", TRANSFORMERS), ("aesthetic_model", AESTHETIC_FILE)):
+        for field, marker in SCORE_CHECKPOINTS:
             source = getattr(cfg, field)
             if not tiny_name(SCORE, field, source):
                 check_model_available(f"{SCORE}.{field}", source, marker)

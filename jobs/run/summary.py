@@ -111,7 +111,10 @@ class Summary(Observer):
                 self.stage_seconds[stage] = self.stage_seconds.get(stage, 0.0) + pc.sum(table.column(col)).as_py()
         if "prompt_truncated" in table.column_names:
             self.truncated += sum(bool(t) for t in table.column("prompt_truncated").to_pylist())
-        self.tflop += spent(table.to_pylist())
+        # Only the columns the cost reads: a block holds every row's metadata and kept columns.
+        self.tflop += spent(
+            table.select([c for c in table.column_names if c == "status" or c.endswith("_params")]).to_pylist()
+        )
         for e in table.column("error").to_pylist():
             if e:
                 key = e[:160]
