@@ -23,8 +23,9 @@ def test_bad_manifest_exits_1_naming_file_and_field(tmp_path):
     assert "Traceback" not in result.stderr
 
 
-def test_validate_prints_every_default():
-    result = ifrender("validate", "--set", "stage2.noise_level=100")
+def test_validate_prints_every_default(tmp_path):
+    # Its own output: the default out/local-tiny may hold a demo's render (make demo, then make test).
+    result = ifrender("validate", "--set", "stage2.noise_level=100", "--set", f"output.path={tmp_path / 'out'}")
     assert result.returncode == 0, result.stderr
     resolved = json.loads(result.stdout)
     assert resolved["stage2"]["noise_level"] == 100 and resolved["upscale"]["noise_level"] == 100
