@@ -18,6 +18,7 @@ from pathlib import Path
 
 import psutil
 
+from jobs.run.cluster import LOOPBACK
 from tests.helpers import free_port
 
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -29,6 +30,9 @@ def ray_env() -> dict[str, str]:
     path = f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"
     env = os.environ | {"RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1", "PATH": path}
     env.pop("RAY_ADDRESS", None)
+    # A local run in this process (the CLI called in-process) sets it to 0, which makes
+    # `ray start --address` refuse to join: these nodes form a multi-node cluster.
+    env.pop(LOOPBACK, None)
     return env
 
 
