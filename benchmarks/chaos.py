@@ -33,6 +33,10 @@ def job_args(models: Path, prompts: Path, out: Path) -> list[str]:
         f"output.path={out}",
         "input.shard_size=4",
         "last_stage=stage2",
+        # A pool per stage (local-tiny runs one replica): the chaos kills one stage's actor at a time.
+        "groups=[]",
+        *(f"{stage}.num_cpus=0.5" for stage in ("encode", "stage1", "stage2")),
+        "score.num_cpus=0.25",
         f"encode.model={models / 'IF-I-tiny'}",
         f"stage1.model={models / 'IF-I-tiny'}",
         f"stage2.model={models / 'IF-II-tiny'}",

@@ -83,6 +83,7 @@ def main() -> None:
             f"output.path={work_dir / 'out'}",
             "contact_sheets=false",
             "last_stage=stage1",
+            "groups=[]",  # a pool per stage, each with its own batch size
             "stage1.batch_size=64",
             "encode.batch_size=64",
         ],

@@ -50,7 +50,8 @@ def rows(n: int) -> dict[str, np.ndarray]:
 def measure(args: argparse.Namespace) -> dict:
     manifest_file = MANIFESTS_DIR / ("bench-tiny.yaml" if args.preset == "bench" else "local-tiny.yaml")
     steps = [f"{s}.num_inference_steps={args.steps}" for s in WORKERS]
-    manifest = resolve_tiny(load_manifest(manifest_file, [*steps, "score.enabled=false"]))
+    # groups=[]: each stage its own worker here, as in a pool per stage (local-tiny runs one replica)
+    manifest = resolve_tiny(load_manifest(manifest_file, [*steps, "score.enabled=false", "groups=[]"]))
     n = args.rows
     batch = EncodeWorker(manifest.encode.model_copy(update={"micro_batch": n}))(rows(n))
     result: dict = {

@@ -250,6 +250,12 @@ def bench(manifest: Manifest, images: int, workdir: Path) -> dict:
     from jobs.input.shards import plan_shards, shard_items
     from jobs.run.preflight import resolve_models
 
+    if manifest.layout != "pipeline":
+        raise ValueError(
+            f"bench {manifest.name}: expected a manifest in the pipeline layout (one pool per stage: the bench "
+            f"measures it, then makes the replicas itself), found groups {[list(g.stages) for g in manifest.groups]}. "
+            f"Fix: manifests/bench-tiny.yaml (the default), or --set groups=[] with each stage's pool settings"
+        )
     # Steady state starts after the first output batch, and the sequential way's batch is the
     # largest stage batch: with no more images than that there is nothing to measure.
     largest = max(getattr(manifest, s).batch_size for s in manifest.stages())

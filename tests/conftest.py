@@ -12,7 +12,7 @@ import pytest
 
 from jobs.manifest import DEFAULT_MANIFEST, load_manifest
 from tests.harness.credentials import CERT_ENV, KEY_ENV, signing_chain
-from tests.helpers import LINES, SHARED, free_port
+from tests.helpers import LINES, PER_STAGE_POOLS, SHARED, free_port
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -36,12 +36,14 @@ def tiny_root(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_manifest(tiny_root):
-    """Builds local-tiny with the session's tiny models, 2 denoising steps, no score stage
-    (SCORED turns it on), an output path and any overrides: tiny_manifest("stage1.batch_size=2",
-    output=str(tmp_path)). Tests of the workers alone need no output."""
+    """Builds local-tiny's job in the pipeline layout (PER_STAGE_POOLS) with the session's tiny
+    models, 2 denoising steps, no score stage (SCORED turns it on), an output path and any
+    overrides: tiny_manifest("stage1.batch_size=2", output=str(tmp_path)). Tests of the workers
+    alone need no output."""
 
     def build(*overrides: str, output: str = "/nonexistent/ifrender-test-output"):
         base = [
+            *PER_STAGE_POOLS,
             f"output.path={output}",
             f"encode.model={tiny_root / 'IF-I-tiny'}",
             f"stage1.model={tiny_root / 'IF-I-tiny'}",

@@ -218,6 +218,16 @@ LINES = [
 
 OK_COUNT = 5
 # The shared render's settings (conftest's local_run): three shards, every output format on.
+# The pipeline layout (a pool per stage) on local-tiny's models, which run as one replica there:
+# the tests' base, so a test may size one stage's pool (stage1.batch_size=2) and see its own pool.
+PER_STAGE_POOLS = (
+    "groups=[]",
+    *(f"{stage}.num_cpus=0.5" for stage in ("encode", "stage1", "stage2", "upscale")),
+    "score.num_cpus=0.25",
+    "score.batch_size=4",
+    *(f"{stage}.batch_size=2" for stage in ("stage1", "stage2", "upscale")),
+)
+TO_STAGE1 = "groups=[{stages: [encode, stage1, score]}]"  # local-tiny's replica with last_stage=stage1
 SCORED = ("score.enabled=true",)  # the score stage on, with the session's tiny CLIP and aesthetic head
 SIGNED = ("output.c2pa.sign_cert=env:IFRENDER_TEST_C2PA_CERT", "output.c2pa.private_key=env:IFRENDER_TEST_C2PA_KEY")
 # Not signed: a signed file's bytes differ per render (its manifest's label and time), and the

@@ -21,7 +21,7 @@ import torch
 from workers.columns import ROW_COLUMNS
 from workers.errors import MissingColumnsError, row_error
 from workers.keys import derive_seed
-from workers.progress import Reporter
+from workers.progress import Reporter, process_started
 from workers.stages import STAGES
 
 log = logging.getLogger(__name__)
@@ -116,7 +116,8 @@ class StageWorker:
         from workers.models import pick_device
 
         self.report = Reporter(self.stage)
-        self.report("loading")
+        # When this process started: the time before `loading` is the worker's start-up and imports.
+        self.report("loading", process_started())
         self.cfg = cfg
         self.micro_batch = cfg.micro_batch
         self.needs = STAGES[self.stage].needs if self.stage in STAGES else type(self).needs

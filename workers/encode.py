@@ -37,6 +37,7 @@ class EncodeWorker(StageWorker):
         self.pipe = load_encode_pipeline(cfg, self.device)
         # The default negative prompt is "": encode it once per actor, not once per row.
         self.empty = self._encode([""] * cfg.micro_batch)[0]
+        self.report("loaded")
 
     @torch.inference_mode()
     def _encode(self, texts: list[str]) -> np.ndarray:

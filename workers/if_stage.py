@@ -67,6 +67,7 @@ class IFStageWorker(StageWorker):
         self.handover = np.float16 if cfg.dtype == "fp16" else np.float32
         # The last stage finishes its images as the IF pipelines do: checker, watermark.
         self.safety = Safety.load(safety, self.device) if safety is not None else None
+        self.report("loaded")
 
     def row_settings(self, batch: Batch, row: int) -> dict[str, Any]:
         mode = mode_of(batch, row)

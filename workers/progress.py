@@ -39,6 +39,8 @@ class Progress:
         self.first_work: dict[str, float] = {}  # node id -> wall time its first batch finished
         self.node_rows: dict[str, dict[str, int]] = {}  # node id -> stage -> rows finished there
         self.starts: list[tuple[float, str, str]] = []  # (wall time, stage, node) per actor start
+        # (actor, stage) -> wall times: process started, worker loading, loaded, first call, first done
+        self.startup: dict[tuple[str, str], dict] = {}
         self.todo = 0  # rows handed to the chain so far (the first stage's queue)
         self.commits = 0
         tags = {"job": job}
@@ -53,15 +55,26 @@ class Progress:
     def _actor(self, actor: str, stage: str, node: str, state: str) -> None:
         self.actors[actor] = {"stage": stage, "node": node, "state": state, "since": time.time()}
 
-    def loading(self, stage: str, actor: str, node: str) -> None:
+    def loading(self, stage: str, actor: str, node: str, process_started: float = 0.0) -> None:
         """An actor starts: it loads its models, then waits for its first batch."""
         self._actor(actor, stage, node, "loading")
         if len(self.starts) < 10_000:
             self.starts.append((time.time(), stage, node))
+            self.startup[(actor, stage)] = {"stage": stage, "process": process_started, "loading": time.time()}
         self.rows[stage]["last"] = time.time()
+
+    def loaded(self, stage: str, actor: str, node: str) -> None:
+        """The stage's models are loaded in this actor (what follows is waiting for a batch)."""
+        self._part(actor, stage, "loaded")
+
+    def _part(self, actor: str, stage: str, part: str) -> None:
+        parts = self.startup.get((actor, stage))
+        if parts is not None:
+            parts.setdefault(part, time.time())
 
     def started(self, stage: str, actor: str, node: str, rows: int) -> None:
         self._actor(actor, stage, node, "busy")
+        self._part(actor, stage, "first_call")
         counts = self.rows[stage]
         counts["in"] += rows
         counts["last"] = time.time()
@@ -69,6 +82,7 @@ class Progress:
 
     def finished(self, stage: str, actor: str, node: str, ok: int, failed: int) -> None:
         self._actor(actor, stage, node, "idle")
+        self._part(actor, stage, "first_done")
         counts = self.rows[stage]
         counts["out"] += ok + failed
         counts["ok"] += ok
@@ -117,8 +131,19 @@ class Progress:
             "first_work": self.first_work,
             "node_rows": self.node_rows,
             "starts": self.starts,
+            "startup": list(self.startup.values()),
             "commits": self.commits,
         }
+
+
+def process_started() -> float:
+    """When this process started (wall time): what an actor spent before its worker's code ran."""
+    try:
+        import psutil
+
+        return psutil.Process().create_time()
+    except Exception:  # noqa: BLE001 - progress only
+        return 0.0
 
 
 class Reporter:

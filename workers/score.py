@@ -71,6 +71,7 @@ class ScoreWorker(StageWorker):
         self.clip, self.processor = load_clip(cfg, self.device)
         self.head = AestheticHead.load(aesthetic_weights(cfg.aesthetic_model)).to(self.device)
         self.max_tokens = self.clip.config.text_config.max_position_embeddings
+        self.report("loaded")
 
     def __call__(self, batch: Batch) -> Batch:
         self.image_column = newest_image(batch)

@@ -45,6 +45,7 @@ class UpscaleWorker(StageWorker):
             self.pipe.vae.enable_tiling()
         # The last stage finishes its images as the IF pipelines do: checker, watermark.
         self.safety = Safety.load(safety, self.device) if safety is not None else None
+        self.report("loaded")
 
     def row_settings(self, batch: Batch, row: int) -> dict[str, Any]:
         settings = effective_settings(self.stage, self.cfg, row_overrides(batch, row), "text2img")

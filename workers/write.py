@@ -20,7 +20,7 @@ from workers.base import Batch, pixels, require_columns
 from workers.columns import ROW_COLUMNS, UNWRITTEN
 from workers.errors import row_error, storage_failure
 from workers.keys import image_dir
-from workers.progress import Reporter
+from workers.progress import Reporter, process_started
 from workers.provenance import Credentials
 from workers.stages import WRITE
 from workers.storage import join, write_bytes
@@ -80,9 +80,10 @@ class WriteWorker:
         self.image_format = image_format
         self.quality = quality
         # Signed here, in the writer pool: never in the driver, and once per file.
-        self.credentials = Credentials(c2pa) if c2pa is not None else None
         self.report = Reporter(self.stage)
-        self.report("loading")
+        self.report("loading", process_started())
+        self.credentials = Credentials(c2pa) if c2pa is not None else None
+        self.report("loaded")
 
     def __call__(self, batch: Batch) -> Batch:
         require_columns(self.stage, batch, ROW_COLUMNS + ("shard", self.image_column))

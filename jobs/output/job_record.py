@@ -16,6 +16,7 @@ import pyarrow as pa
 from jobs.manifest import Manifest
 from jobs.output.layout import JOB
 from workers.columns import NO_COLUMNS
+from workers.config import POOL_FIELDS
 from workers.errors import ChangedInputError, ChangedManifestError
 from workers.stages import IMAGE_STAGES, MODEL_STAGES
 from workers.storage import create_exclusive, join, read_bytes, write_bytes
@@ -174,4 +175,10 @@ def recorded_manifest(record: dict[str, Any]) -> Manifest:
             return data
         return {k: known(v, fields[k].annotation) for k, v in data.items() if k in fields}
 
-    return Manifest.model_validate(known(record["manifest"], Manifest))
+    data = known(record["manifest"], Manifest)
+    # The record holds every field, a grouped stage's unused pool defaults too; the group's are
+    # the ones its actors took, and a grouped stage may not set its own.
+    for group in data.get("groups", []):
+        for stage in group["stages"]:
+            data[stage] = {k: v for k, v in data[stage].items() if k not in POOL_FIELDS}
+    return Manifest.model_validate(data)

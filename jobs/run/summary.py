@@ -18,6 +18,32 @@ from workers.storage import join, write_bytes
 log = logging.getLogger(__name__)
 
 
+# The parts of an actor's start-up, in order, as the summary names when each ended.
+STARTUP_PARTS = {
+    "process": "process up",
+    "loading": "imports done",
+    "loaded": "models loaded",
+    "first_call": "first batch in",
+    "first_done": "first batch out",
+}
+
+
+def startup_parts(records: list[dict], at) -> dict[str, dict[str, float]]:
+    """Per stage, the median over its actors of when each start-up part ended (`at` turns a wall
+    time into seconds into the run); a part an actor never reached is left out."""
+    from statistics import median
+
+    out: dict[str, dict[str, float]] = {}
+    for stage in dict.fromkeys(r["stage"] for r in records):
+        mine = [r for r in records if r["stage"] == stage]
+        out[stage] = {
+            part: round(at(median(r[part] for r in mine if r.get(part))), 1)
+            for part in STARTUP_PARTS
+            if any(r.get(part) for r in mine)
+        }
+    return out
+
+
 @dataclass
 class Summary(Observer):
     name: str
@@ -47,6 +73,9 @@ class Summary(Observer):
     node_names: dict[str, str] = field(default_factory=dict)  # node id -> address:node manager port
     rows_by_node: dict[str, dict[str, int]] = field(default_factory=dict)  # node id -> stage -> rows it finished
     actor_starts: list[dict] = field(default_factory=list)  # per stage actor: when it started, on which node
+    # per stage, the median over its actors of when each start-up part ended, in seconds into the run:
+    # process (started), imports (the worker's code running), loaded (models), first_call, first_done
+    startup: dict[str, dict[str, float]] = field(default_factory=dict)
     chunks_lost: int = 0  # chunks whose blocks Ray lost (a node left); their shards ran again
     shards_by_others: int = 0  # shards another driver of the job on this output committed or held
     held_by: list[str] = field(default_factory=list)  # the drivers that held shards this run left them
@@ -188,6 +217,14 @@ class Summary(Observer):
                 + (f", actors started by {started:.0f} s" if started is not None else "")
                 + (f", first batch finished at {self.first_batch_s:.0f} s" if self.first_batch_s is not None else "")
                 + f", first shard committed at {self.first_commit_s:.0f} s"
+            )
+        if self.startup:
+            lines.append(
+                f"  start-up by stage, s into the run (median of its actors): {' / '.join(STARTUP_PARTS.values())}: "
+                + "; ".join(
+                    f"{stage} " + " / ".join(f"{parts[k]:.1f}" if k in parts else "-" for k in STARTUP_PARTS)
+                    for stage, parts in self.startup.items()
+                )
             )
         if self.actor_starts:
             per: dict[str, list[float]] = {}

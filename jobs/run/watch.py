@@ -17,7 +17,7 @@ import time
 
 from jobs.run.events import Observer
 from jobs.run.stop import Stop
-from jobs.run.summary import Summary
+from jobs.run.summary import Summary, startup_parts
 from workers.stages import WRITE
 
 log = logging.getLogger(__name__)
@@ -143,6 +143,7 @@ class Watch(Observer):
             {"at_s": round(self.run.clock.at(at), 1), "stage": stage, "node": node}
             for at, stage, node in snap.get("starts", [])
         ]
+        summary.startup = startup_parts(snap.get("startup", []), self.run.clock.at)
 
 
 class Metrics(Observer):

@@ -8,6 +8,7 @@ import pytest
 from jobs.manifest import load_manifest
 from jobs.plan.costs import Profile
 from jobs.plan.search import plan
+from tests.helpers import PER_STAGE_POOLS
 
 
 def test_profiler_measures_every_stage_at_each_batch_size(tmp_path, tiny_manifest):
@@ -31,7 +32,9 @@ def test_bench_wants_more_images_than_one_batch(tmp_path):
     with pytest.raises(
         ValueError, match=r"--images 4: expected more than the largest batch_size \(4\).*Fix: --images 16"
     ):
-        bench(load_manifest(None), 4, tmp_path)
+        bench(load_manifest(None, list(PER_STAGE_POOLS)), 4, tmp_path)
+    with pytest.raises(ValueError, match=r"expected a manifest in the pipeline layout .*found groups \[\['encode'"):
+        bench(load_manifest(None), 16, tmp_path)  # local-tiny's one replica
     assert not (tmp_path / "pipeline").exists()  # refused before any rendering
 
 

@@ -10,6 +10,8 @@ import pytest
 
 from jobs.manifest import MANIFESTS_DIR
 from tests.helpers import (
+    PER_STAGE_POOLS,
+    TO_STAGE1,
     ifrender,
 )
 
@@ -128,6 +130,7 @@ def test_run_schedules_each_pool_on_its_gpu_share(tiny_root, tmp_path):
     prompts.write_text("a red fox\na lighthouse\na corgi\n")
     out = tmp_path / "out"
     sets = [
+        *PER_STAGE_POOLS,
         f"input.path={prompts}",
         f"output.path={out}",
         "ray.num_gpus=2",
@@ -177,7 +180,8 @@ def test_run_refuses_gpu_shares_that_do_not_pack_before_loading_models(tiny_root
     """1.8 GPUs asked of 2, but three 0.6 shares cannot share GPUs: an error, not a stalled pool."""
     prompts = tmp_path / "p.txt"
     prompts.write_text("a red fox\n")
-    sets = [f"input.path={prompts}", f"output.path={tmp_path / 'out'}", "ray.num_gpus=2", "last_stage=stage2"]
+    sets = [*PER_STAGE_POOLS, f"input.path={prompts}", f"output.path={tmp_path / 'out'}", "ray.num_gpus=2"]
+    sets += ["last_stage=stage2"]
     sets += [f"{s}.model={tiny_root / r}" for s, r in (("encode", "IF-I-tiny"), ("stage1", "IF-I-tiny"))]
     sets += [f"stage2.model={tiny_root / 'IF-II-tiny'}", "stage1.pool_size=2"]
     sets += [f"{s}.{k}" for s in ("stage1", "stage2") for k in ("num_gpus=0.6", "device=cpu")]
@@ -198,7 +202,7 @@ def test_exit_3_only_when_no_row_of_the_output_is_ok(tiny_root, tmp_path):
     it again) leaves an output with good rows: exit 0, not 3, naming the row. An output whose
     every row failed: exit 3."""
     models = [f"{s}.model={tiny_root / 'IF-I-tiny'}" for s in ("encode", "stage1")]
-    sets = [*models, "last_stage=stage1", "stage1.num_inference_steps=2"]
+    sets = [*models, "last_stage=stage1", TO_STAGE1, "stage1.num_inference_steps=2"]
     mixed, bad = tmp_path / "mixed.jsonl", tmp_path / "bad.jsonl"
     mixed.write_text('{"prompt": "a fox"}\n{"prompt": ""}\n')
     bad.write_text('{"prompt": ""}\n{"prompt": "a fox", "seed": -1}\n')

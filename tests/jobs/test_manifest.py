@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from jobs.manifest import MANIFESTS_DIR, ManifestError, load_manifest
+from tests.helpers import PER_STAGE_POOLS
 
 
 @pytest.mark.parametrize("path", sorted(MANIFESTS_DIR.glob("*.yaml")), ids=lambda p: p.name)
@@ -42,15 +43,24 @@ def test_bad_value_names_file_field_and_value(tmp_path):
 
 def test_set_overrides_typed_values():
     manifest = load_manifest(
-        None, ["stage1.batch_size=8", "stage1.timesteps=smart27", "last_stage=stage2", "ray.address=auto"]
+        None,
+        [*PER_STAGE_POOLS, "stage1.batch_size=8", "stage1.timesteps=smart27", "last_stage=stage2", "ray.address=auto"],
     )
     assert manifest.stage1.batch_size == 8
     assert manifest.stage1.timesteps == "smart27"
     assert manifest.stages() == ("encode", "stage1", "stage2", "score")  # local-tiny scores its last images
     assert manifest.ray.address == "auto"
-    assert load_manifest(None, ["last_stage=stage1", "score.enabled=false"]).stages() == ("encode", "stage1")
+    assert load_manifest(None, [*PER_STAGE_POOLS, "last_stage=stage1", "score.enabled=false"]).stages() == (
+        "encode",
+        "stage1",
+    )
     # auto is the preflight's to decide (it sees the weights); until then no score stage is planned
-    assert load_manifest(None, ["score.enabled=auto"]).stages() == ("encode", "stage1", "stage2", "upscale")
+    assert load_manifest(None, [*PER_STAGE_POOLS, "score.enabled=auto"]).stages() == (
+        "encode",
+        "stage1",
+        "stage2",
+        "upscale",
+    )
 
 
 @pytest.mark.parametrize("assignment", ["stage1.batch_size", "=3", "seed.x=1"])
@@ -105,7 +115,7 @@ def test_pool_resources_are_runtime_settings_not_part_of_the_images(tmp_path):
     from jobs.output.job_record import fingerprint
 
     plain = load_manifest(None, ["output.path=/o"])
-    steered = load_manifest(None, ["output.path=/o", "stage1.resources={ifrender_heavy: 1}"])
+    steered = load_manifest(None, [*PER_STAGE_POOLS, "output.path=/o", "stage1.resources={ifrender_heavy: 1}"])
     assert steered.stage1.resources == {"ifrender_heavy": 1.0}
     assert fingerprint(plain) == fingerprint(steered)  # moving a pool to other nodes resumes the job
 
@@ -117,9 +127,9 @@ def test_a_relative_output_is_made_absolute_against_the_working_directory(tmp_pa
 
 
 def test_a_gpu_share_above_one_must_be_whole():
-    assert load_manifest(None, ["stage1.num_gpus=2"]).stage1.num_gpus == 2
+    assert load_manifest(None, [*PER_STAGE_POOLS, "stage1.num_gpus=2"]).stage1.num_gpus == 2
     with pytest.raises(ManifestError) as err:
-        load_manifest(None, ["stage1.num_gpus=1.5"])
+        load_manifest(None, [*PER_STAGE_POOLS, "stage1.num_gpus=1.5"])
     assert "stage1.num_gpus" in str(err.value) and "whole number of GPUs, found 1.5" in str(err.value)
 
 
@@ -148,10 +158,20 @@ def test_a_job_record_from_before_encode_lost_its_unused_settings_still_loads(tm
     assert loaded.encode.model == manifest["encode"]["model"] and not hasattr(loaded.encode, "offload")
 
 
+def test_a_job_record_of_grouped_stages_reads_back_as_the_manifest_it_was(tmp_path):
+    from jobs.output.job_record import recorded_manifest
+
+    # The record holds every field: a grouped stage's pool defaults too, which it may not set.
+    for sets in ([], ["groups=[{stages: [encode, stage1], batch_size: 3}]"]):
+        manifest = load_manifest(None, [f"output.path={tmp_path}", *sets])
+        assert manifest.groups
+        assert recorded_manifest({"manifest": manifest.model_dump(mode="json")}) == manifest
+
+
 def test_a_job_record_from_before_the_score_stage_is_still_ifrenders_and_resumes(tmp_path):
     from jobs.output.job_record import FORMAT, VERSION, fingerprint, is_job_record, recorded_manifest
 
-    manifest = load_manifest(None, [f"output.path={tmp_path}", "score.enabled=auto"])
+    manifest = load_manifest(None, [*PER_STAGE_POOLS, f"output.path={tmp_path}", "score.enabled=auto"])
     old = {"manifest": manifest.model_dump(mode="json"), "fingerprint": fingerprint(manifest)}
     for part in old.values():
         del part["score"]
@@ -164,7 +184,8 @@ def test_a_job_record_from_before_the_score_stage_is_still_ifrenders_and_resumes
 def test_layouts_are_named_and_their_pools_listed_in_cascade_order():
     from jobs.plan.layouts import with_groups
 
-    manifest = load_manifest()
+    assert load_manifest().layout == "replicas"  # the local default: one copy of the whole cascade
+    manifest = load_manifest(None, list(PER_STAGE_POOLS))
     assert manifest.layout == "pipeline" and list(manifest.model_pools()) == list(manifest.stages())
     replicas = with_groups(manifest, [{"stages": list(manifest.stages()), "pool_size": 3}])
     assert replicas.layout == "replicas"
@@ -177,7 +198,7 @@ def test_layouts_are_named_and_their_pools_listed_in_cascade_order():
     fused = with_groups(manifest, [{"stages": ["stage2", "upscale"], "num_gpus": 0}])
     assert fused.layout == "fused" and list(fused.model_pools()) == ["encode", "stage1", "stage2+upscale", "score"]
     # the score stage fuses with the last image stage like any neighbour, whichever that is
-    scored = with_groups(load_manifest(None, ["last_stage=stage2"]), [{"stages": ["stage2", "score"]}])
+    scored = with_groups(load_manifest(None, ["groups=[]", "last_stage=stage2"]), [{"stages": ["stage2", "score"]}])
     assert list(scored.model_pools()) == ["encode", "stage1", "stage2+score"]
 
 
@@ -193,18 +214,19 @@ def test_layouts_are_named_and_their_pools_listed_in_cascade_order():
     ],
 )
 def test_a_bad_group_is_refused_naming_it(tmp_path, groups, expected):
-    stages, write = (MANIFESTS_DIR / "local-tiny.yaml").read_text().split("\nwrite:")
-    pool = ("  pool_size", "  batch_size", "  num_cpus")  # the groups' settings, not the stages'
-    path = tmp_path / "m.yaml"
-    path.write_text("\n".join(line for line in stages.splitlines() if not line.startswith(pool)) + "\nwrite:" + write)
     extra = ["last_stage=stage2"] if "last_stage" in expected else []
     with pytest.raises(ManifestError, match=re.escape(expected)):
-        load_manifest(path, [f"groups={groups}", *extra])
+        load_manifest(None, [f"groups={groups}", *extra])
 
 
 def test_a_grouped_stages_own_pool_settings_are_refused_not_ignored():
-    with pytest.raises(ManifestError, match=r"encode.batch_size: encode runs in groups\[0\] \(encode\+stage1\)"):
-        load_manifest(None, ["groups=[{stages: [encode, stage1]}]"])
+    with pytest.raises(ManifestError, match=r"encode.num_cpus: encode runs in groups\[0\] \(encode\+stage1\)"):
+        load_manifest(None, [*PER_STAGE_POOLS, "groups=[{stages: [encode, stage1]}]"])
+    # The local default runs one replica: a stage's own pool setting there is refused the same way.
+    with pytest.raises(
+        ManifestError, match=r"stage1.batch_size: stage1 runs in groups\[0\] .*Fix: set them on groups\[0\]"
+    ):
+        load_manifest(None, ["stage1.batch_size=8"])
 
 
 def _laughs(levels: int = 9, width: int = 9) -> str:

@@ -54,6 +54,8 @@ def test_a_run_in_a_terminal_shows_ifrenders_line_and_the_summary_last(tiny_root
         "input.shard_size": 8,  # one shard: its first rows finish well before it commits
         "output.path": out,
         "last_stage": "stage2",
+        "score.enabled": "false",
+        "groups": "[{stages: [encode, stage1, stage2]}]",  # local-tiny's one replica, to stage II
         "encode.model": tiny_root / "IF-I-tiny",
         "stage1.model": tiny_root / "IF-I-tiny",
         "stage2.model": tiny_root / "IF-II-tiny",
@@ -85,6 +87,13 @@ def test_a_run_in_a_terminal_shows_ifrenders_line_and_the_summary_last(tiny_root
     assert [f.split(":")[0] for f in tail[1:6]] == ["report", "data", "images", "contact sheet", "read it"], tail
     assert tail[1].endswith(f"{out}/report.html") and "ifrender:" not in "".join(tail[1:])
     assert "start-up: pools sized at" in shown and "first shard committed at" in shown
+    # Each stage's start-up in its parts, in the order they happen; in one replica the stages load in turn.
+    parts = re.search(r"start-up by stage, s into the run \(median of its actors\): [^:]+: (.*)", shown).group(1)
+    ends = {s.split(" ")[0]: [float(v) for v in s.split(" ", 1)[1].split(" / ")] for s in parts.strip().split("; ")}
+    assert set(ends) == {"encode", "stage1", "stage2", "write"}, parts
+    for stage in ends:
+        assert len(ends[stage]) == 5 and ends[stage] == sorted(ends[stage]), parts
+    assert ends["encode"][2] <= ends["stage1"][1] <= ends["stage1"][2] <= ends["stage2"][1], parts
 
 
 def test_the_licence_notice_names_real_weights_only(tiny_manifest):

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs.manifest import MANIFESTS_DIR
-from tests.helpers import ifrender
+from tests.helpers import PER_STAGE_POOLS, ifrender
 
 LOCAL = MANIFESTS_DIR / "local-tiny.yaml"
 
@@ -61,7 +61,10 @@ def _mistakes(tmp_path) -> dict[str, tuple[list[str], str]]:
             "models: FAILED: score.aesthetic_model: could not load model",
         ),
         "a foreign output folder": (_sets(tmp_path, **{"output.path": foreign}), "output: FAILED"),
-        "pools that do not fit": (_sets(tmp_path, **{"stage1.num_gpus": 1, "ray.num_gpus": 0}), "pools: FAILED"),
+        "pools that do not fit": (
+            _sets(tmp_path, **{"groups": "[]", "stage1.num_gpus": 1, "ray.num_gpus": 0}),
+            "pools: FAILED",
+        ),
     }
 
 
@@ -107,7 +110,9 @@ def test_the_shipped_local_manifests_pass(name, tmp_path):
 def test_score_auto_without_its_weights_plans_no_score_stage(tmp_path):
     """The shipped default CLIP is not in this machine's cache: auto turns the stage off, and says so."""
     result = ifrender(
-        "validate", *_sets(tmp_path, **{"score.enabled": "auto", "score.model": "openai/clip-vit-large-patch14"})
+        "validate",
+        *_sets(tmp_path, **{"score.enabled": "auto", "score.model": "openai/clip-vit-large-patch14"}),
+        *[a for s in PER_STAGE_POOLS for a in ("--set", s)],  # local-tiny's replica names score
     )
     assert result.returncode == 0, result.stderr
     assert "no score stage (score.enabled auto: openai/clip-vit-large-patch14" in result.stderr

@@ -22,7 +22,7 @@ def test_local_tiny_runs_every_stage_on_cuda_in_fp16(tiny_root, tmp_path):
     prompts = tmp_path / "p.txt"
     prompts.write_text("".join(f"prompt number {i}\n" for i in range(32)))
     out = tmp_path / "out"
-    sets = [f"input.path={prompts}", f"output.path={out}", "input.shard_size=8"]
+    sets = ["groups=[]", f"input.path={prompts}", f"output.path={out}", "input.shard_size=8"]
     for stage, repo, share in (
         ("encode", "IF-I-tiny", 0.1),
         ("stage1", "IF-I-tiny", 0.3),

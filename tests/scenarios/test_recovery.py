@@ -20,6 +20,7 @@ from jobs.output.commits import list_commits
 from jobs.output.layout import SCHEMA
 from jobs.render import run
 from tests.helpers import (
+    PER_STAGE_POOLS,
     FaultyS3Proxy,
     check_exactly_once,
     ifrender,
@@ -36,6 +37,7 @@ def shard_files(out: str) -> list[str]:
 
 def _args(tiny_root, prompts, out, *extra):
     sets = [
+        *PER_STAGE_POOLS,
         f"input.path={prompts}",
         f"output.path={out}",
         "input.shard_size=2",

@@ -30,7 +30,7 @@ def test_flop_profile_matches_the_published_counts(production):
     assert sum(tflop.values()) == pytest.approx(1584, rel=0.01)
     assert tflop["stage1"] / sum(tflop.values()) == pytest.approx(0.36, abs=0.01)
     assert tflop["upscale"] / sum(tflop.values()) == pytest.approx(0.44, abs=0.01)
-    fast = flops_profile(load_manifest(None, ["stage1.timesteps=smart27", "stage1.batch_size=8"]))
+    fast = flops_profile(load_manifest(None, ["groups=[]", "stage1.timesteps=smart27", "stage1.batch_size=8"]))
     assert fast.stages["stage1"].seconds_per_image == pytest.approx(
         production.stages["stage1"].seconds_per_image * 27 / 100
     )
