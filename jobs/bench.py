@@ -253,7 +253,7 @@ def bench(manifest: Manifest, images: int, workdir: Path) -> dict:
     if manifest.layout != "pipeline":
         raise ValueError(
             f"bench {manifest.name}: expected a manifest in the pipeline layout (one pool per stage: the bench "
-            f"measures it, then makes the replicas itself), found groups {[list(g.stages) for g in manifest.groups]}. "
+            f"measures it, then makes the replicas itself), found groups {[list(manifest.group_stages(g)) for g in manifest.groups]}. "
             f"Fix: manifests/bench-tiny.yaml (the default), or --set groups=[] with each stage's pool settings"
         )
     # Steady state starts after the first output batch, and the sequential way's batch is the

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path, PurePosixPath
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Discriminator, Field, Tag, ValidationError, model_validator
 
 from jobs.manifest_help import nearest
 from jobs.manifest_io import InputConfig, OutputConfig, template_fields  # noqa: F401 - the sections' home
@@ -33,6 +33,8 @@ from workers.sizes import SCALE, stage1_size
 from workers.stages import IMAGE_STAGES, MODEL_STAGES, group_name, stages_to
 
 ModelStage = Literal[MODEL_STAGES]  # type: ignore[valid-type]
+WHOLE_CASCADE = "all"  # a group's stages: every stage the job runs, whatever last_stage and score
+UNION_TAGS = ("list", "all")  # GroupConfig.stages' alternatives, which pydantic puts in an error's place
 
 MANIFESTS_DIR = Path(__file__).resolve().parent.parent / "manifests"
 DEFAULT_MANIFEST = MANIFESTS_DIR / "local-tiny.yaml"
@@ -98,10 +100,14 @@ class GroupConfig(PoolConfig):
     """Consecutive model stages fused into one actor pool: each actor loads every stage of the
     group and takes each batch through them in turn, on one device."""
 
-    stages: list[ModelStage] = Field(
-        min_length=2,
-        description="The stages fused, consecutive in the cascade, e.g. [encode, stage1]; all four "
-        "make whole-cascade replicas.",
+    # Tagged: a list is checked as a list of stages, so a typo gets one error, not one per alternative.
+    stages: Annotated[
+        Annotated[list[ModelStage], Field(min_length=2), Tag("list")] | Annotated[Literal["all"], Tag("all")],
+        Discriminator(lambda v: "all" if isinstance(v, str) else "list"),
+    ] = Field(
+        description="The stages fused, consecutive in the cascade, e.g. [encode, stage1]. `all`: every "
+        "stage the job runs (to last_stage, then score when it runs), whole-cascade replicas that follow "
+        "last_stage and score.enabled.",
     )
 
 
@@ -158,21 +164,25 @@ class Manifest(Strict):
         weights: jobs/run/preflight.py resolve_score)."""
         return stages_to(self.last_stage, self.score.enabled is True)
 
+    def group_stages(self, group: GroupConfig) -> tuple[str, ...]:
+        """A group's stages, `all` resolved to the stages this job runs."""
+        return self.stages() if group.stages == WHOLE_CASCADE else tuple(group.stages)
+
     @property
     def layout(self) -> str:
         if not self.groups:
             return "pipeline"
-        return "replicas" if len(self.groups) == 1 and tuple(self.groups[0].stages) == self.stages() else "fused"
+        return "replicas" if len(self.groups) == 1 and self.group_stages(self.groups[0]) == self.stages() else "fused"
 
     def model_pools(self) -> dict[str, tuple[tuple[str, ...], PoolConfig]]:
         """The model actor pools in cascade order: {name: (its stages, its pool settings)}; a stage
         in no group is a pool of its own, named as the stage."""
-        grouped = {g.stages[0]: g for g in self.groups}
+        grouped = {self.group_stages(g)[0]: g for g in self.groups}
         out: dict[str, tuple[tuple[str, ...], PoolConfig]] = {}
         stages = list(self.stages())
         while stages:
             group = grouped.get(stages[0])
-            members = tuple(group.stages) if group else (stages[0],)
+            members = self.group_stages(group) if group else (stages[0],)
             out[group_name(members)] = (members, group or getattr(self, stages[0]))
             stages = stages[len(members) :]
         return out
@@ -180,7 +190,7 @@ class Manifest(Strict):
     def stage_config(self, stage: str):
         """A stage's settings as its worker gets them: in a group, with the group's pool settings."""
         for group in self.groups:
-            if stage in group.stages:
+            if stage in self.group_stages(group):
                 pool = {k: getattr(group, k) for k in POOL_FIELDS}
                 return getattr(self, stage).model_copy(update=pool)
         return getattr(self, stage)
@@ -191,26 +201,34 @@ class Manifest(Strict):
         seen: dict[str, int] = {}
         for i, group in enumerate(self.groups):
             where = f"groups[{i}].stages"
-            missing = [s for s in group.stages if s not in stages]
+            if group.stages == WHOLE_CASCADE and len(self.groups) > 1:
+                raise ValueError(
+                    f"{where}: all (every stage of the job) beside {len(self.groups) - 1} other group(s); a stage "
+                    f"runs in one pool. Fix: the one group `stages: all`, or list each group's stages"
+                )
+            members = self.group_stages(group)
+            missing = [s for s in members if s not in stages]
             if missing:
                 raise ValueError(
                     f"{where}: {missing} not run by this job (last_stage={self.last_stage}); expected stages of "
                     f"{list(stages)}. Fix: drop them from the group"
                 )
-            first = stages.index(group.stages[0])
-            if list(group.stages) != list(stages[first : first + len(group.stages)]):
+            first = stages.index(members[0])
+            if list(members) != list(stages[first : first + len(members)]):
                 raise ValueError(
-                    f"{where}: {group.stages} are not consecutive stages of the cascade {list(stages)}; a batch "
+                    f"{where}: {list(members)} are not consecutive stages of the cascade {list(stages)}; a batch "
                     f"passes an actor pool once. Fix: fuse a run of neighbours, e.g. {list(stages[first : first + 2])}"
                 )
-            for stage in group.stages:
+            # `all` takes in the score stage when `auto` finds its weights: its settings are checked too.
+            joins = stages_to(self.last_stage, self.score.enabled is not False) if group.stages == WHOLE_CASCADE else ()
+            for stage in dict.fromkeys((*members, *joins)):
                 if stage in seen:
                     raise ValueError(f"{where}: {stage} is in groups[{seen[stage]}] too. Fix: one group per stage")
                 seen[stage] = i
                 own = sorted(set(POOL_FIELDS) & getattr(self, stage).model_fields_set)
                 if own:
                     raise ValueError(
-                        f"{stage}.{own[0]}: {stage} runs in groups[{i}] ({group_name(tuple(group.stages))}), whose "
+                        f"{stage}.{own[0]}: {stage} runs in groups[{i}] ({group_name(members)}), whose "
                         f"actors take the group's pool settings ({', '.join(POOL_FIELDS)}); found {stage} "
                         f"setting {', '.join(own)}. Fix: set them on groups[{i}], or take {stage} out of the group"
                     )
@@ -261,7 +279,7 @@ def _format_errors(source: str, err: ValidationError, overrides: dict[str, str])
     that replaced it."""
     lines = [f"{source}: invalid manifest ({err.error_count()} problem(s)):"]
     for e in err.errors():
-        loc = tuple(str(p) for p in e["loc"])
+        loc = tuple(str(p) for p in e["loc"] if p not in UNION_TAGS)
         where = ".".join(loc) or "(top level)"
         given = next((a for k, a in overrides.items() if where == k or where.startswith(k + ".")), None)
         blame = f" (from --set {quote(given)}, not the file)" if given else ""

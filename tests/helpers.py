@@ -227,7 +227,6 @@ PER_STAGE_POOLS = (
     "score.batch_size=4",
     *(f"{stage}.batch_size=2" for stage in ("stage1", "stage2", "upscale")),
 )
-TO_STAGE1 = "groups=[{stages: [encode, stage1, score]}]"  # local-tiny's replica with last_stage=stage1
 SCORED = ("score.enabled=true",)  # the score stage on, with the session's tiny CLIP and aesthetic head
 SIGNED = ("output.c2pa.sign_cert=env:IFRENDER_TEST_C2PA_CERT", "output.c2pa.private_key=env:IFRENDER_TEST_C2PA_KEY")
 # Not signed: a signed file's bytes differ per render (its manifest's label and time), and the

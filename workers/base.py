@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from workers.batch import Batch, require_columns, stacked
 from workers.columns import ROW_COLUMNS
 from workers.errors import MissingColumnsError, row_error
 from workers.keys import derive_seed
@@ -25,8 +26,6 @@ from workers.progress import Reporter, process_started
 from workers.stages import STAGES
 
 log = logging.getLogger(__name__)
-
-Batch = dict[str, np.ndarray]
 
 # Errors after which a CUDA context is unusable: retrying in this process would fail forever.
 _FATAL_MARKERS = ("CUDA error", "CUBLAS_STATUS", "CUDNN_STATUS", "device-side assert", "illegal memory access")
@@ -43,15 +42,6 @@ def exit_for_restart(stage: str, reason: str) -> None:
     os._exit(1)
 
 
-def require_columns(stage: str, batch: Batch, needed: tuple[str, ...]) -> None:
-    missing = [c for c in dict.fromkeys(needed) if c not in batch]
-    if missing:
-        raise MissingColumnsError(
-            f"{stage}: the batch lacks column(s) {missing}; it has {sorted(batch)}. "
-            f"Expected the stages before {stage} to produce them: check the stage order."
-        )
-
-
 def row_generators(seeds: np.ndarray, stage: str) -> list[torch.Generator]:
     """One CPU generator per row, so a row's noise never depends on its batch or device."""
     return [torch.Generator("cpu").manual_seed(derive_seed(int(s), stage)) for s in seeds]
@@ -62,37 +52,6 @@ def to_numpy(t: torch.Tensor) -> np.ndarray:
     if t.dtype == torch.bfloat16:
         t = t.float()
     return t.detach().cpu().numpy()
-
-
-def to_uint8_hwc(images: np.ndarray) -> np.ndarray:
-    """(B, 3, H, W) floats in [-1, 1] to (B, H, W, 3) uint8."""
-    scaled = np.clip(images.astype(np.float32) / 2 + 0.5, 0, 1) * 255
-    return np.round(scaled).astype(np.uint8).transpose(0, 2, 3, 1)
-
-
-def pixels(image: np.ndarray) -> np.ndarray:
-    """One row's image as (H, W, 3) uint8: stage I / II rows are (3, H, W) in [-1, 1]."""
-    if image.ndim == 3 and image.shape[0] == 3 and image.dtype != np.uint8:
-        return to_uint8_hwc(image[None])[0]
-    return image
-
-
-def per_row(n: int, value: np.ndarray) -> np.ndarray:
-    """An image column whose rows may differ in shape: an object array, `value` in every row."""
-    column = np.empty(n, dtype=object)
-    for i in range(n):
-        column[i] = value
-    return column
-
-
-def stacked(column: np.ndarray) -> np.ndarray:
-    """An image column as one array when its rows share a shape (so it travels as a fixed-shape
-    tensor), else as it is: rows of several shapes (Ray Data's variable-shaped tensors)."""
-    if column.dtype != object or not len(column) or not isinstance(column[0], np.ndarray):
-        return column
-    if len({image.shape for image in column}) > 1:
-        return column
-    return np.stack(list(column))
 
 
 def _ray_gpu_ids() -> list:

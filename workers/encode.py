@@ -9,7 +9,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from workers.base import Batch, StageWorker, to_numpy
+from workers.base import StageWorker, to_numpy
+from workers.batch import Batch
 from workers.models import load_encode_pipeline
 
 T5_TOKENS = 77  # IF's encode_prompt pads and truncates every text to this many tokens

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from workers.base import Batch
+from workers.batch import Batch
 from workers.stages import STAGES
 
 

@@ -14,7 +14,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from workers.base import Batch, StageWorker, per_row, row_generators, to_numpy
+from workers.base import StageWorker, row_generators, to_numpy
+from workers.batch import Batch, per_row
 from workers.guidance import guidance_interval
 from workers.models import Schedulers, load_pipeline, preset_timesteps, recorded_settings
 from workers.overrides import effective_settings, row_mode

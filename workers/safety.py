@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from workers.base import to_uint8_hwc
+from workers.batch import to_uint8_hwc
 from workers.errors import ModelLoadError
 
 

@@ -15,7 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from workers.base import Batch, StageWorker, pixels
+from workers.base import StageWorker
+from workers.batch import Batch, pixels
 from workers.stages import IMAGE_STAGES, STAGES
 
 EMBEDDING = "clip_embedding"  # float16 bytes per row between the actors, a list<float16> column in the output

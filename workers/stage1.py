@@ -8,7 +8,7 @@ import io
 
 from PIL import Image
 
-from workers.base import Batch
+from workers.batch import Batch
 from workers.if_stage import IFStageWorker
 from workers.sizes import init_image_size
 

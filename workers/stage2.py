@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from workers.base import Batch
+from workers.batch import Batch
 from workers.if_stage import IFStageWorker
 from workers.sizes import SCALE
 

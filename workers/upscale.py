@@ -10,7 +10,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from workers.base import Batch, StageWorker, row_generators
+from workers.base import StageWorker, row_generators
+from workers.batch import Batch
 from workers.guidance import guidance_interval
 from workers.if_stage import row_overrides
 from workers.models import Schedulers, load_pipeline, recorded_settings

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from workers.base import Batch, pixels, require_columns
+from workers.batch import Batch, pixels, require_columns
 from workers.columns import ROW_COLUMNS, UNWRITTEN
 from workers.errors import row_error, storage_failure
 from workers.keys import image_dir

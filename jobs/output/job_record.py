@@ -13,7 +13,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from jobs.manifest import Manifest
+from jobs.manifest import WHOLE_CASCADE, Manifest
 from jobs.output.layout import JOB
 from workers.columns import NO_COLUMNS
 from workers.config import POOL_FIELDS
@@ -179,6 +179,7 @@ def recorded_manifest(record: dict[str, Any]) -> Manifest:
     # The record holds every field, a grouped stage's unused pool defaults too; the group's are
     # the ones its actors took, and a grouped stage may not set its own.
     for group in data.get("groups", []):
-        for stage in group["stages"]:
-            data[stage] = {k: v for k, v in data[stage].items() if k not in POOL_FIELDS}
+        for stage in MODEL_STAGES if group["stages"] == WHOLE_CASCADE else group["stages"]:
+            if stage in data:  # a record from before the score stage has no score section
+                data[stage] = {k: v for k, v in data[stage].items() if k not in POOL_FIELDS}
     return Manifest.model_validate(data)

@@ -28,7 +28,7 @@ def with_groups(manifest: Manifest, groups: list[dict[str, Any]]) -> Manifest:
 
 def with_pool_sizes(manifest: Manifest, sizes: dict[str, int]) -> Manifest:
     """The manifest with these pools (named as in job_pools: the model pools and the writer's) at these sizes."""
-    groups = {group_name(tuple(g.stages)): i for i, g in enumerate(manifest.groups)}
+    groups = {group_name(manifest.group_stages(g)): i for i, g in enumerate(manifest.groups)}
     update: dict[str, Any] = {}
     new_groups = list(manifest.groups)
     for name, size in sizes.items():

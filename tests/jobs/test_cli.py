@@ -11,7 +11,6 @@ import pytest
 from jobs.manifest import MANIFESTS_DIR
 from tests.helpers import (
     PER_STAGE_POOLS,
-    TO_STAGE1,
     ifrender,
 )
 
@@ -202,7 +201,7 @@ def test_exit_3_only_when_no_row_of_the_output_is_ok(tiny_root, tmp_path):
     it again) leaves an output with good rows: exit 0, not 3, naming the row. An output whose
     every row failed: exit 3."""
     models = [f"{s}.model={tiny_root / 'IF-I-tiny'}" for s in ("encode", "stage1")]
-    sets = [*models, "last_stage=stage1", TO_STAGE1, "stage1.num_inference_steps=2"]
+    sets = [*models, "last_stage=stage1", "stage1.num_inference_steps=2"]
     mixed, bad = tmp_path / "mixed.jsonl", tmp_path / "bad.jsonl"
     mixed.write_text('{"prompt": "a fox"}\n{"prompt": ""}\n')
     bad.write_text('{"prompt": ""}\n{"prompt": "a fox", "seed": -1}\n')

@@ -50,12 +50,12 @@ def test_set_overrides_typed_values():
     assert manifest.stage1.timesteps == "smart27"
     assert manifest.stages() == ("encode", "stage1", "stage2", "score")  # local-tiny scores its last images
     assert manifest.ray.address == "auto"
-    assert load_manifest(None, [*PER_STAGE_POOLS, "last_stage=stage1", "score.enabled=false"]).stages() == (
+    assert load_manifest(None, ["last_stage=stage1", "score.enabled=false"]).stages() == (
         "encode",
         "stage1",
     )
     # auto is the preflight's to decide (it sees the weights); until then no score stage is planned
-    assert load_manifest(None, [*PER_STAGE_POOLS, "score.enabled=auto"]).stages() == (
+    assert load_manifest(None, ["score.enabled=auto"]).stages() == (
         "encode",
         "stage1",
         "stage2",
@@ -179,6 +179,34 @@ def test_a_job_record_from_before_the_score_stage_is_still_ifrenders_and_resumes
     from workers.config import ScoreConfig
 
     assert recorded_manifest(old).score == ScoreConfig()  # read back at today's default
+
+
+@pytest.mark.parametrize(
+    "sets, pool",
+    [
+        ([], "encode+stage1+stage2+upscale+score"),
+        (["last_stage=stage1"], "encode+stage1+score"),
+        (["score.enabled=false"], "encode+stage1+stage2+upscale"),
+        (["last_stage=stage2", "score.enabled=false"], "encode+stage1+stage2"),
+        (["score.enabled=auto"], "encode+stage1+stage2+upscale"),  # until the preflight finds the weights
+    ],
+)
+def test_a_group_of_all_stages_is_one_replica_of_whatever_the_job_runs(sets, pool):
+    manifest = load_manifest(None, sets)  # local-tiny: groups [{stages: all}]
+    assert manifest.layout == "replicas" and list(manifest.model_pools()) == [pool]
+    assert manifest.stage_config("stage1").batch_size == manifest.groups[0].batch_size
+    if "score.enabled=auto" in sets:  # the preflight turns it on: the score stage joins the replica
+        on = manifest.model_copy(update={"score": manifest.score.model_copy(update={"enabled": True})})
+        assert list(on.model_pools()) == ["encode+stage1+stage2+upscale+score"]
+
+
+def test_a_group_of_all_stages_stands_alone_and_takes_every_stages_pool_settings():
+    with pytest.raises(ManifestError, match=r"groups\[0\].stages: all .* beside 1 other group"):
+        load_manifest(None, ["groups=[{stages: all}, {stages: [stage2, upscale]}]"])
+    # score may join at the preflight (auto): its own pool settings would be ignored, so refused now
+    with pytest.raises(ManifestError, match=r"score.batch_size: score runs in groups\[0\]"):
+        load_manifest(None, ["score.enabled=auto", "score.batch_size=2"])
+    assert load_manifest(None, ["score.enabled=false", "score.batch_size=2"]).layout == "replicas"
 
 
 def test_layouts_are_named_and_their_pools_listed_in_cascade_order():

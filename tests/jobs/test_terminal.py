@@ -54,8 +54,7 @@ def test_a_run_in_a_terminal_shows_ifrenders_line_and_the_summary_last(tiny_root
         "input.shard_size": 8,  # one shard: its first rows finish well before it commits
         "output.path": out,
         "last_stage": "stage2",
-        "score.enabled": "false",
-        "groups": "[{stages: [encode, stage1, stage2]}]",  # local-tiny's one replica, to stage II
+        "score.enabled": "false",  # local-tiny's one replica, here of encode, stage1 and stage2
         "encode.model": tiny_root / "IF-I-tiny",
         "stage1.model": tiny_root / "IF-I-tiny",
         "stage2.model": tiny_root / "IF-II-tiny",

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs.manifest import MANIFESTS_DIR
-from tests.helpers import PER_STAGE_POOLS, ifrender
+from tests.helpers import ifrender
 
 LOCAL = MANIFESTS_DIR / "local-tiny.yaml"
 
@@ -112,7 +112,6 @@ def test_score_auto_without_its_weights_plans_no_score_stage(tmp_path):
     result = ifrender(
         "validate",
         *_sets(tmp_path, **{"score.enabled": "auto", "score.model": "openai/clip-vit-large-patch14"}),
-        *[a for s in PER_STAGE_POOLS for a in ("--set", s)],  # local-tiny's replica names score
     )
     assert result.returncode == 0, result.stderr
     assert "no score stage (score.enabled auto: openai/clip-vit-large-patch14" in result.stderr

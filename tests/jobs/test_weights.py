@@ -12,7 +12,6 @@ import pytest
 from jobs.render import run
 from jobs.weights import needed_files, stage_models
 from tests.helpers import (
-    TO_STAGE1,
     ifrender,
 )
 from workers.models import sync_mirror
@@ -118,7 +117,7 @@ def test_missing_mirror_fails_before_rendering(s3_server, tmp_path, tiny_manifes
 
 
 def test_stage_models_command_prints_the_settings_to_render_from_the_copy(tmp_path):
-    result = ifrender("stage-models", "--set", "last_stage=stage1", "--set", TO_STAGE1, "--to", str(tmp_path / "m"))
+    result = ifrender("stage-models", "--set", "last_stage=stage1", "--to", str(tmp_path / "m"))
     assert result.returncode == 0, result.stderr
     assert f"--set encode.model={tmp_path / 'm' / 'IF-I-tiny'}" in result.stdout
     assert json.loads((tmp_path / "m" / "IF-I-tiny" / "model_index.json").read_text())["_class_name"] == "IFPipeline"
@@ -130,7 +129,7 @@ def test_stage_models_command_prints_the_settings_to_render_from_the_copy(tmp_pa
     assert sorted(p.name for p in (tmp_path / "m" / "aesthetic-tiny").iterdir()) == ["aesthetic-model.pth"]
     # and validate finds every checkpoint in the copies
     sets = [a for s in result.stdout.splitlines()[-1].split("--set ")[1:] for a in ("--set", s.strip())]
-    check = ifrender("validate", "--set", "last_stage=stage1", "--set", TO_STAGE1, *sets)
+    check = ifrender("validate", "--set", "last_stage=stage1", *sets)
     models = next(line for line in check.stderr.splitlines() if line.startswith("models:"))  # the checks' lines
     assert models.startswith("models: ok") and f"score {tmp_path / 'm' / 'clip-tiny'}" in models, check.stderr
 

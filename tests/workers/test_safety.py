@@ -44,7 +44,7 @@ def test_the_checkers_scores_are_the_values_its_thresholds_apply_to(tiny_root):
     assert np.isfinite(scores).all() and np.isfinite(marks).all() and len(set(scores.tolist())) == 3
     from PIL import Image
 
-    from workers.base import to_uint8_hwc
+    from workers.batch import to_uint8_hwc
 
     clip = safety.processor([Image.fromarray(p) for p in to_uint8_hwc(images["stage2_image"])], return_tensors="pt")
     for threshold in (float(np.median(scores)), float(scores.min()) - 1):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import io
+import subprocess
+import sys
 
 import imagehash
 import numpy as np
@@ -75,3 +77,16 @@ def test_ids_that_differ_only_in_case_get_names_distinct_when_case_folded():
     names = [image_name(i) for i in ids]
     assert len({n.casefold() for n in names}) == len(ids), names
     assert image_name("fox") == "fox"  # a plain lower-case id stays its own name
+
+
+def test_the_writers_process_imports_no_model_library():
+    """The writer starts beside the model actors on the same cores: torch (2 s of imports on 2
+    cores), diffusers and transformers are theirs alone. A replica's process defers them too,
+    until it builds its stages' workers."""
+    probe = (
+        "import sys, workers.write, workers.group; "
+        "print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
