@@ -34,7 +34,7 @@ from workers.stages import IMAGE_STAGES, MODEL_STAGES, group_name, stages_to
 
 ModelStage = Literal[MODEL_STAGES]  # type: ignore[valid-type]
 WHOLE_CASCADE = "all"  # a group's stages: every stage the job runs, whatever last_stage and score
-UNION_TAGS = ("list", "all")  # GroupConfig.stages' alternatives, which pydantic puts in an error's place
+UNION_TAGS = ("list", WHOLE_CASCADE)  # GroupConfig.stages' alternatives, which pydantic puts in an error's place
 
 MANIFESTS_DIR = Path(__file__).resolve().parent.parent / "manifests"
 DEFAULT_MANIFEST = MANIFESTS_DIR / "local-tiny.yaml"
@@ -102,8 +102,9 @@ class GroupConfig(PoolConfig):
 
     # Tagged: a list is checked as a list of stages, so a typo gets one error, not one per alternative.
     stages: Annotated[
-        Annotated[list[ModelStage], Field(min_length=2), Tag("list")] | Annotated[Literal["all"], Tag("all")],
-        Discriminator(lambda v: "all" if isinstance(v, str) else "list"),
+        Annotated[list[ModelStage], Field(min_length=2), Tag("list")]
+        | Annotated[Literal[WHOLE_CASCADE], Tag(WHOLE_CASCADE)],  # type: ignore[valid-type]
+        Discriminator(lambda v: WHOLE_CASCADE if isinstance(v, str) else "list"),
     ] = Field(
         description="The stages fused, consecutive in the cascade, e.g. [encode, stage1]. `all`: every "
         "stage the job runs (to last_stage, then score when it runs), whole-cascade replicas that follow "
