@@ -267,6 +267,17 @@ class Manifest(Strict):
         return self
 
 
+def drop_grouped_pool_settings(data: dict) -> dict:
+    """Manifest data with each grouped stage's own pool settings left out (in place): its group's
+    are the ones its actors take, and a grouped stage may not set its own. For data that holds
+    every field (a job record) or another layout's groups (the planner's)."""
+    for group in data.get("groups", []):
+        for stage in MODEL_STAGES if group["stages"] == WHOLE_CASCADE else group["stages"]:
+            if stage in data:  # a record from before the score stage has no score section
+                data[stage] = {k: v for k, v in data[stage].items() if k not in POOL_FIELDS}
+    return data
+
+
 def _location(path: str) -> PurePosixPath:
     """A path or s3:// URI as a comparable path: s3://bucket/key becomes /s3:/bucket/key."""
     if "://" in path:

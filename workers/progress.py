@@ -55,12 +55,12 @@ class Progress:
     def _actor(self, actor: str, stage: str, node: str, state: str) -> None:
         self.actors[actor] = {"stage": stage, "node": node, "state": state, "since": time.time()}
 
-    def loading(self, stage: str, actor: str, node: str, process_started: float = 0.0) -> None:
+    def loading(self, stage: str, actor: str, node: str, process_start: float = 0.0) -> None:
         """An actor starts: it loads its models, then waits for its first batch."""
         self._actor(actor, stage, node, "loading")
         if len(self.starts) < 10_000:
             self.starts.append((time.time(), stage, node))
-            self.startup[(actor, stage)] = {"stage": stage, "process": process_started, "loading": time.time()}
+            self.startup[(actor, stage)] = {"stage": stage, "process": process_start, "loading": time.time()}
         self.rows[stage]["last"] = time.time()
 
     def loaded(self, stage: str, actor: str, node: str) -> None:

@@ -13,10 +13,9 @@ from typing import Any
 
 import pyarrow as pa
 
-from jobs.manifest import WHOLE_CASCADE, Manifest
+from jobs.manifest import Manifest, drop_grouped_pool_settings
 from jobs.output.layout import JOB
 from workers.columns import NO_COLUMNS
-from workers.config import POOL_FIELDS
 from workers.errors import ChangedInputError, ChangedManifestError
 from workers.stages import IMAGE_STAGES, MODEL_STAGES
 from workers.storage import create_exclusive, join, read_bytes, write_bytes
@@ -175,11 +174,5 @@ def recorded_manifest(record: dict[str, Any]) -> Manifest:
             return data
         return {k: known(v, fields[k].annotation) for k, v in data.items() if k in fields}
 
-    data = known(record["manifest"], Manifest)
-    # The record holds every field, a grouped stage's unused pool defaults too; the group's are
-    # the ones its actors took, and a grouped stage may not set its own.
-    for group in data.get("groups", []):
-        for stage in MODEL_STAGES if group["stages"] == WHOLE_CASCADE else group["stages"]:
-            if stage in data:  # a record from before the score stage has no score section
-                data[stage] = {k: v for k, v in data[stage].items() if k not in POOL_FIELDS}
-    return Manifest.model_validate(data)
+    # The record holds every field, a grouped stage's unused pool defaults too.
+    return Manifest.model_validate(drop_grouped_pool_settings(known(record["manifest"], Manifest)))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from jobs.manifest import Manifest
+from jobs.manifest import Manifest, drop_grouped_pool_settings
 from workers.config import POOL_FIELDS
 from workers.stages import group_name
 
@@ -15,9 +15,7 @@ def with_groups(manifest: Manifest, groups: list[dict[str, Any]]) -> Manifest:
     pool settings give way to its group's (a stage's micro_batch, and so its pixels, stay)."""
     data = manifest.model_dump(exclude_unset=True)
     data["groups"] = groups
-    for group in groups:
-        for stage in group["stages"]:
-            data[stage] = {k: v for k, v in data[stage].items() if k not in POOL_FIELDS}
+    drop_grouped_pool_settings(data)
     for stage in manifest.stages():  # stages that leave a group get back their own settings
         if not any(stage in g["stages"] for g in groups) and manifest.stage_config(stage) is not getattr(
             manifest, stage
